@@ -1,0 +1,120 @@
+"""Backend registry: who runs the recurrence, and on which tensors.
+
+Every recurrence backend implements the same two functions (see ``fastbirnn.reference``):
+
+    forward(Z, W_hh, h0, lengths, nonlinearity) -> Hs
+    backward(dHs, Hs, W_hh, lengths, nonlinearity) -> (dZ, dh0)
+
+``'torch'`` is special: it is ``nn.RNN``'s own forward and never goes through the seam.
+A backend module registers itself here on import; ``resolve`` turns the user's choice
+(``'auto'`` or a name) into the name that runs for a given input.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+TORCH = "torch"
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class RecurrenceBackend:
+    name: str
+    forward: Callable
+    backward: Callable
+    # Why this backend cannot run at all here (missing package, build failure), or None.
+    unavailable_reason: Callable[[], Optional[str]]
+    # Why it cannot run this input (device, dtype), or None.
+    unsupported_reason: Callable[[torch.Tensor], Optional[str]]
+    # Whether 'auto' should pick it for this input: only where measured faster than nn.RNN.
+    preferred_for: Callable[[torch.Tensor, int], bool] = lambda x, hidden_size: False
+
+
+_REGISTRY: dict[str, RecurrenceBackend] = {}
+# The order 'auto' tries backends in; the first preferred one wins, else nn.RNN.
+_AUTO_ORDER: list[str] = []
+
+
+def register(backend: RecurrenceBackend, auto_priority: Optional[int] = None) -> None:
+    _REGISTRY[backend.name] = backend
+    if auto_priority is not None and backend.name not in _AUTO_ORDER:
+        _AUTO_ORDER.insert(min(auto_priority, len(_AUTO_ORDER)), backend.name)
+
+
+def names() -> tuple[str, ...]:
+    return (AUTO, TORCH, *_REGISTRY)
+
+
+def get(name: str) -> RecurrenceBackend:
+    return _REGISTRY[name]
+
+
+def check_name(name: str) -> None:
+    """Raise for an unknown backend, or a named one that cannot run on this install."""
+    if not isinstance(name, str) or name not in names():
+        raise ValueError(f"Unknown backend {name!r}. Select from {', '.join(map(repr, names()))}.")
+    if name in _REGISTRY:
+        reason = _REGISTRY[name].unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"fastbirnn backend {name!r} is not available: {reason}")
+
+
+def available() -> dict[str, Optional[str]]:
+    """Every backend name mapped to None (usable) or the reason it is not."""
+    status: dict[str, Optional[str]] = {AUTO: None, TORCH: None}
+    for name, backend in _REGISTRY.items():
+        status[name] = backend.unavailable_reason()
+    return status
+
+
+def resolve(requested: str, x: torch.Tensor, hidden_size: int) -> str:
+    """The backend that runs input ``x``: a registered name or ``'torch'``."""
+    if requested == TORCH:
+        return TORCH
+    if requested == AUTO:
+        for name in _AUTO_ORDER:
+            backend = _REGISTRY[name]
+            if (
+                backend.unavailable_reason() is None
+                and backend.unsupported_reason(x) is None
+                and backend.preferred_for(x, hidden_size)
+            ):
+                return name
+        return TORCH
+    backend = _REGISTRY[requested]
+    reason = backend.unavailable_reason() or backend.unsupported_reason(x)
+    if reason is not None:
+        raise RuntimeError(f"fastbirnn backend {requested!r} cannot run this input: {reason}")
+    return requested
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _register_builtin() -> None:
+    from fastbirnn import reference
+
+    def reference_unsupported(x: torch.Tensor) -> Optional[str]:
+        if not x.is_floating_point():
+            return f"floating point input required, got {x.dtype}"
+        return None
+
+    # The reference is always available and never preferred by 'auto' (it is a Python loop).
+    register(
+        RecurrenceBackend(
+            name="reference",
+            forward=reference.recurrence_forward,
+            backward=reference.recurrence_backward,
+            unavailable_reason=lambda: None,
+            unsupported_reason=reference_unsupported,
+        )
+    )
+
+
+_register_builtin()

@@ -1,0 +1,166 @@
+"""``FastBiRNN``: ``nn.RNN`` with a fused recurrence, bidirectional by default."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fastbirnn import backends
+from fastbirnn.functional import birnn_forward
+
+
+class FastBiRNN(nn.RNN):
+    r"""Drop-in for :class:`torch.nn.RNN` whose recurrence runs both directions at once.
+
+    Same arguments, parameters, ``state_dict``, inputs and outputs as ``nn.RNN``, except that
+    ``bidirectional`` defaults to ``True`` and there is one more argument:
+
+    backend: ``'auto'`` (the fastest correct backend for the input's device, falling back to
+        ``nn.RNN``), ``'triton'`` (CUDA; CPU tensors only under ``TRITON_INTERPRET=1``),
+        ``'cpp'`` (fused C++ CPU kernel), ``'reference'`` (pure-PyTorch loop, for testing) or
+        ``'torch'`` (``nn.RNN`` itself). A named backend that cannot run raises an error
+        saying why; ``'auto'`` never does.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = True,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        backends.check_name(backend)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            nonlinearity=nonlinearity,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
+        )
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == backends.AUTO else f"{s}, backend={self.backend!r}"
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", backends.AUTO)
+
+    def selected_backend(self, input: Tensor | PackedSequence) -> str:
+        """The backend that ``forward`` would run for this input."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        if data.numel() == 0 or torch.is_autocast_enabled(data.device.type):
+            # nn.RNN defines these edge cases (empty input, autocast's dtype rules).
+            return backends.TORCH if self.backend == backends.AUTO else self.backend
+        return backends.resolve(self.backend, data, self.hidden_size)
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        backend = self.selected_backend(input)
+        if backend == backends.TORCH:
+            return super().forward(input, hx)
+        return self._fused_forward(input, hx, backend)
+
+    def _fused_forward(self, input, hx: Optional[Tensor], backend: str):
+        # Input normalisation mirrors nn.RNN.forward, so errors and shapes match it.
+        self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        is_packed = isinstance(input, PackedSequence)
+        if is_packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
+                )
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(
+                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                )
+            data = input
+            batch = input.size(batch_dim)
+        if hx is None:
+            hx = torch.zeros(
+                self.num_layers * num_directions,
+                batch,
+                self.hidden_size,
+                dtype=data.dtype,
+                device=data.device,
+            )
+        self.check_forward_args(data, hx, batch_sizes)
+        self._check_same_device_and_dtype(data, hx)
+
+        if is_packed:
+            # Padded, in the packed (sorted) order; the kernels take lengths instead.
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            lengths = lengths.to(data.device)
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+            lengths = torch.full((x.size(1),), x.size(0), dtype=torch.int64, device=x.device)
+
+        output, hidden = birnn_forward(
+            x,
+            lengths,
+            hx,
+            self._flat_weights,
+            num_layers=self.num_layers,
+            num_directions=num_directions,
+            bias=self.bias,
+            nonlinearity=self.nonlinearity,
+            dropout=self.dropout,
+            training=self.training,
+            backend=backend,
+        )
+
+        if is_packed:
+            packed = pack_padded_sequence(output, lengths.cpu())
+            output = PackedSequence(packed.data, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = hidden.squeeze(1)
+        return output, hidden
+
+    def _check_same_device_and_dtype(self, data: Tensor, hx: Tensor) -> None:
+        weight = self._flat_weights[0]
+        for name, tensor in (("input", data), ("hx", hx)):
+            if tensor.device != weight.device:
+                raise RuntimeError(
+                    f"Expected {name} and the RNN weights on the same device, got {name} on "
+                    f"{tensor.device} and weights on {weight.device}"
+                )
+        if hx.dtype != data.dtype:
+            raise RuntimeError(
+                f"Expected hx dtype {data.dtype} to match the input's, got {hx.dtype}"
+            )

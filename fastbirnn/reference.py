@@ -1,0 +1,98 @@
+"""Pure-PyTorch reference of the bidirectional recurrence: the executable spec.
+
+Readable and slow (a Python loop over time). Every kernel is tested against these two
+functions and against ``nn.RNN``. Shapes and conventions (the seam every backend implements):
+
+    Z        [T, B, D, H]  input projection with both biases already added
+    W_hh     [D, H, H]     recurrent weights, direction 0 = forward, 1 = reverse
+    h0       [D, B, H]     initial hidden state per direction
+    lengths  [B] int64     valid steps per row (1 <= lengths[b] <= T)
+    Hs       [T, B, D, H]  hidden states; zero at steps t >= lengths[b]
+
+The reverse direction of row b runs t = lengths[b]-1 .. 0. Steps past lengths[b] leave h
+unchanged, so the reverse direction simply starts from h0 at its first valid step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+def activation(z: Tensor, nonlinearity: str) -> Tensor:
+    return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
+
+
+def activation_grad_from_output(h: Tensor, nonlinearity: str) -> Tensor:
+    """act'(z) written in terms of h = act(z), so pre-activations need not be saved."""
+    return 1 - h * h if nonlinearity == "tanh" else (h > 0).to(h.dtype)
+
+
+def time_order(direction: int, T: int) -> range:
+    """Time steps in the order direction `direction` visits them in the forward pass."""
+    return range(T) if direction == 0 else range(T - 1, -1, -1)
+
+
+def recurrence_forward(
+    Z: Tensor, W_hh: Tensor, h0: Tensor, lengths: Tensor, nonlinearity: str
+) -> Tensor:
+    T, B, D, H = Z.shape
+    Hs = torch.zeros_like(Z)
+    for d in range(D):
+        h = h0[d]
+        for t in time_order(d, T):
+            active = (t < lengths).unsqueeze(1)  # [B, 1]
+            h_new = activation(Z[t, :, d] + h @ W_hh[d].T, nonlinearity)
+            h = torch.where(active, h_new, h)
+            Hs[t, :, d] = torch.where(active, h_new, torch.zeros_like(h_new))
+    return Hs
+
+
+def recurrence_backward(
+    dHs: Tensor, Hs: Tensor, W_hh: Tensor, lengths: Tensor, nonlinearity: str
+) -> tuple[Tensor, Tensor]:
+    """BPTT through the recurrence: returns dZ [T,B,D,H] and dh0 [D,B,H].
+
+    The gradient of h_n reaches this function through dHs: h_n is a gather of Hs.
+    """
+    T, B, D, H = Hs.shape
+    dZ = torch.zeros_like(Hs)
+    dh0 = Hs.new_zeros(D, B, H)
+    for d in range(D):
+        carry = Hs.new_zeros(B, H)
+        for t in reversed(time_order(d, T)):
+            active = (t < lengths).unsqueeze(1)
+            g = dHs[t, :, d] + carry
+            dz = torch.where(active, g * activation_grad_from_output(Hs[t, :, d], nonlinearity), 0)
+            dZ[t, :, d] = dz
+            carry = torch.where(active, dz @ W_hh[d], carry)
+        dh0[d] = carry
+    return dZ, dh0
+
+
+def previous_hidden(Hs: Tensor, h0: Tensor, lengths: Tensor) -> Tensor:
+    """h_{t-1} as each direction saw it at step t ([T,B,D,H]); used for dW_hh.
+
+    Values at padded steps do not matter: dZ is zero there.
+    """
+    T, B, D, H = Hs.shape
+    forward_prev = torch.cat([h0[0].unsqueeze(0), Hs[:-1, :, 0]], dim=0)
+    if D == 1:
+        return forward_prev.unsqueeze(2)
+    # Reverse direction: the step after t in time came before it; at its first step
+    # (t = lengths-1) the previous state is h0.
+    shifted = torch.cat([Hs[1:, :, 1], Hs.new_zeros(1, B, H)], dim=0)
+    first_step = torch.arange(T, device=Hs.device).unsqueeze(1) == (lengths - 1).unsqueeze(0)
+    reverse_prev = torch.where(first_step.unsqueeze(2), h0[1].unsqueeze(0), shifted)
+    return torch.stack([forward_prev, reverse_prev], dim=2)
+
+
+def hidden_weight_grad(dZ: Tensor, Hs: Tensor, h0: Tensor, lengths: Tensor) -> Tensor:
+    """dW_hh[d] = sum_{t,b} dz_t^T h_{t-1}: one batched GEMM over all steps."""
+    T, B, D, H = Hs.shape
+    h_prev = previous_hidden(Hs, h0, lengths)
+    dz = dZ.permute(2, 3, 0, 1).reshape(D, H, T * B)
+    hp = h_prev.permute(2, 0, 1, 3).reshape(D, T * B, H)
+    return torch.bmm(dz, hp)
