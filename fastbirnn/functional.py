@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastbirnn import ops
+from fastbirnn import backends, ops
 
 
 def final_hidden(Hs: Tensor, lengths: Tensor) -> Tensor:
@@ -59,6 +59,20 @@ def birnn_forward(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns output [T, B, D*H] (zero past each row's length) and h_n [L*D, B, H]."""
+    stack_forward = backends.get(backend).stack_forward
+    if stack_forward is not None:
+        return stack_forward(
+            x,
+            lengths,
+            hx,
+            flat_weights,
+            num_layers=num_layers,
+            num_directions=num_directions,
+            bias=bias,
+            nonlinearity=nonlinearity,
+            dropout=dropout,
+            training=training,
+        )
     T, B, _ = x.shape
     D = num_directions
     H = hx.size(-1)

@@ -33,6 +33,9 @@ class RecurrenceBackend:
     unsupported_reason: Callable[[torch.Tensor], Optional[str]]
     # Whether 'auto' should pick it for this input: only where measured faster than nn.RNN.
     preferred_for: Callable[[torch.Tensor, int], bool] = lambda x, hidden_size: False
+    # Optional fusion of the whole layer stack, same signature and results as
+    # fastbirnn.functional.birnn_forward; None means the generic per-layer path is used.
+    stack_forward: Optional[Callable] = None
 
 
 _REGISTRY: dict[str, RecurrenceBackend] = {}
@@ -118,3 +121,14 @@ def _register_builtin() -> None:
 
 
 _register_builtin()
+
+# Kernel backends register themselves on import; each reports its own unavailability
+# (missing triton, extension not built) instead of failing here.
+import importlib  # noqa: E402
+
+for _module in ("cpp_backend", "triton_backend"):
+    try:
+        importlib.import_module(f"{__name__}.{_module}")
+    except ModuleNotFoundError as _error:
+        if _error.name != f"{__name__}.{_module}":
+            raise
