@@ -63,12 +63,19 @@ class FastBiRNN(nn.RNN):
         self.__dict__.setdefault("backend", backends.AUTO)
 
     def selected_backend(self, input: Tensor | PackedSequence) -> str:
-        """The backend that ``forward`` would run for this input."""
+        """The backend that ``forward`` runs for this input (``'torch'`` is nn.RNN itself).
+
+        A named kernel backend is returned as is; whether it can run the input is checked
+        in ``forward`` after nn.RNN's own argument checks, so bad input fails as in nn.RNN.
+        """
         data = input.data if isinstance(input, PackedSequence) else input
-        if data.numel() == 0 or torch.is_autocast_enabled(data.device.type):
-            # nn.RNN defines these edge cases (empty input, autocast's dtype rules).
-            return backends.TORCH if self.backend == backends.AUTO else self.backend
-        return backends.resolve(self.backend, data, self.hidden_size)
+        if data.numel() == 0:
+            return backends.TORCH  # nothing to compute: nn.RNN returns or raises as it should
+        if self.backend != backends.AUTO:
+            return self.backend
+        if torch.is_autocast_enabled(data.device.type):
+            return backends.TORCH  # nn.RNN defines autocast's dtype rules
+        return backends.resolve_auto(data, self.hidden_size)
 
     def forward(self, input, hx: Optional[Tensor] = None):
         backend = self.selected_backend(input)
@@ -118,6 +125,7 @@ class FastBiRNN(nn.RNN):
             )
         self.check_forward_args(data, hx, batch_sizes)
         self._check_same_device_and_dtype(data, hx)
+        backends.require(backend, data)
 
         if is_packed:
             # Padded, in the packed (sorted) order; the kernels take lengths instead.

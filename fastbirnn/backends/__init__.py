@@ -75,25 +75,25 @@ def available() -> dict[str, Optional[str]]:
     return status
 
 
-def resolve(requested: str, x: torch.Tensor, hidden_size: int) -> str:
-    """The backend that runs input ``x``: a registered name or ``'torch'``."""
-    if requested == TORCH:
-        return TORCH
-    if requested == AUTO:
-        for name in _AUTO_ORDER:
-            backend = _REGISTRY[name]
-            if (
-                backend.unavailable_reason() is None
-                and backend.unsupported_reason(x) is None
-                and backend.preferred_for(x, hidden_size)
-            ):
-                return name
-        return TORCH
-    backend = _REGISTRY[requested]
+def resolve_auto(x: torch.Tensor, hidden_size: int) -> str:
+    """What ``'auto'`` runs for input ``x``: the first preferred kernel, else ``'torch'``."""
+    for name in _AUTO_ORDER:
+        backend = _REGISTRY[name]
+        if (
+            backend.unavailable_reason() is None
+            and backend.unsupported_reason(x) is None
+            and backend.preferred_for(x, hidden_size)
+        ):
+            return name
+    return TORCH
+
+
+def require(name: str, x: torch.Tensor) -> None:
+    """Raise a clear error when the named kernel backend cannot run input ``x``."""
+    backend = _REGISTRY[name]
     reason = backend.unavailable_reason() or backend.unsupported_reason(x)
     if reason is not None:
-        raise RuntimeError(f"fastbirnn backend {requested!r} cannot run this input: {reason}")
-    return requested
+        raise RuntimeError(f"fastbirnn backend {name!r} cannot run this input: {reason}")
 
 
 def triton_interpreter_enabled() -> bool:

@@ -1,0 +1,128 @@
+"""Bad input raises what nn.RNN raises (same exception type), never a silent wrong answer."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastbirnn import FastBiRNN, backends
+
+BAD_CALLS = {
+    "4-D input": lambda m: m(torch.randn(2, 3, 4, 1)),
+    "1-D input": lambda m: m(torch.randn(4)),
+    "wrong feature size": lambda m: m(torch.randn(3, 2, 5)),
+    "wrong hx batch": lambda m: m(torch.randn(3, 2, 4), torch.randn(2, 3, 8)),
+    "wrong hx layers": lambda m: m(torch.randn(3, 2, 4), torch.randn(1, 2, 8)),
+    "wrong hx hidden": lambda m: m(torch.randn(3, 2, 4), torch.randn(2, 2, 7)),
+    "2-D hx for 3-D input": lambda m: m(torch.randn(3, 2, 4), torch.randn(2, 8)),
+    "3-D hx for 2-D input": lambda m: m(torch.randn(3, 4), torch.randn(2, 1, 8)),
+    "input dtype": lambda m: m(torch.randn(3, 2, 4, dtype=torch.float64)),
+    "integer input": lambda m: m(torch.ones(3, 2, 4, dtype=torch.long)),
+    "hx dtype": lambda m: m(torch.randn(3, 2, 4), torch.randn(2, 2, 8, dtype=torch.float64)),
+    "hx device": lambda m: m(torch.randn(3, 2, 4), torch.randn(2, 2, 8, device="meta")),
+    "input device": lambda m: m(torch.randn(3, 2, 4, device="meta")),
+    "zero-length sequence": lambda m: m(torch.randn(0, 2, 4)),
+    "packed wrong hx batch": lambda m: m(
+        nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), [3, 2]), torch.randn(2, 3, 8)
+    ),
+    "packed wrong feature size": lambda m: m(
+        nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 5), [3, 2])
+    ),
+}
+
+
+def raised(call, module):
+    try:
+        call(module)
+    except Exception as error:  # noqa: BLE001 - the type is what we compare
+        return error
+    return None
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "torch"])
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_input_raises_like_nn_rnn(name, backend):
+    torch.manual_seed(0)
+    expected = raised(BAD_CALLS[name], nn.RNN(4, 8, bidirectional=True))
+    assert expected is not None, f"nn.RNN accepted {name}; the case is wrong"
+    actual = raised(BAD_CALLS[name], FastBiRNN(4, 8, backend=backend))
+    assert type(actual) is type(expected), f"{name}: nn.RNN raised {expected!r}, got {actual!r}"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(nonlinearity="gelu"),
+        dict(dropout=1.5),
+        dict(dropout=-0.1),
+        dict(hidden_size=0),
+        dict(num_layers=0),
+    ],
+    ids=str,
+)
+def test_bad_constructor_arguments_raise_like_nn_rnn(kwargs):
+    args = dict(input_size=4, hidden_size=8) | kwargs
+    with pytest.raises(ValueError) as expected:
+        nn.RNN(**args)
+    with pytest.raises(ValueError) as actual:
+        FastBiRNN(**args)
+    assert str(actual.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("name", ["cuda", "", None, 3, "Torch"])
+def test_unknown_backend_is_a_value_error_naming_the_choices(name):
+    with pytest.raises(ValueError, match="Unknown backend.*'auto'"):
+        FastBiRNN(4, 8, backend=name)
+
+
+@pytest.fixture
+def broken_backend():
+    """A registered backend that reports itself unavailable, as a failed build would."""
+    name = "test-broken"
+    backends.register(
+        backends.RecurrenceBackend(
+            name=name,
+            forward=None,
+            backward=None,
+            unavailable_reason=lambda: "its extension failed to build (test)",
+            unsupported_reason=lambda x: None,
+            preferred_for=lambda x, hidden_size: True,
+        ),
+        auto_priority=0,
+    )
+    yield name
+    del backends._REGISTRY[name]
+    backends._AUTO_ORDER.remove(name)
+
+
+def test_unavailable_backend_by_name_says_why(broken_backend):
+    with pytest.raises(RuntimeError, match="test-broken.*not available.*failed to build"):
+        FastBiRNN(4, 8, backend=broken_backend)
+
+
+def test_auto_skips_an_unavailable_backend(broken_backend):
+    rnn = FastBiRNN(4, 8)
+    assert rnn.selected_backend(torch.randn(3, 2, 4)) != broken_backend
+    out, _ = rnn(torch.randn(3, 2, 4))
+    assert out.shape == (3, 2, 16)
+
+
+def test_backend_that_cannot_run_the_input_says_why():
+    from fastbirnn import reference
+
+    name = "test-fp32-only"
+    backends.register(
+        backends.RecurrenceBackend(
+            name=name,
+            forward=reference.recurrence_forward,
+            backward=reference.recurrence_backward,
+            unavailable_reason=lambda: None,
+            unsupported_reason=lambda x: None if x.dtype == torch.float32 else "fp32 only (test)",
+        )
+    )
+    try:
+        rnn = FastBiRNN(4, 8, backend=name)
+        assert rnn(torch.randn(2, 1, 4))[0].shape == (2, 1, 16)
+        with pytest.raises(RuntimeError, match="'test-fp32-only' cannot run this input: fp32 only"):
+            rnn.double()(torch.randn(2, 1, 4, dtype=torch.float64))
+    finally:
+        del backends._REGISTRY[name]
