@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastbirnn.triton.forward import _dot
+
 
 @triton.jit
 def _activation_grad(h, ACT: tl.constexpr):
@@ -31,7 +33,7 @@ def _backward_time_step(s, d, T):
 def backward_onchip_kernel(
     DHS, HS, W, LENGTHS, DZ, DH0,
     T, B, H,
-    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """W_hh of this direction in registers for the whole sequence (H <= BLOCK_H)."""
@@ -60,7 +62,7 @@ def backward_onchip_kernel(
         active = (t < lengths)[:, None]
         dz = tl.where(active, g * _activation_grad(h, ACT), 0.0)
         tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
-        step = tl.dot(dz.to(w.dtype), w, input_precision=PRECISION)
+        step = _dot(dz, w, None, PRECISION, UPCAST)
         carry = tl.where(active, step, carry)
 
     tl.store(DH0 + (d * B + rb64)[:, None] * H + rh[None, :],
@@ -71,7 +73,7 @@ def backward_onchip_kernel(
 def backward_streamed_kernel(
     DHS, HS, W, LENGTHS, DZ, CARRY,
     T, B, H,
-    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Any H: W_hh streamed in tiles each step; CARRY [D, B, H] fp32 (zeroed) holds the carry.
@@ -113,7 +115,7 @@ def backward_streamed_kernel(
                               other=0.0, cache_modifier=".cg")
                 w = tl.load(w_base + rk[:, None] * H + rn[None, :],
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(dzk.to(w.dtype), w, acc=acc, input_precision=PRECISION)
+                acc = _dot(dzk, w, acc, PRECISION, UPCAST)
             old = tl.load(carry_ptr + rn[None, :], mask=m, other=0.0, cache_modifier=".cg")
             tl.store(carry_ptr + rn[None, :], tl.where(active, acc, old), mask=m)
         tl.debug_barrier()

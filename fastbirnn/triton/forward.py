@@ -25,6 +25,18 @@ def _activation(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # a is rounded to b's dtype (fp32 accumulation either way). UPCAST: the Triton
+    # interpreter computes bf16 tl.dot wrongly (triton 3.9), so there the rounded operands
+    # are multiplied in fp32, which is what bf16 tensor cores compute too.
+    a = a.to(b.dtype)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _time_step(s, d, T):
     # Forward direction visits t = s, reverse t = T-1-s. Arithmetic on the program id, not a
     # Python branch: the interpreter and the compiler agree on it. Steps t >= lengths[b] are
@@ -36,7 +48,7 @@ def _time_step(s, d, T):
 def forward_onchip_kernel(
     Z, W, H0, LENGTHS, HS,
     T, B, H,
-    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """W_hh of this direction lives in registers for the whole sequence (H <= BLOCK_H)."""
@@ -65,7 +77,7 @@ def forward_onchip_kernel(
         t = _time_step(s, d, T)
         offs = ((t * B + rb64) * D + d)[:, None] * H + rh[None, :]
         z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        acc = tl.dot(h.to(wt.dtype), wt, acc=z, input_precision=PRECISION)
+        acc = _dot(h, wt, z, PRECISION, UPCAST)
         h_new = _activation(acc, ACT)
         active = (t < lengths)[:, None]
         h = tl.where(active, h_new, h)
@@ -76,7 +88,7 @@ def forward_onchip_kernel(
 def forward_streamed_kernel(
     Z, W, H0, LENGTHS, HS, STATE,
     T, B, H,
-    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Any H: W_hh is streamed from L2 in [BLOCK_K, BLOCK_N] tiles at every step.
@@ -121,7 +133,7 @@ def forward_streamed_kernel(
                              other=0.0, cache_modifier=".cg")
                 wt = tl.load(w_base + rn[None, :] * H + rk[:, None],
                              mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(hk.to(wt.dtype), wt, acc=acc, input_precision=PRECISION)
+                acc = _dot(hk, wt, acc, PRECISION, UPCAST)
             h_new = _activation(acc, ACT)
             h_old = tl.load(src + rn[None, :], mask=m, other=0.0, cache_modifier=".cg")
             tl.store(dst + rn[None, :], tl.where(active, h_new, h_old), mask=m)

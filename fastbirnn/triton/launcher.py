@@ -57,6 +57,11 @@ def use_tf32(device: torch.device) -> bool:
         return False
 
 
+def _upcast_dot(x: torch.Tensor) -> bool:
+    # Interpreter only: its bf16 tl.dot is wrong, see forward._dot.
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
 def _input_precision(x: torch.Tensor) -> str:
     return "tf32" if x.dtype == torch.float32 and use_tf32(x.device) else "ieee"
 
@@ -106,13 +111,15 @@ def recurrence_forward(
         return Hs.zero_()
     act = _ACTIVATIONS[nonlinearity]
     precision = _input_precision(Z)
+    upcast = _upcast_dot(Z)
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Z):
         if uses_onchip(H, Z.dtype):
             block_h = _hidden_block(H)
             forward_onchip_kernel[grid](
                 Z, W_hh, h0, lengths, Hs, T, B, H,
-                ACT=act, PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_H=block_h,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
+                BLOCK_B=BLOCK_B, BLOCK_H=block_h,
                 num_warps=_num_warps(block_h),
             )
         else:
@@ -120,7 +127,7 @@ def recurrence_forward(
             state = torch.empty(2, D, B, H, device=Z.device, dtype=torch.float32)
             forward_streamed_kernel[grid](
                 Z, W_hh, h0, lengths, Hs, state, T, B, H,
-                ACT=act, PRECISION=precision,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
                 BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
             )
     return Hs
@@ -141,13 +148,15 @@ def recurrence_backward(
         return dZ.zero_(), dh0.zero_()
     act = _ACTIVATIONS[nonlinearity]
     precision = _input_precision(Hs)
+    upcast = _upcast_dot(Hs)
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Hs):
         if uses_onchip(H, Hs.dtype):
             block_h = _hidden_block(H)
             backward_onchip_kernel[grid](
                 dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H,
-                ACT=act, PRECISION=precision, BLOCK_B=BLOCK_B, BLOCK_H=block_h,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
+                BLOCK_B=BLOCK_B, BLOCK_H=block_h,
                 num_warps=_num_warps(block_h),
             )
         else:
@@ -155,7 +164,7 @@ def recurrence_backward(
             carry = torch.zeros(D, B, H, device=Hs.device, dtype=torch.float32)
             backward_streamed_kernel[grid](
                 dHs, Hs, W_hh, lengths, dZ, carry, T, B, H,
-                ACT=act, PRECISION=precision,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
                 BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
             )
             dh0.copy_(carry)
