@@ -17,6 +17,8 @@ The interpreter (CPU tensors) always uses "ieee".
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -85,7 +87,8 @@ def _stream_blocks(H: int) -> tuple[int, int]:
 
 
 def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else torch.device(x.device)
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _check(x: torch.Tensor, *others: torch.Tensor) -> None:
