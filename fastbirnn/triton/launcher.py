@@ -22,23 +22,32 @@ import contextlib
 import torch
 import triton
 
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - layout of older releases
+    from triton.runtime.autotuner import OutOfResources
+
 from fastbirnn.triton.backward import backward_onchip_kernel, backward_streamed_kernel
 from fastbirnn.triton.forward import forward_onchip_kernel, forward_streamed_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Largest padded hidden size whose W_hh stays in registers, per dtype (about 64 KiB of
-# weights per program). Above it the streamed kernel runs. Estimates from register
-# budgets, to be replaced by a measured crossover; tests lower them to exercise the
-# streamed path on small shapes.
+# Largest padded hidden size whose W_hh stays on chip, per dtype (about 64 KiB of weights per
+# program). Above it the streamed kernel runs. From compiling for sm_90 (registers, spills,
+# shared memory), not yet from timings: a GPU run should replace them with a measured
+# crossover. Exact fp32 (no TF32) uses the FMA path, which spills badly past 64. Tests lower
+# these to exercise the streamed path on small shapes.
 MAX_ONCHIP_HIDDEN = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
+MAX_ONCHIP_HIDDEN_FP32_IEEE = 64
 
 # Batch rows per program. 16 is tl.dot's minimum and gives the most programs (the grid
 # is only 2 x batch tiles wide).
 BLOCK_B = 16
-# Tile sizes of the streamed kernel (hidden units per output tile / reduction tile).
-STREAM_BLOCK_N = 64
-STREAM_BLOCK_K = 64
+# Tiles of the streamed kernel (output hidden units / reduction). 32x32 with 2 stages
+# compiles without spills for sm_90 in both TF32 and exact fp32; 64-wide tiles spill.
+STREAM_BLOCK_N = 32
+STREAM_BLOCK_K = 32
+STREAM_NUM_STAGES = 2
 
 _ACTIVATIONS = {"tanh": 0, "relu": 1}
 
@@ -72,12 +81,32 @@ def _hidden_block(H: int) -> int:
     return max(16, triton.next_power_of_2(H))
 
 
-def uses_onchip(H: int, dtype: torch.dtype) -> bool:
-    return _hidden_block(H) <= MAX_ONCHIP_HIDDEN[dtype]
+def uses_onchip(H: int, dtype: torch.dtype, precision: str = "tf32") -> bool:
+    limit = MAX_ONCHIP_HIDDEN[dtype]
+    if dtype == torch.float32 and precision == "ieee":
+        limit = min(limit, MAX_ONCHIP_HIDDEN_FP32_IEEE)
+    return _hidden_block(H) <= limit
 
 
 def _num_warps(block_h: int) -> int:
-    return 4 if block_h <= 64 else 8
+    return 4 if block_h <= 32 else 8
+
+
+# On-chip configurations that failed to compile on a device (too little shared memory, e.g.
+# fp32 H=128 needs ~104 KiB): they run streamed from then on, so every size stays correct.
+_ONCHIP_FAILED: set = set()
+
+
+def _launch_onchip(kernel, grid, args, x, **meta) -> bool:
+    key = (kernel.fn.__name__, x.device.index, x.dtype, meta["PRECISION"], meta["BLOCK_H"])
+    if key in _ONCHIP_FAILED:
+        return False
+    try:
+        kernel[grid](*args, **meta, num_warps=_num_warps(meta["BLOCK_H"]))
+    except OutOfResources:
+        _ONCHIP_FAILED.add(key)
+        return False
+    return True
 
 
 def _stream_blocks(H: int) -> tuple[int, int]:
@@ -117,21 +146,18 @@ def recurrence_forward(
     upcast = _upcast_dot(Z)
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Z):
-        if uses_onchip(H, Z.dtype):
-            block_h = _hidden_block(H)
-            forward_onchip_kernel[grid](
-                Z, W_hh, h0, lengths, Hs, T, B, H,
-                ACT=act, PRECISION=precision, UPCAST=upcast,
-                BLOCK_B=BLOCK_B, BLOCK_H=block_h,
-                num_warps=_num_warps(block_h),
-            )
-        else:
+        if not (uses_onchip(H, Z.dtype, precision) and _launch_onchip(
+            forward_onchip_kernel, grid, (Z, W_hh, h0, lengths, Hs, T, B, H), Z,
+            ACT=act, PRECISION=precision, UPCAST=upcast,
+            BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
+        )):
             block_n, block_k = _stream_blocks(H)
             state = torch.empty(2, D, B, H, device=Z.device, dtype=torch.float32)
             forward_streamed_kernel[grid](
                 Z, W_hh, h0, lengths, Hs, state, T, B, H,
                 ACT=act, PRECISION=precision, UPCAST=upcast,
-                BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+                BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=4, num_stages=STREAM_NUM_STAGES,
             )
     return Hs
 
@@ -154,21 +180,18 @@ def recurrence_backward(
     upcast = _upcast_dot(Hs)
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Hs):
-        if uses_onchip(H, Hs.dtype):
-            block_h = _hidden_block(H)
-            backward_onchip_kernel[grid](
-                dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H,
-                ACT=act, PRECISION=precision, UPCAST=upcast,
-                BLOCK_B=BLOCK_B, BLOCK_H=block_h,
-                num_warps=_num_warps(block_h),
-            )
-        else:
+        if not (uses_onchip(H, Hs.dtype, precision) and _launch_onchip(
+            backward_onchip_kernel, grid, (dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H), Hs,
+            ACT=act, PRECISION=precision, UPCAST=upcast,
+            BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
+        )):
             block_n, block_k = _stream_blocks(H)
             carry = torch.zeros(D, B, H, device=Hs.device, dtype=torch.float32)
             backward_streamed_kernel[grid](
                 dHs, Hs, W_hh, lengths, dZ, carry, T, B, H,
                 ACT=act, PRECISION=precision, UPCAST=upcast,
-                BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+                BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=4, num_stages=STREAM_NUM_STAGES,
             )
             dh0.copy_(carry)
     return dZ, dh0
