@@ -1,0 +1,342 @@
+"""Compare FastBiRNN's backends with torch.nn.RNN: a table, a JSON file and a plot.
+
+    python -m fastbirnn.bench                      # quick preset on the best device
+    python -m fastbirnn.bench --preset cpu --out benchmarks/results/cpu
+    python -m fastbirnn.bench --preset gpu --out $OUT
+    python -m fastbirnn.bench --replot results.json --out DIR   # redraw table + plot
+
+Every contender holds the same weights and sees the same input; contenders are interleaved
+and medians reported (see fastbirnn/benchmarking.py for exactly what is timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from fastbirnn import benchmarking as bm
+
+JSON_NAME = "bench.json"
+PNG_NAME = "bench.png"
+SCHEMA = 1
+
+# Per-preset measurement effort: (min_rounds, max_rounds, budget per case in seconds).
+EFFORT = {
+    "tiny": (3, 5, 0.5),
+    "quick": (3, 9, 4.0),
+    "cpu": (5, 15, 10.0),
+    "gpu": (5, 25, 1.0),
+}
+
+
+def _fmt_ms(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def _fmt_rate(v) -> str:
+    if v is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return f"{v:.0f}"
+
+
+def _fmt_mb(b) -> str:
+    if b is None:
+        return "-"
+    mb = b / 2**20
+    return f"{mb:.1f}" if mb >= 10 else f"{mb:.3g}"
+
+
+def _backend_label(row: dict) -> str:
+    name, resolved = row["backend"], row.get("resolved_backend")
+    if name == "auto" and resolved:
+        return f"auto->{resolved}"
+    return name
+
+
+HEADER = ("shape", "dtype", "backend", "fwd ms", "train ms", "train tok/s", "fwd x", "train x",
+          "peak MB")
+
+
+def table(rows: list[dict]) -> str:
+    """A plain-text table, one line per measured contender, skipped ones as notes below."""
+    lines = []
+    notes = []
+    for r in rows:
+        if "skipped" in r:
+            note = f"{r['backend']}: {r['skipped']}"
+            if note not in notes:
+                notes.append(note)
+            continue
+        lines.append((
+            r["shape"], r["dtype"], _backend_label(r), _fmt_ms(r["fwd_ms"]),
+            _fmt_ms(r["train_ms"]), _fmt_rate(r["tokens_per_s_train"]),
+            f"{r['speedup_fwd']:.2f}", f"{r['speedup_train']:.2f}",
+            _fmt_mb(r.get("peak_train_bytes")),
+        ))
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
+              for i, h in enumerate(HEADER)]
+    left = {0, 1, 2}
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [fmt(HEADER), fmt(["-" * w for w in widths])]
+    prev = None
+    for l in lines:
+        if prev is not None and l[:2] != prev:
+            out.append("")
+        out.append(fmt(l))
+        prev = l[:2]
+    if notes:
+        out.append("")
+        out.append("not run: " + "; ".join(notes))
+    out.append("fwd x / train x: speedup over nn.RNN (its time / this time), median of "
+               "interleaved runs; train = forward + backward; peak MB: training step")
+    return "\n".join(out)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The same table in Markdown, for the README."""
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        if "skipped" in r:
+            continue
+        out.append("| " + " | ".join((
+            r["shape"], r["dtype"], _backend_label(r), _fmt_ms(r["fwd_ms"]),
+            _fmt_ms(r["train_ms"]), _fmt_rate(r["tokens_per_s_train"]),
+            f"{r['speedup_fwd']:.2f}", f"{r['speedup_train']:.2f}",
+            _fmt_mb(r.get("peak_train_bytes")),
+        )) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
+    """Speedup over nn.RNN vs batch size and vs hidden size (PNG). Returns why not, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError as error:
+        return f"matplotlib not available ({error})"
+    measured = [r for r in rows if "skipped" not in r and r["backend"] != bm.BASELINE]
+    letters = {"batch": "B", "seq": "T", "input": "I", "hidden": "H", "layers": "L"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, xkey, fixed_keys in (
+        (axes[0], "batch", ("hidden", "seq", "input", "layers")),
+        (axes[1], "hidden", ("batch", "seq", "layers")),
+    ):
+        # One curve per (backend, dtype, the other dimensions) sweeping ``xkey``; if no such
+        # sweep exists (sparse presets), one marker set per (backend, dtype) instead.
+        series: dict = {}
+        for r in measured:
+            c = r["case"]
+            key = (r["backend"], r["dtype"], *(c[k] for k in fixed_keys))
+            series.setdefault(key, []).append((c[xkey], r["speedup_train"], r["speedup_fwd"]))
+        swept = any(len({p[0] for p in pts}) > 1 for pts in series.values())
+        if not swept:
+            series = {}
+            for r in measured:
+                series.setdefault((r["backend"], r["dtype"]), []).append(
+                    (r["case"][xkey], r["speedup_train"], r["speedup_fwd"]))
+        for key, pts in sorted(series.items(), key=lambda kv: str(kv[0])):
+            if swept and len({p[0] for p in pts}) < 2:
+                continue
+            pts.sort()
+            xs = [p[0] for p in pts]
+            if swept:
+                fixed = " ".join(f"{letters[k]}{v}" for k, v in zip(fixed_keys, key[2:])
+                                 if not (k == "layers" and v == 1))
+            else:
+                fixed = "various shapes"
+            style = "-" if swept else "none"
+            (line,) = ax.plot(xs, [p[1] for p in pts], marker="o", linestyle=style,
+                              label=f"{key[0]} {key[1]} ({fixed})")
+            ax.plot(xs, [p[2] for p in pts], marker="x", linestyle=":" if swept else "none",
+                    color=line.get_color())
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel(f"{xkey} size")
+        ax.set_title(f"speedup vs {xkey} size", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    axes[0].set_ylabel("speedup over nn.RNN (o train, x forward; log)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _write_json(path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fastbirnn-bench",
+        description="Time FastBiRNN's backends against torch.nn.RNN (same weights, same input; "
+                    "interleaved runs, medians) and write a table, JSON and a PNG plot.",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--preset", default="quick", choices=sorted(bm.PRESETS),
+                   help="tiny (seconds), quick (default, <1 min on CPU), cpu (sweeps, minutes), "
+                        "gpu (issue 5/8 grid, fp32 TF32 on/off and bf16)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated FastBiRNN backends (default: auto and every registered "
+                        "one, skipping those that cannot run here)")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated precisions to keep from the preset (fp32, tf32, bf16, fp16)")
+    p.add_argument("--shape", action="append", default=[], metavar="B,T,I,H[,L]",
+                   help="run this shape instead of the preset (repeatable)")
+    p.add_argument("--out", default=None, help=f"folder for {JSON_NAME} and {PNG_NAME}")
+    p.add_argument("--min-rounds", type=int, default=None)
+    p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed rounds per case (after the minimum rounds)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only print the table and redraw the plot of an earlier run")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    return p.parse_args(argv)
+
+
+def _cases(args, device) -> list[bm.Case]:
+    dtypes = args.dtype.split(",") if args.dtype else None
+    if args.shape:
+        cases = []
+        for s in args.shape:
+            dims = [int(v) for v in s.split(",")]
+            if len(dims) not in (4, 5):
+                raise SystemExit(f"--shape wants B,T,I,H[,L], got {s!r}")
+            for d in dtypes or ["fp32"]:
+                cases.append(bm.Case(*dims[:4], layers=dims[4] if len(dims) == 5 else 1, dtype=d))
+        return cases
+    try:
+        cases = bm.preset_cases(args.preset, device)
+    except ValueError as error:
+        raise SystemExit(str(error))
+    if dtypes:
+        cases = [c for c in cases if c.dtype in dtypes]
+    return cases
+
+
+def _report(rows, out_dir, info, markdown, log) -> int:
+    text = markdown_table(rows) if markdown else table(rows)
+    print(text)
+    print(f"\nmeasured on: {bm.describe_machine(info)}")
+    if out_dir:
+        why = plot(rows, os.path.join(out_dir, PNG_NAME), title=bm.describe_machine(info))
+        if why:
+            log(f"plot skipped: {why}")
+        else:
+            print(f"wrote {os.path.join(out_dir, PNG_NAME)}")
+    bad = [r for r in rows if "skipped" not in r
+           and not all(math.isfinite(r[k]) and r[k] > 0 for k in ("speedup_fwd", "speedup_train"))]
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        with open(args.replot) as f:
+            doc = json.load(f)
+        return _report(doc["results"], args.out, doc["machine"], args.markdown, log)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = bm.default_device() if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cases = _cases(args, device)
+    backends = args.backends.split(",") if args.backends else None
+    min_rounds, max_rounds, budget = EFFORT.get(args.preset, EFFORT["quick"])
+    min_rounds = args.min_rounds or min_rounds
+    max_rounds = max(args.max_rounds or max_rounds, min_rounds)
+    budget = budget if args.budget is None else args.budget
+
+    info = bm.machine_info(device)
+    log(f"fastbirnn bench: {len(cases)} case(s), preset {args.preset!r}, device {device}")
+    log(f"  {bm.describe_machine(info)}")
+    doc = {
+        "schema": SCHEMA,
+        "machine": info,
+        "config": {
+            "preset": args.preset, "device": str(device), "backends": backends,
+            "min_rounds": min_rounds, "max_rounds": max_rounds, "budget_s": budget,
+            "memory": not args.no_memory, "cases": [c.as_dict() for c in cases],
+            "argv": sys.argv[1:] if argv is None else list(argv),
+        },
+        "results": [],
+        "complete": False,
+    }
+    json_path = os.path.join(args.out, JSON_NAME) if args.out else None
+    start = time.perf_counter()
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
+        try:
+            rows = bm.run_case(case, device, backends, min_rounds=min_rounds,
+                               max_rounds=max_rounds, budget_s=budget,
+                               memory=not args.no_memory)
+        except Exception as error:  # keep going: one broken case must not lose the others
+            log(f"[{i + 1}/{len(cases)}] {case.shape} {case.dtype}: FAILED "
+                f"{type(error).__name__}: {error}")
+            doc.setdefault("errors", []).append(
+                {"case": case.as_dict(), "error": f"{type(error).__name__}: {error}"})
+            continue
+        doc["results"].extend(rows)
+        if json_path:
+            _write_json(json_path, doc)  # partial results survive an interrupted run
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (i + 1) * (len(cases) - i - 1)
+        summary = ", ".join(
+            f"{bm.BASELINE if r['backend'] == bm.BASELINE else _backend_label(r)} "
+            + ("skip" if "skipped" in r else f"{r['speedup_train']:.2f}x")
+            for r in rows if "skipped" not in r or r["backend"] == "auto")
+        log(f"[{i + 1}/{len(cases)}] {case.shape} {case.dtype}: {time.perf_counter() - t0:.1f}s"
+            f" (train speedup: {summary}); elapsed {elapsed:.0f}s, ~{eta:.0f}s left")
+    doc["complete"] = True
+    doc["wall_s"] = time.perf_counter() - start
+    if json_path:
+        _write_json(json_path, doc)
+        print(f"wrote {json_path}")
+    status = _report(doc["results"], args.out, info, args.markdown, log)
+    if doc.get("errors"):
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""Shared benchmarking code: shapes, contenders, timing, memory, machine info.
+
+Used by the CLI (``python -m fastbirnn.bench``), the pytest-benchmark suite (``benchmarks/``)
+and the GPU profiler (``benchmarks/profile_gpu.py``), so that all three build the same models,
+inputs and steps and skip the same backends for the same reasons.
+
+How things are measured (see ``benchmarks/README.md``):
+
+- Every contender is a ``FastBiRNN`` with one ``backend`` or the baseline ``torch.nn.RNN``,
+  all holding the same weights, fed the same input.
+- *forward*: one call under ``torch.no_grad()``. *train*: ``zero_grad(set_to_none=True)``,
+  forward, ``backward`` of the output with a fixed random gradient (the input requires grad,
+  as it does inside a network, so dX is computed too). No optimizer step.
+- Timing (:func:`measure_interleaved`): warm-up calls first (Triton compilation, allocator),
+  then rounds in which every (contender, mode) pair takes one sample in a rotating order, so
+  machine noise hits all alike; each sample is a wall-clock time of ``number`` back-to-back
+  calls (enough for ~2 ms), bracketed by a device synchronisation; the median over samples is
+  reported.
+- Peak memory of a training step (:func:`peak_train_memory`): on CUDA,
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
+  allocated before the step. On CPU there is no allocator high-water mark, so one step runs
+  under ``torch.profiler`` with ``profile_memory=True`` and the peak of the running sum of
+  its allocation/free events is taken: bytes obtained through PyTorch's CPU allocator during
+  the step above what was live before it (parameters, input). Memory a kernel takes with
+  ``malloc``/``std::vector`` outside the allocator is not seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+import fastbirnn
+from fastbirnn import FastBiRNN
+
+BASELINE = "nn.RNN"
+
+# label -> (dtype, TF32 allowed). TF32 only matters for fp32 on CUDA (cuBLAS, cuDNN, tl.dot).
+DTYPES: dict[str, tuple[torch.dtype, Optional[bool]]] = {
+    "fp32": (torch.float32, False),
+    "tf32": (torch.float32, True),
+    "bf16": (torch.bfloat16, None),
+    "fp16": (torch.float16, None),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration: (B, T, I, H), layers, precision."""
+
+    batch: int
+    seq: int
+    input: int
+    hidden: int
+    layers: int = 1
+    dtype: str = "fp32"
+    nonlinearity: str = "tanh"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def shape(self) -> str:
+        s = f"B{self.batch} T{self.seq} I{self.input} H{self.hidden}"
+        return s if self.layers == 1 else f"{s} L{self.layers}"
+
+    @property
+    def id(self) -> str:
+        s = f"b{self.batch}-t{self.seq}-i{self.input}-h{self.hidden}"
+        if self.layers != 1:
+            s += f"-l{self.layers}"
+        if self.nonlinearity != "tanh":
+            s += f"-{self.nonlinearity}"
+        return f"{s}-{self.dtype}"
+
+    def with_dtype(self, dtype: str) -> "Case":
+        return Case(self.batch, self.seq, self.input, self.hidden, self.layers, dtype,
+                    self.nonlinearity)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _grid(batches, hiddens, seq, dtypes) -> list[Case]:
+    return [Case(b, seq, h, h, dtype=d) for d in dtypes for h in hiddens for b in batches]
+
+
+# The design's three shapes: the tutorial's, medium, large.
+DESIGN_SHAPES = [Case(2, 4, 16, 32), Case(32, 128, 128, 128), Case(64, 256, 256, 512)]
+
+# The GPU grid of issues 5 and 8: batch {1,8,32,128} x hidden {128,256,512,1024}, T=256,
+# plus small batch / long sequence and the design's big one.
+GPU_GRID = _grid((1, 8, 32, 128), (128, 256, 512, 1024), 256, ("fp32",))
+GPU_EXTRA = [Case(4, 1024, 256, 256), Case(256, 256, 1024, 1024)]
+
+
+def _with_dtypes(cases: list[Case], dtypes) -> list[Case]:
+    return [c.with_dtype(d) for d in dtypes for c in cases]
+
+
+# preset -> device type -> cases. Presets are also what the pytest-benchmark suite runs.
+PRESETS: dict[str, dict[str, list[Case]]] = {
+    # A few seconds: the CLI smoke test.
+    "tiny": {
+        "cpu": [Case(2, 4, 16, 32), Case(4, 8, 16, 32)],
+        "cuda": [Case(2, 4, 16, 32), Case(4, 8, 16, 32)],
+    },
+    # The default: under a minute on a 2-core CPU.
+    "quick": {
+        "cpu": list(DESIGN_SHAPES),
+        "cuda": _with_dtypes(
+            [Case(8, 256, 256, 256), Case(8, 256, 1024, 1024), Case(32, 256, 512, 512)],
+            ("tf32", "bf16"),
+        ),
+    },
+    # Sweeps over batch and hidden around the design shapes: minutes on a 2-core CPU.
+    "cpu": {
+        "cpu": list(DESIGN_SHAPES)
+        + [Case(b, 128, 128, 128) for b in (1, 8, 64)]
+        + [Case(32, 128, h, h) for h in (32, 64, 256, 512)],
+    },
+    # Issues 5/8: the full GPU grid, fp32 with TF32 on and off, and bf16.
+    "gpu": {
+        "cuda": _with_dtypes(GPU_GRID + GPU_EXTRA, ("tf32", "fp32", "bf16"))
+        + [c.with_dtype("tf32") for c in DESIGN_SHAPES],
+    },
+}
+
+
+def preset_cases(preset: str, device: torch.device | str) -> list[Case]:
+    kind = torch.device(device).type
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+    by_device = PRESETS[preset]
+    if kind not in by_device:
+        raise ValueError(
+            f"preset {preset!r} is for {' / '.join(by_device)}, not {kind}; "
+            f"presets for {kind}: {', '.join(p for p, d in PRESETS.items() if kind in d)}"
+        )
+    return list(by_device[kind])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------- contenders
+
+# The reference backend is a Python loop over time steps: only for tiny shapes.
+REFERENCE_MAX_SEQ = 8
+REFERENCE_MAX_HIDDEN = 64
+
+
+def candidate_backends() -> list[str]:
+    """FastBiRNN backends worth benchmarking: 'auto' plus every registered kernel backend.
+
+    'torch' is left out: it is nn.RNN itself, the baseline.
+    """
+    names = [n for n in fastbirnn.available_backends() if n not in ("auto", "torch")]
+    return ["auto", *names]
+
+
+def skip_reason(backend: str, case: Case, device: torch.device | str) -> Optional[str]:
+    """Why ``backend`` is not benchmarked for ``case`` on ``device``, or None."""
+    device = torch.device(device)
+    if backend in (BASELINE, "auto"):
+        return None
+    status = fastbirnn.available_backends()
+    if backend not in status:
+        return f"unknown backend {backend!r}"
+    if status[backend] is not None:
+        return f"unavailable: {status[backend]}"
+    if backend == "triton" and device.type != "cuda":
+        return "triton runs on CPU only under the Triton interpreter: not a benchmark"
+    if backend == "reference" and (
+        case.seq > REFERENCE_MAX_SEQ or case.hidden > REFERENCE_MAX_HIDDEN
+    ):
+        return "reference is a Python loop over time: tiny shapes only"
+    from fastbirnn import backends
+
+    probe = torch.empty(0, dtype=DTYPES[case.dtype][0], device=device)
+    reason = backends.get(backend).unsupported_reason(probe)
+    return None if reason is None else f"unsupported: {reason}"
+
+
+def contenders(
+    case: Case, device: torch.device | str, backends: Optional[list[str]] = None
+) -> list[tuple[str, Optional[str]]]:
+    """[(name, skip reason or None)], the baseline first."""
+    names = candidate_backends() if backends is None else [b for b in backends if b != BASELINE]
+    return [(BASELINE, None)] + [(n, skip_reason(n, case, device)) for n in names]
+
+
+# ------------------------------------------------------------------------ models, steps
+
+
+def build_models(case: Case, device, names: list[str], seed: int = 0) -> dict[str, nn.Module]:
+    """The baseline nn.RNN and one FastBiRNN per backend name, all with the same weights."""
+    dtype = DTYPES[case.dtype][0]
+    torch.manual_seed(seed)
+    base = nn.RNN(
+        case.input, case.hidden, num_layers=case.layers, nonlinearity=case.nonlinearity,
+        bidirectional=True,
+    ).to(device=device, dtype=dtype)
+    models: dict[str, nn.Module] = {}
+    for name in names:
+        if name == BASELINE:
+            models[name] = base
+            continue
+        m = FastBiRNN(
+            case.input, case.hidden, num_layers=case.layers, nonlinearity=case.nonlinearity,
+            device=device, dtype=dtype, backend=name,
+        )
+        m.load_state_dict(base.state_dict())
+        models[name] = m
+    return models
+
+
+def make_inputs(case: Case, device, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, B, I] (requires grad) and a fixed output gradient [T, B, 2H]."""
+    dtype = DTYPES[case.dtype][0]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.seq, case.batch, case.input, generator=g).to(device, dtype)
+    grad_out = torch.randn(case.seq, case.batch, 2 * case.hidden, generator=g).to(device, dtype)
+    return x.requires_grad_(True), grad_out
+
+
+def resolved_backend(model: nn.Module, x: torch.Tensor) -> str:
+    """What actually runs: 'torch' for nn.RNN, the backend 'auto' resolves to, etc."""
+    if isinstance(model, FastBiRNN):
+        return model.selected_backend(x)
+    return "torch"
+
+
+def synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """Inference: one forward under no_grad (no synchronisation: the timer does that)."""
+
+    def step() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return step
+
+
+def train_step(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Callable[[], None]:
+    """Training step: zero grads, forward, backward of the output (no optimizer)."""
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _ = model(x)
+        out.backward(grad_out)
+
+    return step
+
+
+def synchronized(fn: Callable[[], None], device) -> Callable[[], None]:
+    """``fn`` followed by a device synchronisation (what pytest-benchmark times)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+@contextlib.contextmanager
+def precision(dtype_label: str) -> Iterator[None]:
+    """Set TF32 for fp32 matmuls and cuDNN as the case says ('tf32' on, 'fp32' off)."""
+    allow = DTYPES[dtype_label][1]
+    if allow is None:
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class Timing:
+    """Seconds per call, one entry per sample (each the mean of ``number`` calls)."""
+
+    samples: list[float] = field(default_factory=list)
+    number: int = 1
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else math.nan
+
+    @property
+    def iqr(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q[2] - q[0]
+
+
+def _time_calls(fn: Callable[[], None], number: int, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / number
+
+
+def measure_interleaved(
+    fns: dict,
+    device,
+    *,
+    warmup: int = 1,
+    min_rounds: int = 3,
+    max_rounds: int = 15,
+    budget_s: float = 5.0,
+    target_sample_s: float = 0.002,
+) -> dict:
+    """Median-ready timings of several callables, interleaved.
+
+    ``fns`` maps any key to a no-argument callable. Each gets ``warmup`` untimed calls (Triton
+    compiles on the first) and one timed estimate (also untimed in the results); then rounds, each taking one sample of every callable in a rotating order,
+    until ``max_rounds`` or, after ``min_rounds``, once ``budget_s`` is spent. A sample times
+    ``number`` back-to-back calls, with ``number`` chosen so a sample lasts ~``target_sample_s``.
+    """
+    keys = list(fns)
+    timings = {k: Timing() for k in keys}
+    for k in keys:
+        for _ in range(warmup):
+            fns[k]()
+        estimate = _time_calls(fns[k], 1, device)
+        timings[k].number = max(1, min(1000, int(target_sample_s / max(estimate, 1e-7))))
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for r in range(max_rounds):
+            if r >= min_rounds and time.perf_counter() - start > budget_s:
+                break
+            shift = r % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                timings[k].samples.append(_time_calls(fns[k], timings[k].number, device))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return timings
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's C++ start/stop chatter on fd 2."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cpu_peak_from_profiler(fn: Callable[[], None]) -> Optional[int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+        allocations = sorted(
+            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"
+        )
+    except Exception:  # private API moved: report nothing rather than a wrong number
+        return None
+    running = peak = 0
+    for _, nbytes in allocations:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def peak_train_memory(fn: Callable[[], None], device, warm: bool = True) -> Optional[int]:
+    """Peak bytes a training step allocates above what was live before it (see module doc).
+
+    ``warm``: ``fn`` already ran (else it runs once first, so first-call caches don't count).
+    """
+    device = torch.device(device)
+    if not warm:
+        fn()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type == "cpu":
+        return _cpu_peak_from_profiler(fn)
+    return None
+
+
+# ---------------------------------------------------------------------- one whole case
+
+
+def run_case(
+    case: Case,
+    device,
+    backends: Optional[list[str]] = None,
+    *,
+    warmup: int = 1,
+    min_rounds: int = 3,
+    max_rounds: int = 15,
+    budget_s: float = 5.0,
+    memory: bool = True,
+    seed: int = 0,
+) -> list[dict]:
+    """Time every contender on ``case`` (forward and train, interleaved); one row each.
+
+    Rows of skipped contenders carry ``skipped`` (the reason) and no numbers.
+    """
+    device = torch.device(device)
+    entries = contenders(case, device, backends)
+    names = [n for n, reason in entries if reason is None]
+    rows: list[dict] = []
+    with precision(case.dtype):
+        models = build_models(case, device, names, seed=seed)
+        x, grad_out = make_inputs(case, device, seed=seed + 1)
+        fns = {}
+        for name in names:
+            fns[(name, "fwd")] = forward_step(models[name], x)
+            fns[(name, "train")] = train_step(models[name], x, grad_out)
+        timings = measure_interleaved(
+            fns, device, warmup=warmup, min_rounds=min_rounds, max_rounds=max_rounds,
+            budget_s=budget_s,
+        )
+        peaks = {n: peak_train_memory(fns[(n, "train")], device) if memory else None
+                 for n in names}
+        resolved = {n: resolved_backend(models[n], x) for n in names}
+    base_fwd = timings[(BASELINE, "fwd")].median
+    base_train = timings[(BASELINE, "train")].median
+    for name, reason in entries:
+        row: dict = {
+            "case": case.as_dict(), "id": case.id, "shape": case.shape, "dtype": case.dtype,
+            "backend": name, "device": device.type,
+        }
+        if reason is not None:
+            row["skipped"] = reason
+            rows.append(row)
+            continue
+        fwd, train = timings[(name, "fwd")], timings[(name, "train")]
+        row.update(
+            resolved_backend=resolved[name],
+            fwd_ms=fwd.median * 1e3,
+            train_ms=train.median * 1e3,
+            fwd_iqr_ms=fwd.iqr * 1e3,
+            train_iqr_ms=train.iqr * 1e3,
+            fwd_samples_ms=[s * 1e3 for s in fwd.samples],
+            train_samples_ms=[s * 1e3 for s in train.samples],
+            calls_per_sample={"fwd": fwd.number, "train": train.number},
+            tokens_per_s_fwd=case.tokens / fwd.median,
+            tokens_per_s_train=case.tokens / train.median,
+            speedup_fwd=base_fwd / fwd.median,
+            speedup_train=base_train / train.median,
+            peak_train_bytes=peaks[name],
+        )
+        rows.append(row)
+    del models, fns, x, grad_out
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------ machine info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(path: Optional[str] = None) -> Optional[dict]:
+    """The commit of the checkout holding ``path`` (default: this package), and if dirty."""
+    cwd = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+            capture_output=True, text=True, timeout=10,
+        )
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device) -> dict:
+    device = torch.device(device)
+    info: dict = {
+        "device": device.type,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "fastbirnn": fastbirnn.__version__,
+        "backends": fastbirnn.available_backends(),
+        "git": git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as error:  # noqa: BLE001 - any import failure just means "no triton"
+        info["triton"] = None
+        info["triton_error"] = f"{type(error).__name__}: {error}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_sm_count=props.multi_processor_count,
+            allow_tf32_default={
+                "matmul": torch.backends.cuda.matmul.allow_tf32,
+                "cudnn": torch.backends.cudnn.allow_tf32,
+            },
+        )
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line: what it was measured on."""
+    if info.get("device") == "cuda":
+        hw = f"{info.get('gpu')} (sm {info.get('gpu_capability')}), CUDA {info.get('cuda')}"
+    else:
+        hw = f"{info.get('cpu')}, {info.get('cpu_count')} cores, {info.get('torch_threads')} threads"
+    git = info.get("git") or {}
+    commit = (git.get("commit") or "unknown")[:10] + ("+dirty" if git.get("dirty") else "")
+    return (f"{hw}; torch {info.get('torch')}, triton {info.get('triton')}, "
+            f"python {info.get('python')}; commit {commit}")
