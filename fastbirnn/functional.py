@@ -1,12 +1,13 @@
 """The layer stack through the seam: input GEMM, fused recurrence, h_n, dropout.
 
-Written once for every recurrence backend. Tensors here are time-major and padded:
-``x`` is [T, B, I], ``lengths`` [B] int64 on ``x``'s device, ``hx`` [L*D, B, H].
+Written once for every recurrence backend. Tensors here are padded: ``x`` is [T, B, I]
+(or [B, T, I] with ``batch_first``), ``lengths`` [B] int64 on ``x``'s device or None (every
+row runs all T steps), ``hx`` [L*D, B, H] or None (zeros).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,8 @@ def layer_weights(
 
 def birnn_forward(
     x: Tensor,
-    lengths: Tensor,
-    hx: Tensor,
+    lengths: Optional[Tensor],
+    hx: Optional[Tensor],
     flat_weights: Sequence[Tensor],
     *,
     num_layers: int,
@@ -57,8 +58,10 @@ def birnn_forward(
     dropout: float,
     training: bool,
     backend: str,
+    batch_first: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Returns output [T, B, D*H] (zero past each row's length) and h_n [L*D, B, H]."""
+    """Returns output [T, B, D*H] ([B, T, D*H] with ``batch_first``; zero past each row's
+    length) and h_n [L*D, B, H]."""
     stack_forward = backends.get(backend).stack_forward
     if stack_forward is not None:
         return stack_forward(
@@ -72,10 +75,54 @@ def birnn_forward(
             nonlinearity=nonlinearity,
             dropout=dropout,
             training=training,
+            batch_first=batch_first,
         )
+    return per_layer_forward(
+        x,
+        lengths,
+        hx,
+        flat_weights,
+        num_layers=num_layers,
+        num_directions=num_directions,
+        bias=bias,
+        nonlinearity=nonlinearity,
+        dropout=dropout,
+        training=training,
+        backend=backend,
+        batch_first=batch_first,
+    )
+
+
+def per_layer_forward(
+    x: Tensor,
+    lengths: Optional[Tensor],
+    hx: Optional[Tensor],
+    flat_weights: Sequence[Tensor],
+    *,
+    num_layers: int,
+    num_directions: int,
+    bias: bool,
+    nonlinearity: str,
+    dropout: float,
+    training: bool,
+    backend: str,
+    batch_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """birnn_forward layer by layer through the recurrence seam (ops.recurrence_forward)."""
+    if batch_first:
+        output, h_n = per_layer_forward(
+            x.transpose(0, 1), lengths, hx, flat_weights, num_layers=num_layers,
+            num_directions=num_directions, bias=bias, nonlinearity=nonlinearity,
+            dropout=dropout, training=training, backend=backend,
+        )
+        return output.transpose(0, 1), h_n
     T, B, _ = x.shape
     D = num_directions
-    H = hx.size(-1)
+    H = flat_weights[1].size(0)  # W_hh is [H, H]
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
+    if hx is None:
+        hx = x.new_zeros(num_layers * D, B, H)
     layer_input = x
     final_states = []
     for layer in range(num_layers):

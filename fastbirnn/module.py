@@ -116,14 +116,11 @@ class FastBiRNN(nn.RNN):
             data = input
             batch = input.size(batch_dim)
         if hx is None:
-            hx = torch.zeros(
-                self.num_layers * num_directions,
-                batch,
-                self.hidden_size,
-                dtype=data.dtype,
-                device=data.device,
-            )
-        self.check_forward_args(data, hx, batch_sizes)
+            # A zero h_0 always has the expected size: only the input needs checking, and the
+            # kernels start from zeros themselves (fewer small ops on the hot path).
+            self.check_input(data, batch_sizes)
+        else:
+            self.check_forward_args(data, hx, batch_sizes)
         self._check_same_device_and_dtype(data, hx)
         backends.require(backend, data)
 
@@ -132,8 +129,7 @@ class FastBiRNN(nn.RNN):
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             lengths = lengths.to(data.device)
         else:
-            x = input.transpose(0, 1) if self.batch_first else input
-            lengths = torch.full((x.size(1),), x.size(0), dtype=torch.int64, device=x.device)
+            x, lengths = input, None  # every row runs all steps
 
         output, hidden = birnn_forward(
             x,
@@ -147,28 +143,27 @@ class FastBiRNN(nn.RNN):
             dropout=self.dropout,
             training=self.training,
             backend=backend,
+            batch_first=self.batch_first and not is_packed,
         )
 
         if is_packed:
             packed = pack_padded_sequence(output, lengths.cpu())
             output = PackedSequence(packed.data, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
-        if self.batch_first:
-            output = output.transpose(0, 1)
         if not is_batched:
             output = output.squeeze(batch_dim)
             hidden = hidden.squeeze(1)
         return output, hidden
 
-    def _check_same_device_and_dtype(self, data: Tensor, hx: Tensor) -> None:
+    def _check_same_device_and_dtype(self, data: Tensor, hx: Optional[Tensor]) -> None:
         weight = self._flat_weights[0]
         for name, tensor in (("input", data), ("hx", hx)):
-            if tensor.device != weight.device:
+            if tensor is not None and tensor.device != weight.device:
                 raise RuntimeError(
                     f"Expected {name} and the RNN weights on the same device, got {name} on "
                     f"{tensor.device} and weights on {weight.device}"
                 )
-        if hx.dtype != data.dtype:
+        if hx is not None and hx.dtype != data.dtype:
             raise RuntimeError(
                 f"Expected hx dtype {data.dtype} to match the input's, got {hx.dtype}"
             )

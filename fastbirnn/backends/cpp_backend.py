@@ -1,0 +1,156 @@
+"""The fused C++ CPU backend, ``'cpp'`` (``csrc/birnn.cpp``, built into ``fastbirnn._C``).
+
+The whole layer stack runs as one op, ``torch.ops.fastbirnn_cpp.stack``, with its autograd
+node in C++ (one node for all layers and both directions) and fake kernels below, so
+``torch.compile(fullgraph=True)`` keeps it as one opaque node. Training with dropout between
+layers goes through the generic per-layer path and the recurrence seam instead (nn.RNN's
+dropout masks are drawn per layer).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastbirnn import backends
+
+try:
+    from fastbirnn import _C
+except Exception as _error:  # ImportError, or an OSError from a broken build
+    _C = None
+    _UNAVAILABLE: Optional[str] = (
+        f"the C++ extension fastbirnn._C did not load ({_error}). Reinstall with a C++ "
+        "compiler present: pip install --no-build-isolation -e ."
+    )
+else:
+    _UNAVAILABLE = None
+
+_DTYPES = (torch.float32, torch.float64)
+_warned = False
+
+
+def unavailable_reason() -> Optional[str]:
+    global _warned
+    if _UNAVAILABLE is not None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"fastbirnn: the 'cpp' CPU backend is unavailable, falling back to nn.RNN on CPU: "
+            f"{_UNAVAILABLE}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _UNAVAILABLE
+
+
+def unsupported_reason(x: Tensor) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"it runs on CPU tensors only, got a tensor on {x.device}"
+    if x.dtype not in _DTYPES:
+        return f"it supports float32 and float64 only, got {x.dtype}"
+    return None
+
+
+def preferred_for(x: Tensor, hidden_size: int) -> bool:
+    # Measured faster than nn.RNN on every benchmarked CPU shape, fp32 and fp64 (see the
+    # benchmarks); unsupported inputs never get here.
+    return _C is not None and _C.has_blas()
+
+
+def _forward(Z, W_hh, h0, lengths, nonlinearity):
+    return _C.recurrence_forward(Z, W_hh, h0, lengths, nonlinearity == "relu")
+
+
+def _backward(dHs, Hs, W_hh, lengths, nonlinearity):
+    return tuple(_C.recurrence_backward(dHs, Hs, W_hh, lengths, nonlinearity == "relu"))
+
+
+def stack_forward(
+    x,
+    lengths,
+    hx,
+    flat_weights,
+    *,
+    num_layers,
+    num_directions,
+    bias,
+    nonlinearity,
+    dropout,
+    training,
+    batch_first=False,
+):
+    """fastbirnn.functional.birnn_forward as one fused op (same arguments and results)."""
+    if dropout > 0 and training and num_layers > 1:
+        from fastbirnn import functional
+
+        return functional.per_layer_forward(
+            x, lengths, hx, flat_weights, num_layers=num_layers,
+            num_directions=num_directions, bias=bias, nonlinearity=nonlinearity,
+            dropout=dropout, training=training, backend="cpp", batch_first=batch_first,
+        )
+    return _stack(
+        x, hx, flat_weights, lengths, num_layers, num_directions == 2, bias,
+        nonlinearity == "relu", batch_first,
+    )
+
+
+if _C is not None:
+    _stack = torch.ops.fastbirnn_cpp.stack.default
+
+    @torch.library.register_fake("fastbirnn_cpp::stack")
+    def _stack_fake(x, hx, weights, lengths, num_layers, bidirectional, has_biases, relu,
+                    batch_first):
+        out, hn, _ = _stack_forward_impl_fake(
+            x, hx, weights, lengths, num_layers, bidirectional, has_biases, relu, batch_first,
+            False,
+        )
+        return out, hn
+
+    @torch.library.register_fake("fastbirnn_cpp::stack_forward_impl")
+    def _stack_forward_impl_fake(x, hx, weights, lengths, num_layers, bidirectional,
+                                 has_biases, relu, batch_first, keep):
+        D = 2 if bidirectional else 1
+        H = weights[1].shape[0]
+        B = x.shape[0] if batch_first else x.shape[1]
+        out = x.new_empty(x.shape[0], x.shape[1], D * H)
+        hn = x.new_empty(num_layers * D, B, H)
+        mid = x.new_empty(num_layers - 1 if keep else 0, x.shape[0] * x.shape[1], D * H)
+        return out, hn, mid
+
+    @torch.library.register_fake("fastbirnn_cpp::stack_backward_impl")
+    def _stack_backward_impl_fake(grad_out, grad_hn, x, hx, weights, lengths, out, mid,
+                                  num_layers, bidirectional, has_biases, relu, batch_first,
+                                  need_dx):
+        D = 2 if bidirectional else 1
+        H = weights[1].shape[0]
+        B = x.shape[0] if batch_first else x.shape[1]
+        dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+        dhx = x.new_empty(num_layers * D, B, H)
+        return dx, dhx, [w.new_empty(w.shape) for w in weights]
+
+    backends.register(
+        backends.RecurrenceBackend(
+            name="cpp",
+            forward=_forward,
+            backward=_backward,
+            unavailable_reason=unavailable_reason,
+            unsupported_reason=unsupported_reason,
+            preferred_for=preferred_for,
+            stack_forward=stack_forward,
+        ),
+        auto_priority=0,
+    )
+else:
+    backends.register(
+        backends.RecurrenceBackend(
+            name="cpp",
+            forward=_forward,
+            backward=_backward,
+            unavailable_reason=unavailable_reason,
+            unsupported_reason=unsupported_reason,
+            preferred_for=preferred_for,
+        ),
+        auto_priority=0,
+    )
