@@ -310,6 +310,10 @@ def main(argv=None) -> int:
             rows = bm.run_case(case, device, backends, min_rounds=min_rounds,
                                max_rounds=max_rounds, budget_s=budget,
                                memory=not args.no_memory)
+        except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: report what was measured
+            log(f"interrupted at case {i + 1}/{len(cases)}: reporting the {i} done")
+            doc["interrupted"] = True
+            break
         except Exception as error:  # keep going: one broken case must not lose the others
             log(f"[{i + 1}/{len(cases)}] {case.shape} {case.dtype}: FAILED "
                 f"{type(error).__name__}: {error}")
@@ -327,13 +331,13 @@ def main(argv=None) -> int:
             for r in rows if "skipped" not in r or r["backend"] == "auto")
         log(f"[{i + 1}/{len(cases)}] {case.shape} {case.dtype}: {time.perf_counter() - t0:.1f}s"
             f" (train speedup: {summary}); elapsed {elapsed:.0f}s, ~{eta:.0f}s left")
-    doc["complete"] = True
+    doc["complete"] = not doc.get("interrupted", False)
     doc["wall_s"] = time.perf_counter() - start
     if json_path:
         _write_json(json_path, doc)
         print(f"wrote {json_path}")
     status = _report(doc["results"], args.out, info, args.markdown, log)
-    if doc.get("errors"):
+    if doc.get("errors") or doc.get("interrupted"):
         status = 1
     return status
 

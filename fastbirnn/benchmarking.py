@@ -138,7 +138,7 @@ PRESETS: dict[str, dict[str, list[Case]]] = {
     },
     # Issues 5/8: the full GPU grid, fp32 with TF32 on and off, and bf16.
     "gpu": {
-        "cuda": _with_dtypes(GPU_GRID + GPU_EXTRA, ("tf32", "fp32", "bf16"))
+        "cuda": _with_dtypes(GPU_GRID + GPU_EXTRA, ("tf32", "bf16", "fp32"))
         + [c.with_dtype("tf32") for c in DESIGN_SHAPES],
     },
 }
@@ -527,21 +527,28 @@ def _cpu_model() -> str:
 
 
 def git_commit(path: Optional[str] = None) -> Optional[dict]:
-    """The commit of the checkout holding ``path`` (default: this package), and if dirty."""
+    """The commit of the checkout holding ``path`` (default: this package), and if dirty.
+
+    Without a git checkout (a copied working tree, e.g. on the GPU machine), the commit
+    named by the environment variable ``FASTBIRNN_GIT_COMMIT``, if any.
+    """
     cwd = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from_env = os.environ.get("FASTBIRNN_GIT_COMMIT")
+    fallback = {"commit": from_env, "dirty": None, "source": "FASTBIRNN_GIT_COMMIT"} \
+        if from_env else None
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
         )
         if commit.returncode != 0:
-            return None
+            return fallback
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
             capture_output=True, text=True, timeout=10,
         )
         return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
 
 
 def machine_info(device) -> dict:
