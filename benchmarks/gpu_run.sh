@@ -19,7 +19,7 @@
 # Knobs (environment): OUT, PYTHON (python3), GIT_COMMIT, STAGES ("info install tests bench
 # profile"; add "ncu" for an Nsight Compute report of the Triton kernels, a 9th file),
 # BENCH_PRESET (gpu), BENCH_ARGS, TESTS (tests), PYTEST_ARGS, TOTAL_S, T_INSTALL, T_TESTS,
-# T_BENCH, T_PROFILE, T_NCU (seconds).
+# T_BENCH, T_PROFILE, T_NCU (seconds), NCU (path of ncu).
 set -u
 set -o pipefail
 
@@ -151,14 +151,16 @@ if has_stage profile; then
 fi
 
 if has_stage ncu; then
-    if command -v ncu >/dev/null 2>&1; then
-        run_stage ncu "$T_NCU" ncu --target-processes all \
+    NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
+    if [[ -n "$NCU" ]]; then
+        run_stage ncu "$T_NCU" "$NCU" --target-processes all \
             --kernel-name "regex:(forward|backward)_(onchip|streamed)_kernel" \
-            --launch-skip 4 --launch-count 4 --set full -f -o "$OUT/ncu_triton" \
+            --launch-skip 4 --launch-count 4 --set full --clock-control none \
+            -f -o "$OUT/ncu_triton" \
             "$PY" "$REPO/benchmarks/profile_gpu.py" --shape 8,256,512,512:tf32 \
             --backends triton --iters 1
     else
-        VERDICTS+=("ncu: SKIPPED (ncu not on PATH)")
+        VERDICTS+=("ncu: SKIPPED (no ncu on PATH or under /opt/nvidia/nsight-compute)")
     fi
 fi
 
