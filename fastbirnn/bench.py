@@ -172,6 +172,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel(f"{xkey} size")
         ax.set_title(f"speedup vs {xkey} size", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
@@ -290,6 +291,10 @@ def main(argv=None) -> int:
     info = bm.machine_info(device)
     log(f"fastbirnn bench: {len(cases)} case(s), preset {args.preset!r}, device {device}")
     log(f"  {bm.describe_machine(info)}")
+    load = info.get("loadavg")
+    if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"  note: the machine is busy (load average {load[0]:.1f} on {os.cpu_count()} "
+            "cores): timings will be noisy, ratios less so")
     doc = {
         "schema": SCHEMA,
         "machine": info,

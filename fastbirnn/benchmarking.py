@@ -569,6 +569,10 @@ def machine_info(device) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     try:
+        info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        pass
+    try:
         import triton
 
         info["triton"] = triton.__version__
