@@ -123,8 +123,64 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+BACKEND_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+
+
+def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
+    """Speedup (``mode``: train or fwd) vs batch size and vs hidden size for one precision.
+
+    One curve per backend and fixed other dimensions; colour = the other dimensions,
+    line style and marker = the backend. Without any sweep (sparse presets), markers only.
+    """
+    letters = {"batch": "B", "seq": "T", "input": "I", "hidden": "H", "layers": "L"}
+    metric = "speedup_train" if mode == "train" else "speedup_fwd"
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, xkey, fixed_keys in (
+        (axes[0], "batch", ("hidden", "seq", "input", "layers")),
+        (axes[1], "hidden", ("batch", "seq", "layers")),
+    ):
+        series: dict = {}
+        for r in measured:
+            c = r["case"]
+            fixed = tuple(c[k] for k in fixed_keys)
+            series.setdefault((fixed, r["backend"]), []).append((c[xkey], r[metric]))
+        swept = any(len({p[0] for p in pts}) > 1 for pts in series.values())
+        if not swept:
+            series = {}
+            for r in measured:
+                series.setdefault(((), r["backend"]), []).append((r["case"][xkey], r[metric]))
+        fixed_values = sorted({f for f, _ in series})
+        for (fixed, backend), pts in sorted(series.items()):
+            if swept and len({p[0] for p in pts}) < 2:
+                continue
+            pts.sort()
+            style, marker = BACKEND_STYLES[backends.index(backend) % len(BACKEND_STYLES)]
+            desc = " ".join(f"{letters[k]}{v}" for k, v in zip(fixed_keys, fixed)
+                            if not (k == "layers" and v == 1)) or "various shapes"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
+                    linestyle=style if swept else "none", markersize=5,
+                    color=colors[(fixed_values.index(fixed) if swept else backends.index(backend))
+                                 % len(colors)],
+                    label=f"{backend} ({desc})")
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel(f"{xkey} size")
+        ax.set_title(f"{dtype}, {'training step' if mode == 'train' else 'forward'}: "
+                     f"speedup vs {xkey} size", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best", ncol=2)
+    axes[0].set_ylabel("speedup over nn.RNN (log scale)")
+
+
 def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
-    """Speedup over nn.RNN vs batch size and vs hidden size (PNG). Returns why not, or None."""
+    """Speedup over nn.RNN vs batch size and vs hidden size (PNG). Returns why not, or None.
+
+    One row of two panels per precision and mode (training step, forward).
+    """
     try:
         import matplotlib
 
@@ -134,55 +190,17 @@ def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
     except ImportError as error:
         return f"matplotlib not available ({error})"
     measured = [r for r in rows if "skipped" not in r and r["backend"] != bm.BASELINE]
-    letters = {"batch": "B", "seq": "T", "input": "I", "hidden": "H", "layers": "L"}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    for ax, xkey, fixed_keys in (
-        (axes[0], "batch", ("hidden", "seq", "input", "layers")),
-        (axes[1], "hidden", ("batch", "seq", "layers")),
-    ):
-        # One curve per (backend, dtype, the other dimensions) sweeping ``xkey``; if no such
-        # sweep exists (sparse presets), one marker set per (backend, dtype) instead.
-        series: dict = {}
-        for r in measured:
-            c = r["case"]
-            key = (r["backend"], r["dtype"], *(c[k] for k in fixed_keys))
-            series.setdefault(key, []).append((c[xkey], r["speedup_train"], r["speedup_fwd"]))
-        swept = any(len({p[0] for p in pts}) > 1 for pts in series.values())
-        if not swept:
-            series = {}
-            for r in measured:
-                series.setdefault((r["backend"], r["dtype"]), []).append(
-                    (r["case"][xkey], r["speedup_train"], r["speedup_fwd"]))
-        for key, pts in sorted(series.items(), key=lambda kv: str(kv[0])):
-            if swept and len({p[0] for p in pts}) < 2:
-                continue
-            pts.sort()
-            xs = [p[0] for p in pts]
-            if swept:
-                fixed = " ".join(f"{letters[k]}{v}" for k, v in zip(fixed_keys, key[2:])
-                                 if not (k == "layers" and v == 1))
-            else:
-                fixed = "various shapes"
-            style = "-" if swept else "none"
-            (line,) = ax.plot(xs, [p[1] for p in pts], marker="o", linestyle=style,
-                              label=f"{key[0]} {key[1]} ({fixed})")
-            ax.plot(xs, [p[2] for p in pts], marker="x", linestyle=":" if swept else "none",
-                    color=line.get_color())
-        ax.axhline(1.0, color="grey", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.set_xlabel(f"{xkey} size")
-        ax.set_title(f"speedup vs {xkey} size", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
-    axes[0].set_ylabel("speedup over nn.RNN (o train, x forward; log)")
+    backends = list(dict.fromkeys(r["backend"] for r in measured))
+    dtypes = sorted({r["dtype"] for r in measured}, key=list(bm.DTYPES).index) or ["fp32"]
+    panels = [(d, m) for d in dtypes for m in ("train", "fwd")]
+    fig, grid = plt.subplots(len(panels), 2, figsize=(12, 0.4 + 3.8 * len(panels)),
+                             squeeze=False, layout="constrained")
+    for row_axes, (dtype, mode) in zip(grid, panels):
+        _plot_row(row_axes, [r for r in measured if r["dtype"] == dtype], dtype, mode,
+                  backends, matplotlib)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
 
