@@ -132,7 +132,7 @@ if has_stage tests; then
     "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_plugin=(--timeout=120)
     # shellcheck disable=SC2086
     run_stage tests "$T_TESTS" "$PY" -m pytest $TESTS -q --maxfail=10 -rfEs --durations=15 \
-        -p no:cacheprovider "${timeout_plugin[@]}" --junitxml="$OUT/junit.xml" $PYTEST_ARGS
+        -p no:cacheprovider ${timeout_plugin[@]+"${timeout_plugin[@]}"} --junitxml="$OUT/junit.xml" $PYTEST_ARGS
 fi
 
 if has_stage bench; then
@@ -170,7 +170,7 @@ fi
     cat "$INFO"
     echo
     echo "stages:"
-    for v in "${VERDICTS[@]}"; do echo "  $v"; done
+    for v in ${VERDICTS[@]+"${VERDICTS[@]}"}; do echo "  $v"; done
     if [[ -f "$OUT/junit.xml" ]]; then
         echo
         "$PY" - "$OUT/junit.xml" <<'EOF'
