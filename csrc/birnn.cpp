@@ -123,6 +123,26 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   }
 }
 
+// Small products C[M,N] (+)= A[M,K] B[K,N] with B contiguous: a BLAS call costs more than the
+// arithmetic for the tiny hidden sizes here. The axpy form vectorises over N without
+// reordering any sum, so results stay deterministic.
+template <typename T>
+void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
+                T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict__ c = C + i * ldc;
+    if (beta == T(0)) std::fill(c, c + N, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[i * lda + k];
+      const T* __restrict__ b = B + k * N;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// Hidden sizes up to this use small_gemm for the per-step products.
+constexpr int64_t kSmallHidden = 64;
+
 // ---- tanh, vectorised with the same SLEEF routines (1-ulp) that ATen's tanh uses ----------
 
 #ifdef FASTBIRNN_X86
@@ -234,6 +254,12 @@ template <typename T>
 void recurrence_forward_dir(const Geometry& g, int d, T* Hs, const T* W_hh, const T* bias,
                             const T* h0, bool relu, T* state) {
   const int64_t H = g.H, ld = g.sb * g.DH();
+  std::vector<T> W_t;  // W_hh^T, the layout small_gemm wants
+  if (H <= kSmallHidden) {
+    W_t.resize(H * H);
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < H; ++j) W_t[j * H + i] = W_hh[i * H + j];
+  }
   if (h0)
     std::memcpy(state, h0, sizeof(T) * g.B * H);
   else
@@ -242,7 +268,10 @@ void recurrence_forward_dir(const Geometry& g, int d, T* Hs, const T* W_hh, cons
     const int64_t t = g.step(d, s);
     T* C = Hs + t * g.st * g.DH() + d * H;
     const int64_t bound = g.active_bound(t);
-    gemm<T>(false, true, bound, H, H, state, H, W_hh, H, T(1), C, ld);  // C += h W_hh^T
+    if (H <= kSmallHidden)
+      small_gemm<T>(bound, H, H, state, H, W_t.data(), T(1), C, ld);
+    else
+      gemm<T>(false, true, bound, H, H, state, H, W_hh, H, T(1), C, ld);  // C += h W_hh^T
     for (int64_t b = 0; b < g.B; ++b) {
       T* row = C + b * ld;
       if (b < bound && g.active(t, b)) {
@@ -285,11 +314,14 @@ void recurrence_backward_dir(const Geometry& g, int d, const T* dOut, const T* H
         if (b < bound) all_active = false;
       }
     }
-    if (all_active) {
-      // Rows past the bound keep their carry; the others get dz W_hh directly.
-      gemm<T>(false, false, bound, H, H, dz, ld, W_hh, H, T(0), carry, H);
-    } else {
-      gemm<T>(false, false, bound, H, H, dz, ld, W_hh, H, T(0), tmp, H);
+    // Rows past the bound keep their carry; when every row below it is active they get
+    // dz W_hh directly, otherwise through tmp.
+    T* target = all_active ? carry : tmp;
+    if (H <= kSmallHidden)
+      small_gemm<T>(bound, H, H, dz, ld, W_hh, T(0), target, H);
+    else
+      gemm<T>(false, false, bound, H, H, dz, ld, W_hh, H, T(0), target, H);
+    if (!all_active) {
       for (int64_t b = 0; b < bound; ++b)
         if (g.active(t, b)) std::memcpy(carry + b * H, tmp + b * H, sizeof(T) * H);
     }

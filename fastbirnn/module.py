@@ -62,6 +62,21 @@ class FastBiRNN(nn.RNN):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", backends.AUTO)
 
+    def _update_flat_weights(self) -> None:
+        # nn.RNN's check that the weights were not swapped (functional_call, reassignment),
+        # with direct dict lookups: Module.__getattr__ costs ~1 µs a name on the hot path.
+        if torch.jit.is_scripting():
+            return
+        params, attrs = self._parameters, self.__dict__
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
+            if name in params and name not in attrs:
+                weight = params[name]
+            else:
+                weight = getattr(self, name, None)
+            if weight is not None and ref is not None and ref() is not weight:
+                self._init_flat_weights()
+                return
+
     def selected_backend(self, input: Tensor | PackedSequence) -> str:
         """The backend that ``forward`` runs for this input (``'torch'`` is nn.RNN itself).
 
