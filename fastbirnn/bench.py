@@ -312,7 +312,8 @@ def main(argv=None) -> int:
     load = info.get("loadavg")
     if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
         log(f"  note: the machine is busy (load average {load[0]:.1f} on {os.cpu_count()} "
-            "cores): timings will be noisy, ratios less so")
+            "cores): times and ratios are unreliable (nn.RNN's multithreaded per-step ops "
+            "suffer most); measure results on an idle machine")
     doc = {
         "schema": SCHEMA,
         "machine": info,
