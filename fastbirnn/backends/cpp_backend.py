@@ -29,6 +29,8 @@ else:
     _UNAVAILABLE = None
 
 _DTYPES = (torch.float32, torch.float64)
+# Read once: a plain bool is traceable by Dynamo, a pybind call is not.
+_HAS_BLAS = _C is not None and bool(_C.has_blas())
 _warned = False
 
 
@@ -56,7 +58,7 @@ def unsupported_reason(x: Tensor) -> Optional[str]:
 def preferred_for(x: Tensor, hidden_size: int) -> bool:
     # Measured faster than nn.RNN on every benchmarked CPU shape, fp32 and fp64 (see the
     # benchmarks); unsupported inputs never get here.
-    return _C is not None and _C.has_blas()
+    return _HAS_BLAS
 
 
 def _forward(Z, W_hh, h0, lengths, nonlinearity):
