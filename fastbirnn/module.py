@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -90,7 +91,15 @@ class FastBiRNN(nn.RNN):
             return self.backend
         if torch.is_autocast_enabled(data.device.type):
             return backends.TORCH  # nn.RNN defines autocast's dtype rules
-        return backends.resolve_auto(data, self.hidden_size)
+        if isinstance(input, PackedSequence):
+            batch_size = int(input.batch_sizes[0])
+        elif data.dim() == 3:
+            batch_size = data.size(0 if self.batch_first else 1)
+        elif data.dim() == 2:
+            batch_size = 1
+        else:
+            return backends.TORCH  # nn.RNN raises its own error for this input
+        return backends.resolve_auto(data, self.hidden_size, batch_size)
 
     def forward(self, input, hx: Optional[Tensor] = None):
         backend = self.selected_backend(input)
@@ -136,8 +145,24 @@ class FastBiRNN(nn.RNN):
             self.check_input(data, batch_sizes)
         else:
             self.check_forward_args(data, hx, batch_sizes)
-        self._check_same_device_and_dtype(data, hx)
-        backends.require(backend, data)
+        weights = self._flat_weights
+        autocast_dtype = _autocast_dtype(data)
+        if autocast_dtype is None:
+            self._check_same_device_and_dtype(data, hx)
+            backends.require(backend, data)
+        else:
+            # As nn.RNN under autocast: input, h_0 and weights are cast and the outputs come
+            # back in the autocast dtype. A backend without kernels for it computes in fp32.
+            self._check_same_device_and_dtype(data, None)
+            run_dtype = autocast_dtype
+            if backends.get(backend).unsupported_reason(data.new_empty(0, dtype=run_dtype)):
+                run_dtype = torch.float32
+            data = data.to(run_dtype)
+            hx = hx.to(run_dtype) if hx is not None else None
+            weights = [w.to(run_dtype) for w in weights]
+            backends.require(backend, data)
+            if not is_packed:
+                input = data
 
         if is_packed:
             # Padded, in the packed (sorted) order; the kernels take lengths instead.
@@ -146,20 +171,23 @@ class FastBiRNN(nn.RNN):
         else:
             x, lengths = input, None  # every row runs all steps
 
-        output, hidden = birnn_forward(
-            x,
-            lengths,
-            hx,
-            self._flat_weights,
-            num_layers=self.num_layers,
-            num_directions=num_directions,
-            bias=self.bias,
-            nonlinearity=self.nonlinearity,
-            dropout=self.dropout,
-            training=self.training,
-            backend=backend,
-            batch_first=self.batch_first and not is_packed,
-        )
+        with torch.autocast(data.device.type, enabled=False) if autocast_dtype else nullcontext():
+            output, hidden = birnn_forward(
+                x,
+                lengths,
+                hx,
+                weights,
+                num_layers=self.num_layers,
+                num_directions=num_directions,
+                bias=self.bias,
+                nonlinearity=self.nonlinearity,
+                dropout=self.dropout,
+                training=self.training,
+                backend=backend,
+                batch_first=self.batch_first and not is_packed,
+            )
+        if autocast_dtype is not None:
+            output, hidden = output.to(autocast_dtype), hidden.to(autocast_dtype)
 
         if is_packed:
             packed = pack_padded_sequence(output, lengths.cpu())
@@ -182,3 +210,11 @@ class FastBiRNN(nn.RNN):
             raise RuntimeError(
                 f"Expected hx dtype {data.dtype} to match the input's, got {hx.dtype}"
             )
+
+
+def _autocast_dtype(data: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs RNNs in for this input, or None outside autocast."""
+    device_type = data.device.type
+    if data.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None

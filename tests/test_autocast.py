@@ -6,8 +6,8 @@ dtypes of the input and h_0 (an fp32 input with a bf16 h_0 is fine, and the reve
 parameter gradients stay float32 and the input's gradient has the input's dtype.
 
 'auto' hands autocast to nn.RNN. A named fused backend must give the same dtypes, values
-within bf16 tolerance, and run backward. Combinations that do not yet are listed in
-KNOWN_GAPS as strict xfails: each fails loudly (XPASS) once fixed, so the list stays true.
+within bf16 tolerance, and run backward. 'cpp' has no bf16 kernel: it computes in fp32 and
+returns the autocast dtype, which stays within the same tolerance.
 """
 
 import pytest
@@ -33,27 +33,9 @@ CASES = {
     "packed fp32 x": (torch.float32, None, True),
 }
 
-_MIXED = ("module.py's hx/input dtype check runs before autocast's casts; nn.RNN casts "
-          "input, h_0 and weights to the autocast dtype first")
-_BACKWARD = ("the fused path runs on autocast's mixed dtypes (bf16 Z, fp32 W_hh); the "
-             "custom op's backward runs outside autocast and multiplies bf16 by fp32")
-_CPP = ("the 'cpp' stack op does the input GEMM inside C++, so autocast never applies "
-        "(fp32 output), and it rejects bf16 inputs")
-KNOWN_GAPS = {
-    ("reference", "bf16 x, fp32 h0"): _MIXED,
-    ("reference", "fp32 x, bf16 h0"): _MIXED,
-    ("reference", "backward"): _BACKWARD,
-    **{("cpp", case): _CPP for case in [*CASES, "backward"]},
-}
-
-
 def _params(case_names):
     return [
-        pytest.param(
-            backend, case, id=f"{backend}-{case}",
-            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[(backend, case)])]
-            if (backend, case) in KNOWN_GAPS else [],
-        )
+        pytest.param(backend, case, id=f"{backend}-{case}")
         for backend in BACKENDS
         for case in case_names
     ]

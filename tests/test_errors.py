@@ -85,7 +85,7 @@ def broken_backend():
             backward=None,
             unavailable_reason=lambda: "its extension failed to build (test)",
             unsupported_reason=lambda x: None,
-            preferred_for=lambda x, hidden_size: True,
+            preferred_for=lambda x, hidden, batch: True,
         ),
         auto_priority=0,
     )

@@ -346,6 +346,13 @@ def test_crossover_lookup(monkeypatch):
     assert triton_backend.crossover_prefers(torch.float32, 512, 8)
     assert not triton_backend.crossover_prefers(torch.float32, 2048, 1)
     assert not triton_backend.crossover_prefers(torch.bfloat16, 256, 1)
+    # 'auto' passes the batch size through; on CPU the interpreter is never the fast path.
+    module = FastBiRNN(4, 200, batch_first=True)
+    expected = "triton" if torch.cuda.is_available() else module.selected_backend(torch.randn(3, 5, 4))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = module.to(device)
+    assert module.selected_backend(torch.randn(64, 5, 4, device=device)) == expected
+    assert module.selected_backend(torch.randn(65, 5, 4, device=device)) != "triton"
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):

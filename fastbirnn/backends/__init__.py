@@ -31,8 +31,9 @@ class RecurrenceBackend:
     unavailable_reason: Callable[[], Optional[str]]
     # Why it cannot run this input (device, dtype), or None.
     unsupported_reason: Callable[[torch.Tensor], Optional[str]]
-    # Whether 'auto' should pick it for this input: only where measured faster than nn.RNN.
-    preferred_for: Callable[[torch.Tensor, int], bool] = lambda x, hidden_size: False
+    # Whether 'auto' should pick it for input x (hidden size, batch size): only where
+    # measured faster than nn.RNN.
+    preferred_for: Callable[[torch.Tensor, int, int], bool] = lambda x, hidden, batch: False
     # Optional fusion of the whole layer stack, same signature and results as
     # fastbirnn.functional.birnn_forward; None means the generic per-layer path is used.
     stack_forward: Optional[Callable] = None
@@ -75,14 +76,14 @@ def available() -> dict[str, Optional[str]]:
     return status
 
 
-def resolve_auto(x: torch.Tensor, hidden_size: int) -> str:
+def resolve_auto(x: torch.Tensor, hidden_size: int, batch_size: int) -> str:
     """What ``'auto'`` runs for input ``x``: the first preferred kernel, else ``'torch'``."""
     for name in _AUTO_ORDER:
         backend = _REGISTRY[name]
         if (
             backend.unavailable_reason() is None
             and backend.unsupported_reason(x) is None
-            and backend.preferred_for(x, hidden_size)
+            and backend.preferred_for(x, hidden_size, batch_size)
         ):
             return name
     return TORCH

@@ -55,7 +55,7 @@ def unsupported_reason(x: Tensor) -> Optional[str]:
     return None
 
 
-def preferred_for(x: Tensor, hidden_size: int) -> bool:
+def preferred_for(x: Tensor, hidden_size: int, batch_size: int) -> bool:
     # Measured faster than nn.RNN on every benchmarked CPU shape, fp32 and fp64 (see the
     # benchmarks); unsupported inputs never get here.
     return _HAS_BLAS

@@ -63,11 +63,10 @@ def _unsupported_reason(x: torch.Tensor) -> Optional[str]:
     return f"device {x.device.type!r} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
 
 
-def _preferred_for(x: torch.Tensor, hidden_size: int) -> bool:
-    # No GPU measurement yet (CUDA_CROSSOVER is empty): 'auto' keeps cuDNN on CUDA. The batch
-    # size is not known here (batch_first is not passed), so once the table is filled the
-    # registry's hook needs it to call crossover_prefers(x.dtype, hidden_size, batch).
-    return False
+def _preferred_for(x: torch.Tensor, hidden_size: int, batch_size: int) -> bool:
+    # Only CUDA counts: under the interpreter triton is a test vehicle, never the fast path.
+    # With no GPU measurement yet (CUDA_CROSSOVER is empty) this is False: CUDA keeps cuDNN.
+    return x.device.type == "cuda" and crossover_prefers(x.dtype, hidden_size, batch_size)
 
 
 def _forward(Z, W_hh, h0, lengths, nonlinearity):
