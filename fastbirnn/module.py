@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -89,7 +88,7 @@ class FastBiRNN(nn.RNN):
             return backends.TORCH  # nothing to compute: nn.RNN returns or raises as it should
         if self.backend != backends.AUTO:
             return self.backend
-        if torch.is_autocast_enabled(data.device.type):
+        if _autocast_dtype(data) is not None:
             return backends.TORCH  # nn.RNN defines autocast's dtype rules
         if isinstance(input, PackedSequence):
             batch_size = int(input.batch_sizes[0])
@@ -110,7 +109,6 @@ class FastBiRNN(nn.RNN):
     def _fused_forward(self, input, hx: Optional[Tensor], backend: str):
         # Input normalisation mirrors nn.RNN.forward, so errors and shapes match it.
         self._update_flat_weights()
-        num_directions = 2 if self.bidirectional else 1
         is_packed = isinstance(input, PackedSequence)
         if is_packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -171,22 +169,12 @@ class FastBiRNN(nn.RNN):
         else:
             x, lengths = input, None  # every row runs all steps
 
-        with torch.autocast(data.device.type, enabled=False) if autocast_dtype else nullcontext():
-            output, hidden = birnn_forward(
-                x,
-                lengths,
-                hx,
-                weights,
-                num_layers=self.num_layers,
-                num_directions=num_directions,
-                bias=self.bias,
-                nonlinearity=self.nonlinearity,
-                dropout=self.dropout,
-                training=self.training,
-                backend=backend,
-                batch_first=self.batch_first and not is_packed,
-            )
-        if autocast_dtype is not None:
+        batch_first = self.batch_first and not is_packed
+        if autocast_dtype is None:
+            output, hidden = self._run_layers(x, lengths, hx, weights, backend, batch_first)
+        else:
+            with torch.autocast(data.device.type, enabled=False):
+                output, hidden = self._run_layers(x, lengths, hx, weights, backend, batch_first)
             output, hidden = output.to(autocast_dtype), hidden.to(autocast_dtype)
 
         if is_packed:
@@ -197,6 +185,22 @@ class FastBiRNN(nn.RNN):
             output = output.squeeze(batch_dim)
             hidden = hidden.squeeze(1)
         return output, hidden
+
+    def _run_layers(self, x, lengths, hx, weights, backend: str, batch_first: bool):
+        return birnn_forward(
+            x,
+            lengths,
+            hx,
+            weights,
+            num_layers=self.num_layers,
+            num_directions=2 if self.bidirectional else 1,
+            bias=self.bias,
+            nonlinearity=self.nonlinearity,
+            dropout=self.dropout,
+            training=self.training,
+            backend=backend,
+            batch_first=batch_first,
+        )
 
     def _check_same_device_and_dtype(self, data: Tensor, hx: Optional[Tensor]) -> None:
         weight = self._flat_weights[0]
@@ -214,6 +218,8 @@ class FastBiRNN(nn.RNN):
 
 def _autocast_dtype(data: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast runs RNNs in for this input, or None outside autocast."""
+    if not torch._C._is_any_autocast_enabled():  # the cheap check first: hot path
+        return None
     device_type = data.device.type
     if data.is_floating_point() and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)

@@ -37,6 +37,9 @@ class RecurrenceBackend:
     # Optional fusion of the whole layer stack, same signature and results as
     # fastbirnn.functional.birnn_forward; None means the generic per-layer path is used.
     stack_forward: Optional[Callable] = None
+    # Device types on which 'auto' considers it at all (None: every device). Keeps the
+    # per-call choice cheap: on CPU, 'auto' never asks a CUDA-only backend.
+    auto_devices: Optional[tuple[str, ...]] = None
 
 
 _REGISTRY: dict[str, RecurrenceBackend] = {}
@@ -78,10 +81,12 @@ def available() -> dict[str, Optional[str]]:
 
 def resolve_auto(x: torch.Tensor, hidden_size: int, batch_size: int) -> str:
     """What ``'auto'`` runs for input ``x``: the first preferred kernel, else ``'torch'``."""
+    device_type = x.device.type
     for name in _AUTO_ORDER:
         backend = _REGISTRY[name]
         if (
-            backend.unavailable_reason() is None
+            (backend.auto_devices is None or device_type in backend.auto_devices)
+            and backend.unavailable_reason() is None
             and backend.unsupported_reason(x) is None
             and backend.preferred_for(x, hidden_size, batch_size)
         ):

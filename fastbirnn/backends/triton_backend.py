@@ -89,6 +89,7 @@ backends.register(
         unavailable_reason=_unavailable_reason,
         unsupported_reason=_unsupported_reason,
         preferred_for=_preferred_for,
+        auto_devices=("cuda",),
     ),
     # Ahead of the CPU kernel: the two never claim the same device.
     auto_priority=0,
