@@ -1,0 +1,28 @@
+"""README.md stays true: its python blocks run, and CI runs its test command."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+TEST_COMMAND = 'pip install --no-build-isolation -e ".[test,examples,onnx]"'
+
+
+def test_readme_has_runnable_examples():
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs(index):
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_ci_runs_the_readme_test_command():
+    readme_line = next(line for line in README.splitlines() if line.startswith(TEST_COMMAND))
+    assert readme_line.endswith("&& python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    install, _, test = readme_line.partition(" && ")
+    assert install in ci and f"&& {test}" in ci
