@@ -51,46 +51,17 @@ def birnn_forward(
     hx: Optional[Tensor],
     flat_weights: Sequence[Tensor],
     *,
-    num_layers: int,
-    num_directions: int,
-    bias: bool,
-    nonlinearity: str,
-    dropout: float,
-    training: bool,
     backend: str,
-    batch_first: bool = False,
+    **config,
 ) -> tuple[Tensor, Tensor]:
-    """Returns output [T, B, D*H] ([B, T, D*H] with ``batch_first``; zero past each row's
-    length) and h_n [L*D, B, H]."""
+    """The layer stack on ``backend``: its fused ``stack_forward`` where it has one, else
+    layer by layer through the recurrence seam. ``config`` is ``per_layer_forward``'s keyword
+    arguments (num_layers, num_directions, bias, nonlinearity, dropout, training, batch_first).
+    """
     stack_forward = backends.get(backend).stack_forward
     if stack_forward is not None:
-        return stack_forward(
-            x,
-            lengths,
-            hx,
-            flat_weights,
-            num_layers=num_layers,
-            num_directions=num_directions,
-            bias=bias,
-            nonlinearity=nonlinearity,
-            dropout=dropout,
-            training=training,
-            batch_first=batch_first,
-        )
-    return per_layer_forward(
-        x,
-        lengths,
-        hx,
-        flat_weights,
-        num_layers=num_layers,
-        num_directions=num_directions,
-        bias=bias,
-        nonlinearity=nonlinearity,
-        dropout=dropout,
-        training=training,
-        backend=backend,
-        batch_first=batch_first,
-    )
+        return stack_forward(x, lengths, hx, flat_weights, **config)
+    return per_layer_forward(x, lengths, hx, flat_weights, backend=backend, **config)
 
 
 def per_layer_forward(
@@ -108,14 +79,11 @@ def per_layer_forward(
     backend: str,
     batch_first: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """birnn_forward layer by layer through the recurrence seam (ops.recurrence_forward)."""
+    """Returns output [T, B, D*H] ([B, T, D*H] with ``batch_first``; zero past each row's
+    length) and h_n [L*D, B, H]. ``lengths=None``: every row runs all T steps; ``hx=None``:
+    zeros."""
     if batch_first:
-        output, h_n = per_layer_forward(
-            x.transpose(0, 1), lengths, hx, flat_weights, num_layers=num_layers,
-            num_directions=num_directions, bias=bias, nonlinearity=nonlinearity,
-            dropout=dropout, training=training, backend=backend,
-        )
-        return output.transpose(0, 1), h_n
+        x = x.transpose(0, 1)
     T, B, _ = x.shape
     D = num_directions
     H = flat_weights[1].size(0)  # W_hh is [H, H]
@@ -138,4 +106,5 @@ def per_layer_forward(
         layer_input = Hs.view(T, B, D * H)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    return layer_input, torch.cat(final_states)
+    output = layer_input.transpose(0, 1) if batch_first else layer_input
+    return output, torch.cat(final_states)
