@@ -19,8 +19,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
@@ -127,8 +129,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
 // arithmetic for the tiny hidden sizes here. The axpy form vectorises over N without
 // reordering any sum, so results stay deterministic.
 template <typename T>
-void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
-                T* C, int64_t ldc) {
+void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
+                      T* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) {
     T* __restrict__ c = C + i * ldc;
     if (beta == T(0)) std::fill(c, c + N, T(0));
@@ -140,8 +142,70 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
   }
 }
 
+#ifdef FASTBIRNN_X86
+// The same axpy form for float with N <= 64 on AVX-512: a row of C stays in NV registers for
+// the whole k loop (the portable loops load and store C at every k, at SSE width).
+template <int NV>
+__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t M, int64_t N, int64_t K,
+                                                          const float* A, int64_t lda,
+                                                          const float* B, float beta, float* C,
+                                                          int64_t ldc) {
+  __mmask16 mask[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = std::min<int64_t>(16, N - 16 * v);
+    mask[v] = __mmask16(left >= 16 ? 0xFFFFu : (1u << left) - 1);
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v)
+      acc[v] = beta == 0.f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[v], c + 16 * v);
+    const float* a = A + i * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 ak = _mm512_set1_ps(a[k]);
+      const float* b = B + k * N;
+      for (int v = 0; v < NV; ++v)
+        acc[v] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(mask[v], b + 16 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + 16 * v, mask[v], acc[v]);
+  }
+}
+
+const bool kHaveAvx512 = [] {
+  __builtin_cpu_init();
+  return bool(__builtin_cpu_supports("avx512f"));
+}();
+#endif
+
+template <typename T>
+void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
+                T* C, int64_t ldc) {
+#ifdef FASTBIRNN_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (kHaveAvx512 && N <= 64) {
+      switch ((N + 15) / 16) {
+        case 1: return small_gemm_avx512<1>(M, N, K, A, lda, B, beta, C, ldc);
+        case 2: return small_gemm_avx512<2>(M, N, K, A, lda, B, beta, C, ldc);
+        case 3: return small_gemm_avx512<3>(M, N, K, A, lda, B, beta, C, ldc);
+        case 4: return small_gemm_avx512<4>(M, N, K, A, lda, B, beta, C, ldc);
+      }
+    }
+  }
+#endif
+  small_gemm_loops<T>(M, N, K, A, lda, B, beta, C, ldc);
+}
+
 // Hidden sizes up to this use small_gemm for the per-step products.
 constexpr int64_t kSmallHidden = 64;
+// Input projections over at most this many rows (T*B) skip BLAS when the sizes are small too.
+constexpr int64_t kSmallRows = 256;
+
+// out[c, r] = in[r, c] for a small row-major [R, C] matrix.
+template <typename T>
+void transpose(const T* in, int64_t R, int64_t C, T* out) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) out[c * R + r] = in[r * C + c];
+}
 
 // ---- tanh, vectorised with the same SLEEF routines (1-ulp) that ATen's tanh uses ----------
 
@@ -254,12 +318,9 @@ template <typename T>
 void recurrence_forward_dir(const Geometry& g, int d, T* Hs, const T* W_hh, const T* bias,
                             const T* h0, bool relu, T* state) {
   const int64_t H = g.H, ld = g.sb * g.DH();
-  std::vector<T> W_t;  // W_hh^T, the layout small_gemm wants
-  if (H <= kSmallHidden) {
-    W_t.resize(H * H);
-    for (int64_t i = 0; i < H; ++i)
-      for (int64_t j = 0; j < H; ++j) W_t[j * H + i] = W_hh[i * H + j];
-  }
+  // W_hh^T, the layout small_gemm wants; on the stack (no malloc per call).
+  alignas(64) T W_t[kSmallHidden * kSmallHidden];
+  if (H <= kSmallHidden) transpose(W_hh, H, H, W_t);
   if (h0)
     std::memcpy(state, h0, sizeof(T) * g.B * H);
   else
@@ -269,7 +330,7 @@ void recurrence_forward_dir(const Geometry& g, int d, T* Hs, const T* W_hh, cons
     T* C = Hs + t * g.st * g.DH() + d * H;
     const int64_t bound = g.active_bound(t);
     if (H <= kSmallHidden)
-      small_gemm<T>(bound, H, H, state, H, W_t.data(), T(1), C, ld);
+      small_gemm<T>(bound, H, H, state, H, W_t, T(1), C, ld);
     else
       gemm<T>(false, true, bound, H, H, state, H, W_hh, H, T(1), C, ld);  // C += h W_hh^T
     for (int64_t b = 0; b < g.B; ++b) {
@@ -341,6 +402,21 @@ void run_tasks(int64_t n, bool parallel, const F& fn) {
     SingleThreadedBlas pin;
     for (int64_t i = 0; i < n; ++i) fn(i);
   }
+}
+
+// Runs fn(task) for task in [0, n) with dynamic load balancing: each thread takes the next
+// task from a shared counter, so unequal tasks keep both cores busy. Tasks write disjoint
+// outputs and each is computed the same way whichever thread runs it (deterministic).
+// List the biggest tasks first.
+template <typename F>
+void run_tasks_balanced(int64_t n, bool parallel, const F& fn) {
+  const int64_t threads = std::min<int64_t>(n, at::get_num_threads());
+  if (!parallel || threads <= 1) return run_tasks(n, false, fn);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    SingleThreadedBlas pin;
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
 }
 
 // Below this many multiply-adds per direction a parallel region costs more than it saves.
@@ -438,8 +514,15 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
       const Tensor& w_ih = weights[(l * D + d) * a.per_dir()];
       const Tensor& w_hh = weights[(l * D + d) * a.per_dir() + 1];
       // Z = X W_ih^T for this direction's columns; rows follow the input's layout.
-      gemm<T>(false, true, rows, H, in_size, layer_in, in_size, w_ih.data_ptr<T>(), in_size, T(0),
-              layer_out + d * H, g.DH());
+      if (H <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows) {
+        // Tiny projection: the register-blocked loops beat a BLAS call's fixed cost.
+        alignas(64) T W_t[kSmallHidden * kSmallHidden];
+        transpose(w_ih.data_ptr<T>(), H, in_size, W_t);
+        small_gemm<T>(rows, H, in_size, layer_in, in_size, W_t, T(0), layer_out + d * H, g.DH());
+      } else {
+        gemm<T>(false, true, rows, H, in_size, layer_in, in_size, w_ih.data_ptr<T>(), in_size,
+                T(0), layer_out + d * H, g.DH());
+      }
       recurrence_forward_dir<T>(g, int(d), layer_out, w_hh.data_ptr<T>(),
                                 a.has_biases ? bias_sum.data() + d * H : nullptr,
                                 hx.defined() ? hx.data_ptr<T>() + (l * D + d) * g.B * H : nullptr,
@@ -505,25 +588,34 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
     });
 
     // 2. Weight gradients (reductions over all steps) and the input gradient, as independent
-    // blocks: 2 halves of each direction's weight rows, then fixed row blocks of dX.
+    // tasks of fixed shape: per direction, blocks of weight rows for dW_hh (+ db) and for
+    // dW_ih, then fixed row blocks of dX. Splitting over output rows/columns means no sum
+    // is ever split, so the thread count cannot change any result.
     const bool want_dx = l > 0 || need_dx;
     Tensor dX_buf = want_dx ? (l == 0 ? dx : at::empty({rows, DH}, x.options())) : Tensor();
     const int64_t n_row_blocks = want_dx ? row_blocks(rows) : 0;
-    const int64_t half = (H + 1) / 2;
-    run_tasks(D * 2 + n_row_blocks, parallel, [&](int64_t task) {
-      if (task < D * 2) {
-        const int64_t d = task / 2, j0 = (task % 2) * half, j1 = std::min(H, j0 + half);
+    const int64_t n_wblk = H >= 256 ? 4 : H >= 64 ? 2 : 1;  // weight-row blocks per direction
+    const int64_t wblk = (H + n_wblk - 1) / n_wblk;
+    const int64_t n_w = D * n_wblk;  // tasks per weight kind
+    // Task order is biggest first: dW_hh blocks (K = H columns), dW_ih blocks, dX blocks.
+    run_tasks_balanced(2 * n_w + n_row_blocks, parallel, [&](int64_t task) {
+      if (task < 2 * n_w) {
+        const bool hh = task < n_w;
+        const int64_t w = hh ? task : task - n_w;
+        const int64_t d = w / n_wblk, j0 = (w % n_wblk) * wblk, j1 = std::min(H, j0 + wblk);
         const int64_t m = j1 - j0;
         if (m <= 0) return;
         const int64_t base = (l * D + d) * a.per_dir();
-        T* dW_ih = dweights[base].data_ptr<T>() + j0 * I;
-        T* dW_hh = dweights[base + 1].data_ptr<T>() + j0 * H;
         const T* dzd = dz + d * H + j0;  // columns j0..j1 of direction d
-        // dW_ih = dZ^T X over all rows.
-        gemm<T>(true, false, m, I, rows, dzd, DH, X, I, T(0), dW_ih, I);
+        if (!hh) {
+          // dW_ih = dZ^T X over all rows.
+          gemm<T>(true, false, m, I, rows, dzd, DH, X, I, T(0),
+                  dweights[base].data_ptr<T>() + j0 * I, I);
+          return;
+        }
+        T* dW_hh = dweights[base + 1].data_ptr<T>() + j0 * H;
         // dW_hh = sum_t dz_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
         // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
-        std::fill(dW_hh, dW_hh + m * H, T(0));
         const T* hsd = Hs + d * H;
         const int64_t segments = g.sb == 1 ? 1 : g.B;
         const int64_t K = g.sb == 1 ? (g.T - 1) * g.B : g.T - 1;
@@ -531,11 +623,13 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
           const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
           const T* A = d == 0 ? dzd + (r + g.st) * DH : dzd + r * DH;
           const T* Bm = d == 0 ? hsd + r * DH : hsd + (r + g.st) * DH;
-          gemm<T>(true, false, m, H, K, A, DH, Bm, DH, T(1), dW_hh, H);
+          gemm<T>(true, false, m, H, K, A, DH, Bm, DH, seg == 0 ? T(0) : T(1), dW_hh, H);
         }
+        if (K <= 0) std::fill(dW_hh, dW_hh + m * H, T(0));
         // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
         if (hx.defined()) {
-          T* gather = scratch.data() + d * 3 * g.B * H + 2 * g.B * H;
+          // Each block gathers its own columns j0..j1 of a per-direction [B,H] buffer.
+          T* gather = scratch.data() + d * 3 * g.B * H + 2 * g.B * H + j0;
           for (int64_t b = 0; b < g.B; ++b) {
             const int64_t t0 = d == 0 ? 0 : (g.lengths ? g.lengths[b] - 1 : g.T - 1);
             std::memcpy(gather + b * H, dzd + (t0 * g.st + b * g.sb) * DH, sizeof(T) * m);
@@ -554,7 +648,7 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
         }
       } else {
         // dX = sum_d dZ_d W_ih[d] for one fixed block of rows.
-        const int64_t blk = task - D * 2;
+        const int64_t blk = task - 2 * n_w;
         const int64_t r0 = rows * blk / n_row_blocks, r1 = rows * (blk + 1) / n_row_blocks;
         T* dXp = dX_buf.data_ptr<T>() + r0 * I;
         for (int64_t d = 0; d < D; ++d) {
