@@ -477,6 +477,40 @@ Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths, const S
   return g;
 }
 
+// Uninitialised contiguous tensors of the given shapes. At tiny sizes one at::empty per result
+// (a dispatcher round trip plus an allocation each) is most of the op's fixed cost, so small
+// sets are carved out of one allocation: each piece is its own tensor (own sizes, version
+// counter), only the storage is shared. Large sets keep separate buffers, so a big scratch
+// buffer is never kept alive by the small tensors that share its storage.
+std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>& shapes,
+                                  const at::TensorOptions& options) {
+  constexpr int64_t kAlign = 16;      // elements: each piece starts on a 64-byte boundary (fp32)
+  constexpr int64_t kShared = 1 << 16;  // elements: above this, separate allocations
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (const auto& shape : shapes) {
+    offsets.push_back(total);
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    total += (n + kAlign - 1) / kAlign * kAlign;
+  }
+  std::vector<Tensor> out;
+  out.reserve(shapes.size());
+  if (total > kShared) {
+    for (const auto& shape : shapes) out.push_back(at::empty(shape, options));
+    return out;
+  }
+  const Tensor flat = at::empty({total}, options);
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(flat.storage()),
+                                                        flat.key_set(), flat.dtype());
+    t.unsafeGetTensorImpl()->set_storage_offset(offsets[i]);
+    t.unsafeGetTensorImpl()->set_sizes_contiguous(shapes[i]);
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
 // Shapes of the forward's results, shared with the Python fake implementation.
 std::vector<int64_t> out_shape(const Geometry& g, bool batch_first) {
   return batch_first ? std::vector<int64_t>{g.B, g.T, g.DH()}
@@ -560,10 +594,9 @@ template <typename T>
 void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor& x,
                      const Tensor& hx, at::TensorList weights, const Geometry& g,
                      const StackArgs& a, const Tensor& out, const Tensor& mid, bool need_dx,
-                     Tensor& dx, Tensor& dhx, std::vector<Tensor>& dweights) {
+                     Tensor& dx, Tensor& dhx, std::vector<Tensor>& dweights, const Tensor& dZ) {
   const int64_t L = a.num_layers, D = a.D, H = g.H, DH = g.DH(), rows = g.T * g.B;
   const bool parallel = worth_threads(rows * H * H);
-  Tensor dZ = at::empty({rows, DH}, x.options());
   Tensor dOut_buf;  // the gradient flowing into the current layer's output
   const T* dOut = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   // Per-direction scratch: carry and tmp [B,H] each, plus the gather for dW_hh.
@@ -692,16 +725,26 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   const Tensor grad_out =
       grad_out_ && grad_out_->defined() ? grad_out_->contiguous() : Tensor();
   const Tensor grad_hn = grad_hn_ && grad_hn_->defined() ? grad_hn_->contiguous() : Tensor();
-  std::vector<Tensor> weights, dweights;
+  std::vector<Tensor> weights;
+  std::vector<std::vector<int64_t>> shapes;  // the results: dweights..., dx, dhx, then dZ
   for (const auto& w : weights_) {
     weights.push_back(w.contiguous());
-    dweights.push_back(at::empty(w.sizes(), w.options()));
+    shapes.push_back(w.sizes().vec());
   }
-  Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  Tensor dhx = at::empty({num_layers * a.D, g.B, H}, x.options());
+  shapes.push_back(need_dx ? x.sizes().vec() : std::vector<int64_t>{0});
+  shapes.push_back({num_layers * a.D, g.B, H});
+  shapes.push_back({g.T * g.B, g.DH()});
+  std::vector<Tensor> results = empty_tensors(shapes, x.options());
+  Tensor dZ = results.back();
+  results.pop_back();
+  Tensor dhx = results.back();
+  results.pop_back();
+  Tensor dx = results.back();
+  results.pop_back();
+  std::vector<Tensor> dweights = std::move(results);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastbirnn_stack_backward", [&] {
     backward_layers<scalar_t>(grad_out, grad_hn, x, hx, weights, g, a, out.contiguous(),
-                              mid.contiguous(), need_dx, dx, dhx, dweights);
+                              mid.contiguous(), need_dx, dx, dhx, dweights, dZ);
   });
   return {dx, dhx, dweights};
 }
