@@ -228,3 +228,31 @@ def test_named_cpp_backend_rejects_unsupported_input_clearly():
         rnn(torch.randn(4, 2, 16, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match=r"'cpp'.*CPU tensors only"):
         backends.require("cpp", torch.empty(4, 2, 16, device="meta"))
+
+
+def test_bit_identical_across_thread_counts_large_hidden_with_hx():
+    # H = 1024 splits each direction's weight gradients into row blocks (each gathering its
+    # own h0 columns) and goes through BLAS for the per-step products.
+    torch.manual_seed(0)
+    model = FastBiRNN(8, 1024, backend="cpp")
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    h0 = torch.randn(2, 4, 1024, requires_grad=True)
+    lengths = torch.tensor([3, 2, 2, 1])
+
+    def run():
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
+        out, h_n = model(packed, h0)
+        out = nn.utils.rnn.pad_packed_sequence(out)[0]
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h_n.square().sum()
+        return [out, h_n, *torch.autograd.grad(loss, [x, h0, *model.parameters()])]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = run()
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, single):
+        assert torch.equal(a, b)
