@@ -31,7 +31,7 @@ def test_default_is_bidirectional_and_output_shapes():
     assert h_n.shape == (2, 2, 32)
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "cpp"])
 def test_dropout_eval_is_identity_and_train_matches_nn_rnn(backend):
     case = Case(num_layers=3, extra=dict(dropout=0.5), with_hx=False)
     reference, fast = make_pair(case, backend)
@@ -40,15 +40,17 @@ def test_dropout_eval_is_identity_and_train_matches_nn_rnn(backend):
     torch.testing.assert_close(run(fast, case, x, lengths, hx), run(reference, case, x, lengths, hx))
 
     # In training both draw one dropout mask per layer output of the same shape,
-    # so with the same seed they agree exactly.
+    # so with the same seed they agree exactly, gradients included.
     reference.train(), fast.train()
-    torch.manual_seed(123)
-    expected = run(reference, case, x, lengths, hx)
-    torch.manual_seed(123)
-    actual = run(fast, case, x, lengths, hx)
-    torch.testing.assert_close(actual, expected)
+    results = []
+    for module in (reference, fast):
+        torch.manual_seed(123)
+        out, h_n = run(module, case, x, lengths, hx)
+        grads = torch.autograd.grad(out.sum() + h_n.sum(), [x, *module.parameters()])
+        results.append((out, h_n, grads))
+    torch.testing.assert_close(results[1], results[0])
     reference.eval()
-    assert not torch.allclose(expected[0], run(reference, case, x, lengths, hx)[0])
+    assert not torch.allclose(results[0][0], run(reference, case, x, lengths, hx)[0])
 
 
 def test_packed_training_dropout_zeroes_a_fraction_of_the_next_layer():

@@ -13,6 +13,7 @@ A backend module registers itself here on import; ``resolve`` turns the user's c
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -84,14 +85,32 @@ def resolve_auto(x: torch.Tensor, hidden_size: int, batch_size: int) -> str:
     device_type = x.device.type
     for name in _AUTO_ORDER:
         backend = _REGISTRY[name]
-        if (
-            (backend.auto_devices is None or device_type in backend.auto_devices)
-            and backend.unavailable_reason() is None
-            and backend.unsupported_reason(x) is None
+        if backend.auto_devices is not None and device_type not in backend.auto_devices:
+            continue
+        unavailable = backend.unavailable_reason()
+        if unavailable is not None:
+            _warn_fallback_once(name, unavailable)
+        elif (
+            backend.unsupported_reason(x) is None
             and backend.preferred_for(x, hidden_size, batch_size)
         ):
             return name
     return TORCH
+
+
+_warned_fallbacks: set[str] = set()
+
+
+def _warn_fallback_once(name: str, reason: str) -> None:
+    """A kernel that should be there is not (e.g. a failed build): say so once, then carry on."""
+    if name not in _warned_fallbacks:
+        _warned_fallbacks.add(name)
+        warnings.warn(
+            f"fastbirnn: backend {name!r} is not available, 'auto' falls back to the next "
+            f"backend: {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def require(name: str, x: torch.Tensor) -> None:

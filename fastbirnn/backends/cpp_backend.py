@@ -9,7 +9,6 @@ dropout masks are drawn per layer).
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -31,19 +30,9 @@ else:
 _DTYPES = (torch.float32, torch.float64)
 # Read once: a plain bool is traceable by Dynamo, a pybind call is not.
 _HAS_BLAS = _C is not None and bool(_C.has_blas())
-_warned = False
 
 
 def unavailable_reason() -> Optional[str]:
-    global _warned
-    if _UNAVAILABLE is not None and not _warned:
-        _warned = True
-        warnings.warn(
-            f"fastbirnn: the 'cpp' CPU backend is unavailable, falling back to nn.RNN on CPU: "
-            f"{_UNAVAILABLE}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
     return _UNAVAILABLE
 
 
@@ -132,27 +121,17 @@ if _C is not None:
         dhx = x.new_empty(num_layers * D, B, H)
         return dx, dhx, [w.new_empty(w.shape) for w in weights]
 
-    backends.register(
-        backends.RecurrenceBackend(
-            name="cpp",
-            forward=_forward,
-            backward=_backward,
-            unavailable_reason=unavailable_reason,
-            unsupported_reason=unsupported_reason,
-            preferred_for=preferred_for,
-            stack_forward=stack_forward,
-        ),
-        auto_priority=0,
-    )
-else:
-    backends.register(
-        backends.RecurrenceBackend(
-            name="cpp",
-            forward=_forward,
-            backward=_backward,
-            unavailable_reason=unavailable_reason,
-            unsupported_reason=unsupported_reason,
-            preferred_for=preferred_for,
-        ),
-        auto_priority=0,
-    )
+
+backends.register(
+    backends.RecurrenceBackend(
+        name="cpp",
+        forward=_forward,
+        backward=_backward,
+        unavailable_reason=unavailable_reason,
+        unsupported_reason=unsupported_reason,
+        preferred_for=preferred_for,
+        # Without the extension nothing is fused; unavailable_reason says why.
+        stack_forward=stack_forward if _C is not None else None,
+    ),
+    auto_priority=0,
+)
