@@ -39,7 +39,7 @@ class FastBiRNN(nn.RNN):
         dtype=None,
         backend: str = "auto",
     ) -> None:
-        backends.check_name(backend)
+        backends.check_name(backend)  # before nn.RNN allocates anything
         super().__init__(
             input_size,
             hidden_size,
@@ -54,13 +54,23 @@ class FastBiRNN(nn.RNN):
         )
         self.backend = backend
 
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        # Checked here too, so switching backends on a live module fails as early.
+        backends.check_name(name)
+        self._backend = name
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend == backends.AUTO else f"{s}, backend={self.backend!r}"
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", backends.AUTO)
+        self.__dict__.setdefault("_backend", backends.AUTO)
 
     def _update_flat_weights(self) -> None:
         # nn.RNN's check that the weights were not swapped (functional_call, reassignment),

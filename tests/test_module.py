@@ -121,6 +121,9 @@ def test_backend_can_be_switched_after_construction():
     fast.backend = "reference"
     assert fast.selected_backend(x) == "reference"
     torch.testing.assert_close(outputs(fast, x), expected)
+    with pytest.raises(ValueError, match="Unknown backend"):
+        fast.backend = "cuda"
+    assert fast.backend == "reference"
 
 
 def test_available_backends_reports_every_name():
