@@ -787,6 +787,11 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    // create_graph=True turns grad mode on here. The gradients below are not differentiable,
+    // so refuse loudly instead of returning ones that silently ignore second-order terms.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fastbirnn cpp backend: double backward (create_graph=True) is not supported; "
+                "use FastBiRNN(..., backend='torch') for gradients of gradients");
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastbirnn_cpp::stack_backward_impl", "")
                          .typed<decltype(stack_backward_impl)>();

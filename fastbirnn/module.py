@@ -100,6 +100,8 @@ class FastBiRNN(nn.RNN):
             return self.backend
         if _autocast_dtype(data) is not None:
             return backends.TORCH  # nn.RNN defines autocast's dtype rules
+        if _under_function_transform():
+            return backends.TORCH  # the fused ops define no forward-mode AD or vmap rule
         if isinstance(input, PackedSequence):
             batch_size = int(input.batch_sizes[0])
         elif data.dim() == 3:
@@ -153,6 +155,11 @@ class FastBiRNN(nn.RNN):
             self.check_input(data, batch_sizes)
         else:
             self.check_forward_args(data, hx, batch_sizes)
+        if _under_function_transform():
+            raise RuntimeError(
+                f"fastbirnn backend {backend!r} does not support torch.func transforms or "
+                "forward-mode AD; use backend='auto' or 'torch' there"
+            )
         weights = self._flat_weights
         autocast_dtype = _autocast_dtype(data)
         if autocast_dtype is None:
@@ -205,7 +212,8 @@ class FastBiRNN(nn.RNN):
             num_layers=self.num_layers,
             num_directions=2 if self.bidirectional else 1,
             bias=self.bias,
-            nonlinearity=self.nonlinearity,
+            # nn.RNN runs what its mode says (set at construction), not the attribute.
+            nonlinearity="relu" if self.mode == "RNN_RELU" else "tanh",
             dropout=self.dropout,
             training=self.training,
             backend=backend,
@@ -227,10 +235,22 @@ class FastBiRNN(nn.RNN):
 
 
 def _autocast_dtype(data: Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast runs RNNs in for this input, or None outside autocast."""
+    """The dtype autocast runs RNNs in for this input, or None where it leaves it alone."""
     if not torch._C._is_any_autocast_enabled():  # the cheap check first: hot path
         return None
     device_type = data.device.type
-    if data.is_floating_point() and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    # Autocast casts floating point tensors except float64, which it never touches.
+    if data.is_floating_point() and data.dtype != torch.float64:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
     return None
+
+
+def _under_function_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD is active."""
+    if torch.compiler.is_compiling():
+        return False  # the compiler traces transforms its own way
+    return (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+    )

@@ -55,6 +55,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dHs):
+    if torch.is_grad_enabled():
+        # create_graph=True: the kernels' gradients are not differentiable, so refuse now
+        # rather than hand back a graph that fails (or is wrong) one step later.
+        raise RuntimeError(
+            "fastbirnn: double backward (create_graph=True) is not supported by the fused "
+            "backends; use FastBiRNN(..., backend='torch') for gradients of gradients"
+        )
     W_hh, h0, lengths, Hs = ctx.saved_tensors
     dZ, dh0 = recurrence_backward(dHs, Hs, W_hh, lengths, ctx.nonlinearity, ctx.backend)
     dW_hh = hidden_weight_grad(dZ, Hs, h0, lengths) if ctx.needs_input_grad[1] else None
