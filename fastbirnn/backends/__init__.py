@@ -6,8 +6,8 @@ Every recurrence backend implements the same two functions (see ``fastbirnn.refe
     backward(dHs, Hs, W_hh, lengths, nonlinearity) -> (dZ, dh0)
 
 ``'torch'`` is special: it is ``nn.RNN``'s own forward and never goes through the seam.
-A backend module registers itself here on import; ``resolve`` turns the user's choice
-(``'auto'`` or a name) into the name that runs for a given input.
+A backend module registers itself here on import. ``resolve_auto`` picks what ``'auto'``
+runs for a given input; ``require`` checks that a backend asked for by name can run it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ class RecurrenceBackend:
     # Whether 'auto' should pick it for input x (hidden size, batch size): only where
     # measured faster than nn.RNN.
     preferred_for: Callable[[torch.Tensor, int, int], bool] = lambda x, hidden, batch: False
-    # Optional fusion of the whole layer stack, same signature and results as
-    # fastbirnn.functional.birnn_forward; None means the generic per-layer path is used.
+    # Optional fusion of the whole layer stack, same arguments (less ``backend``) and results
+    # as fastbirnn.functional.per_layer_forward; None means that generic path is used.
     stack_forward: Optional[Callable] = None
     # Device types on which 'auto' considers it at all (None: every device). Keeps the
     # per-call choice cheap: on CPU, 'auto' never asks a CUDA-only backend.
