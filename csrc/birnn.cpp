@@ -287,7 +287,9 @@ inline void activate(T* c, const T* bias, int64_t H, bool relu) {
   if (bias)
     for (int64_t j = 0; j < H; ++j) c[j] += bias[j];
   if (relu) {
-    for (int64_t j = 0; j < H; ++j) c[j] = c[j] > T(0) ? c[j] : T(0);
+    // Written as "<= 0 -> 0" so a NaN stays NaN, as in torch.relu (a max instruction would
+    // return 0 for it and hide a diverging run).
+    for (int64_t j = 0; j < H; ++j) c[j] = c[j] <= T(0) ? T(0) : c[j];
   } else {
     tanh_inplace(c, H);
   }
@@ -364,8 +366,9 @@ void recurrence_backward_dir(const Geometry& g, int d, const T* dOut, const T* H
         const T* c = carry + b * H;
         const T* go = dOut ? dOut + offset + b * ld : nullptr;
         if (relu) {
+          // As autograd's threshold_backward: zero where h <= 0, so a NaN h passes g on.
           for (int64_t j = 0; j < H; ++j)
-            dz_row[j] = h[j] > T(0) ? (go ? go[j] + c[j] : c[j]) : T(0);
+            dz_row[j] = h[j] <= T(0) ? T(0) : (go ? go[j] + c[j] : c[j]);
         } else {
           for (int64_t j = 0; j < H; ++j)
             dz_row[j] = (go ? go[j] + c[j] : c[j]) * (T(1) - h[j] * h[j]);
@@ -436,24 +439,55 @@ struct StackArgs {
   int64_t per_dir() const { return has_biases ? 4 : 2; }
 };
 
+// Every tensor behind the seam is checked before any pointer is read: a wrong shape, dtype or
+// device must raise, never read out of bounds. (.contiguous() copies take care of strides.)
+void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype,
+                  at::IntArrayRef expected) {
+  TORCH_CHECK(t.device().is_cpu(), "fastbirnn cpp backend: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastbirnn cpp backend: ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == expected, "fastbirnn cpp backend: ", name, " must have shape ",
+              expected, ", got ", t.sizes());
+}
+
+void check_lengths(const Tensor& lengths, int64_t B) {
+  TORCH_CHECK(lengths.device().is_cpu(), "fastbirnn cpp backend: lengths must be a CPU tensor");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.numel() == B,
+              "fastbirnn cpp backend: lengths must be a 1-D int64 tensor of ", B,
+              " entries (one per batch row), got ", lengths.scalar_type(), " of shape ",
+              lengths.sizes());
+}
+
 void check_inputs(const Tensor& x, const std::optional<Tensor>& hx, at::TensorList weights,
                   const std::optional<Tensor>& lengths, const StackArgs& a) {
   TORCH_CHECK(x.device().is_cpu(), "fastbirnn cpp backend: expected CPU tensors, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "fastbirnn cpp backend: supports float32 and float64, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 3, "fastbirnn cpp backend: expected 3-D input, got ", x.dim(), "-D");
+  TORCH_CHECK(a.num_layers >= 1, "fastbirnn cpp backend: num_layers must be >= 1");
   TORCH_CHECK(int64_t(weights.size()) == a.num_layers * a.D * a.per_dir(),
               "fastbirnn cpp backend: expected ", a.num_layers * a.D * a.per_dir(),
               " weight tensors, got ", weights.size());
-  for (const auto& w : weights)
-    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device().is_cpu(),
-                "fastbirnn cpp backend: weights must be CPU ", x.scalar_type());
-  if (hx && hx->defined())
-    TORCH_CHECK(hx->scalar_type() == x.scalar_type() && hx->dim() == 3,
-                "fastbirnn cpp backend: hx must be 3-D ", x.scalar_type());
-  if (lengths && lengths->defined())
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1,
-                "fastbirnn cpp backend: lengths must be 1-D int64");
+  TORCH_CHECK(weights[1].dim() == 2, "fastbirnn cpp backend: weight_hh must be 2-D");
+  const int64_t H = weights[1].size(0);
+  TORCH_CHECK(H >= 1, "fastbirnn cpp backend: hidden size must be >= 1");
+  const at::ScalarType dtype = x.scalar_type();
+  for (int64_t l = 0; l < a.num_layers; ++l) {
+    const int64_t in_size = l == 0 ? x.size(2) : a.D * H;
+    for (int64_t d = 0; d < a.D; ++d) {
+      const int64_t base = (l * a.D + d) * a.per_dir();
+      check_tensor(weights[base], "weight_ih", dtype, {H, in_size});
+      check_tensor(weights[base + 1], "weight_hh", dtype, {H, H});
+      if (a.has_biases) {
+        check_tensor(weights[base + 2], "bias_ih", dtype, {H});
+        check_tensor(weights[base + 3], "bias_hh", dtype, {H});
+      }
+    }
+  }
+  const int64_t B = a.batch_first ? x.size(0) : x.size(1);
+  if (hx && hx->defined()) check_tensor(*hx, "hx", dtype, {a.num_layers * a.D, B, H});
+  if (lengths && lengths->defined()) check_lengths(*lengths, B);
 }
 
 Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths, const StackArgs& a,
@@ -468,7 +502,7 @@ Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths, const S
   g.lengths = nullptr;
   if (lengths && lengths->defined()) {
     lengths_cpu = lengths->contiguous();
-    TORCH_CHECK(lengths_cpu.numel() == g.B, "fastbirnn cpp backend: lengths must have B entries");
+    check_lengths(lengths_cpu, g.B);
     const int64_t* L = lengths_cpu.data_ptr<int64_t>();
     for (int64_t b = 0; b < g.B; ++b)
       TORCH_CHECK(L[b] >= 1 && L[b] <= g.T, "fastbirnn cpp backend: lengths must be in [1, T]");
@@ -522,7 +556,9 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
                     const StackArgs& a, Tensor& out, Tensor& hn, Tensor& mid) {
   const int64_t L = a.num_layers, D = a.D, H = g.H, rows = g.T * g.B;
   const bool parallel = D > 1 && worth_threads(rows * H * H);
-  Tensor ping;  // previous layer's output when intermediate outputs are not kept
+  // Without kept intermediates, layers alternate between two scratch buffers: layer l reads
+  // the buffer layer l-1 wrote while it writes the other one.
+  Tensor scratch[2];
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias_sum(a.has_biases ? D * H : 0);
@@ -533,9 +569,9 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
     } else if (mid.numel() > 0) {
       layer_out = mid.data_ptr<T>() + l * rows * g.DH();
     } else {
-      Tensor next = at::empty({rows, g.DH()}, x.options());
-      layer_out = next.data_ptr<T>();
-      ping = next;  // keeps the buffer alive until the next layer has read it
+      Tensor& buffer = scratch[l % 2];
+      if (!buffer.defined()) buffer = at::empty({rows, g.DH()}, x.options());
+      layer_out = buffer.data_ptr<T>();
     }
     if (a.has_biases) {
       for (int64_t d = 0; d < D; ++d) {
@@ -718,8 +754,15 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   const int64_t H = weights_[1].size(0);
   Tensor lengths_cpu;
   const Geometry g = geometry(x_, lengths, a, H, lengths_cpu);
-  TORCH_CHECK(mid.size(0) == num_layers - 1,
+  const at::ScalarType dtype = x_.scalar_type();
+  const std::vector<int64_t> out_sizes = out_shape(g, batch_first);
+  check_tensor(out, "out", dtype, out_sizes);
+  TORCH_CHECK(mid.dim() == 3 && mid.size(0) == num_layers - 1,
               "fastbirnn cpp backend: intermediate outputs were not kept for backward");
+  check_tensor(mid, "mid", dtype, {num_layers - 1, g.T * g.B, g.DH()});
+  if (grad_out_ && grad_out_->defined()) check_tensor(*grad_out_, "grad_out", dtype, out_sizes);
+  if (grad_hn_ && grad_hn_->defined())
+    check_tensor(*grad_hn_, "grad_hn", dtype, {num_layers * a.D, g.B, H});
   const Tensor x = x_.contiguous();
   const Tensor hx = hx_ && hx_->defined() ? hx_->contiguous() : Tensor();
   const Tensor grad_out =
@@ -850,12 +893,31 @@ std::tuple<Tensor, Tensor> stack_no_autograd(const Tensor& x, const std::optiona
 
 // ---- the per-layer seam (used when training with dropout between layers) ------------------
 
+// Z or Hs [T,B,D,H] with W_hh [D,H,H], and lengths [B] in [1, T].
+Geometry seam_geometry(const Tensor& Z, const Tensor& W_hh, const Tensor& lengths,
+                       Tensor& lengths_c) {
+  TORCH_CHECK(Z.dim() == 4, "fastbirnn cpp backend: expected a [T, B, D, H] tensor, got ",
+              Z.dim(), "-D");
+  TORCH_CHECK(Z.scalar_type() == at::kFloat || Z.scalar_type() == at::kDouble,
+              "fastbirnn cpp backend: supports float32 and float64, got ", Z.scalar_type());
+  TORCH_CHECK(Z.size(2) == 1 || Z.size(2) == 2, "fastbirnn cpp backend: D must be 1 or 2");
+  Geometry g{Z.size(0), Z.size(1), Z.size(2), Z.size(3), Z.size(1), 1, nullptr};
+  check_tensor(Z, "Z", Z.scalar_type(), Z.sizes());
+  check_tensor(W_hh, "W_hh", Z.scalar_type(), {g.D, g.H, g.H});
+  check_lengths(lengths, g.B);
+  lengths_c = lengths.contiguous();
+  g.lengths = lengths_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < g.B; ++b)
+    TORCH_CHECK(g.lengths[b] >= 1 && g.lengths[b] <= g.T,
+                "fastbirnn cpp backend: lengths must be in [1, T]");
+  return g;
+}
+
 Tensor recurrence_forward(const Tensor& Z, const Tensor& W_hh, const Tensor& h0,
                           const Tensor& lengths, bool relu) {
-  TORCH_CHECK(Z.dim() == 4 && Z.device().is_cpu(), "fastbirnn cpp: Z must be a CPU [T,B,D,H]");
-  Geometry g{Z.size(0), Z.size(1), Z.size(2), Z.size(3), Z.size(1), 1, nullptr};
-  Tensor lengths_c = lengths.to(at::kLong).contiguous();
-  g.lengths = lengths_c.data_ptr<int64_t>();
+  Tensor lengths_c;
+  const Geometry g = seam_geometry(Z, W_hh, lengths, lengths_c);
+  check_tensor(h0, "h0", Z.scalar_type(), {g.D, g.B, g.H});
   Tensor Hs = Z.contiguous().clone();
   Tensor W = W_hh.contiguous(), h = h0.contiguous();
   Tensor state = at::empty({g.D, g.B, g.H}, Z.options());
@@ -873,10 +935,10 @@ Tensor recurrence_forward(const Tensor& Z, const Tensor& W_hh, const Tensor& h0,
 std::tuple<Tensor, Tensor> recurrence_backward(const Tensor& dHs, const Tensor& Hs_,
                                                const Tensor& W_hh, const Tensor& lengths,
                                                bool relu) {
+  Tensor lengths_c;
+  const Geometry g = seam_geometry(Hs_, W_hh, lengths, lengths_c);
+  check_tensor(dHs, "dHs", Hs_.scalar_type(), Hs_.sizes());
   Tensor Hs = Hs_.contiguous(), dO = dHs.contiguous(), W = W_hh.contiguous();
-  Geometry g{Hs.size(0), Hs.size(1), Hs.size(2), Hs.size(3), Hs.size(1), 1, nullptr};
-  Tensor lengths_c = lengths.to(at::kLong).contiguous();
-  g.lengths = lengths_c.data_ptr<int64_t>();
   Tensor dZ = at::empty_like(Hs);
   Tensor dh0 = at::zeros({g.D, g.B, g.H}, Hs.options());
   Tensor tmp = at::empty({g.D, g.B, g.H}, Hs.options());

@@ -26,8 +26,12 @@ def activation(z: Tensor, nonlinearity: str) -> Tensor:
 
 
 def activation_grad_from_output(h: Tensor, nonlinearity: str) -> Tensor:
-    """act'(z) written in terms of h = act(z), so pre-activations need not be saved."""
-    return 1 - h * h if nonlinearity == "tanh" else (h > 0).to(h.dtype)
+    """act'(z) written in terms of h = act(z), so pre-activations need not be saved.
+
+    ReLU follows autograd's threshold_backward: zero where h <= 0, one elsewhere, so a NaN
+    h passes the gradient on exactly as nn.RNN's backward does.
+    """
+    return 1 - h * h if nonlinearity == "tanh" else (h <= 0).logical_not().to(h.dtype)
 
 
 def time_order(direction: int, T: int) -> range:
