@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -392,6 +393,47 @@ void recurrence_backward_dir(const Geometry& g, int d, const T* dOut, const T* H
   }
 }
 
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  // NaN and inf are the values with every exponent bit set; an integer OR-reduction over the
+  // bits vectorises (a floating-point one may not be reordered).
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits exponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  Bits nonfinite = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    Bits bits;
+    std::memcpy(&bits, p + i, sizeof(T));
+    nonfinite |= Bits((bits & exponent) == exponent);
+  }
+  return nonfinite == 0;
+}
+
+// dW_hh rows j0..j0+m of direction d as nn.RNN computes them: a sum over the steps each row
+// actually takes, h0 (or zeros) at its first step. Used only when the layer's states or
+// gradients hold a NaN or inf, where the fast path would differ: its shifted GEMM also
+// multiplies the zero dz of padded steps with the last valid state (0 * NaN = NaN), and it
+// skips the zero h0 term when no h0 was given (NaN * 0 = NaN in nn.RNN).
+template <typename T>
+void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t j0, int64_t m,
+                                  const T* dz, const T* Hs, const T* h0, T* dW) {
+  const int64_t H = g.H, DH = g.DH();
+  std::fill(dW, dW + m * H, T(0));
+  for (int64_t b = 0; b < g.B; ++b) {
+    const int64_t length = g.lengths ? g.lengths[b] : g.T;
+    for (int64_t s = 0; s < length; ++s) {
+      const int64_t t = d == 0 ? s : length - 1 - s;
+      const T* dz_row = dz + (t * g.st + b * g.sb) * DH + d * H + j0;
+      const T* prev = nullptr;  // nullptr: zeros
+      if (s > 0)
+        prev = Hs + ((d == 0 ? t - 1 : t + 1) * g.st + b * g.sb) * DH + d * H;
+      else if (h0)
+        prev = h0 + b * H;
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t k = 0; k < H; ++k) dW[j * H + k] += dz_row[j] * (prev ? prev[k] : T(0));
+    }
+  }
+}
+
 // Runs fn(task) for task in [0, n), on several threads only when the work is worth a parallel
 // region. BLAS is single-threaded inside either way (see the determinism note at the top).
 template <typename F>
@@ -679,6 +721,8 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
                     sizeof(T) * H * I);
       w_ih_all = w_ih_cat.data();
     }
+    // A NaN or inf anywhere in this layer's states or gradients: dW_hh the exact way.
+    const bool nonfinite = !all_finite(Hs, rows * DH) || !all_finite<T>(dz, rows * DH);
     // Task order is biggest first: dW_hh blocks (K = H columns), dW_ih blocks, dX blocks.
     run_tasks_balanced(2 * n_w + n_row_blocks, parallel, [&](int64_t task) {
       if (task < 2 * n_w) {
@@ -696,28 +740,33 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
           return;
         }
         T* dW_hh = dweights[base + 1].data_ptr<T>() + j0 * H;
-        // dW_hh = sum_t dz_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
-        // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
-        const T* hsd = Hs + d * H;
-        const int64_t segments = g.sb == 1 ? 1 : g.B;
-        const int64_t K = g.sb == 1 ? (g.T - 1) * g.B : g.T - 1;
-        for (int64_t seg = 0; seg < segments; ++seg) {
-          const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
-          const T* A = d == 0 ? dzd + (r + g.st) * DH : dzd + r * DH;
-          const T* Bm = d == 0 ? hsd + r * DH : hsd + (r + g.st) * DH;
-          gemm<T>(true, false, m, H, K, A, DH, Bm, DH, seg == 0 ? T(0) : T(1), dW_hh, H);
-        }
-        if (K <= 0) std::fill(dW_hh, dW_hh + m * H, T(0));
-        // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
-        if (hx.defined()) {
-          // Each block gathers its own columns j0..j1 of a per-direction [B,H] buffer.
-          T* gather = scratch.data() + d * 3 * g.B * H + 2 * g.B * H + j0;
-          for (int64_t b = 0; b < g.B; ++b) {
-            const int64_t t0 = d == 0 ? 0 : (g.lengths ? g.lengths[b] - 1 : g.T - 1);
-            std::memcpy(gather + b * H, dzd + (t0 * g.st + b * g.sb) * DH, sizeof(T) * m);
+        if (nonfinite) {
+          const T* h0 = hx.defined() ? hx.data_ptr<T>() + (l * D + d) * g.B * H : nullptr;
+          hidden_weight_grad_nonfinite<T>(g, int(d), j0, m, dz, Hs, h0, dW_hh);
+        } else {
+          // dW_hh = sum_t dz_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
+          // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
+          const T* hsd = Hs + d * H;
+          const int64_t segments = g.sb == 1 ? 1 : g.B;
+          const int64_t K = g.sb == 1 ? (g.T - 1) * g.B : g.T - 1;
+          for (int64_t seg = 0; seg < segments; ++seg) {
+            const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
+            const T* A = d == 0 ? dzd + (r + g.st) * DH : dzd + r * DH;
+            const T* Bm = d == 0 ? hsd + r * DH : hsd + (r + g.st) * DH;
+            gemm<T>(true, false, m, H, K, A, DH, Bm, DH, seg == 0 ? T(0) : T(1), dW_hh, H);
           }
-          gemm<T>(true, false, m, H, g.B, gather, H,
-                  hx.data_ptr<T>() + (l * D + d) * g.B * H, H, T(1), dW_hh, H);
+          if (K <= 0) std::fill(dW_hh, dW_hh + m * H, T(0));
+          // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
+          if (hx.defined()) {
+            // Each block gathers its own columns j0..j1 of a per-direction [B,H] buffer.
+            T* gather = scratch.data() + d * 3 * g.B * H + 2 * g.B * H + j0;
+            for (int64_t b = 0; b < g.B; ++b) {
+              const int64_t t0 = d == 0 ? 0 : (g.lengths ? g.lengths[b] - 1 : g.T - 1);
+              std::memcpy(gather + b * H, dzd + (t0 * g.st + b * g.sb) * DH, sizeof(T) * m);
+            }
+            gemm<T>(true, false, m, H, g.B, gather, H,
+                    hx.data_ptr<T>() + (l * D + d) * g.B * H, H, T(1), dW_hh, H);
+          }
         }
         if (a.has_biases) {
           T* db = dweights[base + 2].data_ptr<T>() + j0;

@@ -79,18 +79,23 @@ def recurrence_backward(
 def previous_hidden(Hs: Tensor, h0: Tensor, lengths: Tensor) -> Tensor:
     """h_{t-1} as each direction saw it at step t ([T,B,D,H]); used for dW_hh.
 
-    Values at padded steps do not matter: dZ is zero there.
+    Zero at padded steps: dZ is zero there too, and 0 * 0 keeps a NaN or inf in the last
+    valid state (forward) from leaking into dW_hh through a step nn.RNN never takes.
     """
     T, B, D, H = Hs.shape
     forward_prev = torch.cat([h0[0].unsqueeze(0), Hs[:-1, :, 0]], dim=0)
     if D == 1:
-        return forward_prev.unsqueeze(2)
-    # Reverse direction: the step after t in time came before it; at its first step
-    # (t = lengths-1) the previous state is h0.
-    shifted = torch.cat([Hs[1:, :, 1], Hs.new_zeros(1, B, H)], dim=0)
-    first_step = torch.arange(T, device=Hs.device).unsqueeze(1) == (lengths - 1).unsqueeze(0)
-    reverse_prev = torch.where(first_step.unsqueeze(2), h0[1].unsqueeze(0), shifted)
-    return torch.stack([forward_prev, reverse_prev], dim=2)
+        h_prev = forward_prev.unsqueeze(2)
+    else:
+        # Reverse direction: the step after t in time came before it; at its first step
+        # (t = lengths-1) the previous state is h0.
+        shifted = torch.cat([Hs[1:, :, 1], Hs.new_zeros(1, B, H)], dim=0)
+        steps = torch.arange(T, device=Hs.device).unsqueeze(1)
+        first_step = steps == (lengths - 1).unsqueeze(0)
+        reverse_prev = torch.where(first_step.unsqueeze(2), h0[1].unsqueeze(0), shifted)
+        h_prev = torch.stack([forward_prev, reverse_prev], dim=2)
+    active = torch.arange(T, device=Hs.device).unsqueeze(1) < lengths.unsqueeze(0)  # [T, B]
+    return torch.where(active[:, :, None, None], h_prev, 0)
 
 
 def hidden_weight_grad(dZ: Tensor, Hs: Tensor, h0: Tensor, lengths: Tensor) -> Tensor:
