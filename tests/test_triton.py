@@ -366,3 +366,66 @@ def test_unsupported_dtype_is_a_clear_error(device):
     module = FastBiRNN(4, 8, backend="triton", device=device, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
         module(torch.randn(5, 3, 4, device=device, dtype=torch.float64))
+
+
+# --- non-finite values flow exactly as in nn.RNN (issue 11) ---------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+@pytest.mark.parametrize("path", ["onchip", "streamed"])
+def test_non_finite_input_matches_nn_rnn(value, nonlinearity, path, device, exact_fp32, request):
+    """One input element non-finite: output, h_n and every gradient as nn.RNN's, NaN where
+    nn.RNN has NaN (relu must not drop NaN; its gradient is a select, not a product)."""
+    if path == "streamed":
+        request.getfixturevalue("streamed")
+    case = sized(Case(batch=3, seq_len=4, hidden_size=20, nonlinearity=nonlinearity), device)
+    rnn, (fused,) = modules(case, device)
+    x, h0 = make_input(case, device)
+    x[1, 1, 0] = value  # one row (t=1, b=1); the other rows stay finite
+    got, want = run(fused, case, x, h0), run(rnn, case, x, h0)
+    # The case does exercise non-finite values (tanh saturates inf, but not its gradients).
+    assert not all(torch.isfinite(t).all() for t in (want[0], want[1], *want[2].values()))
+    out, h_n, grads = got
+    out_e, h_n_e, grads_e = want
+    tol = dict(equal_nan=True, **tolerances(device))
+    torch.testing.assert_close(out, out_e, **tol)
+    torch.testing.assert_close(h_n, h_n_e, **tol)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_e[name], msg=lambda m: f"{name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+def test_non_finite_seam_matches_autograd(nonlinearity, device, exact_fp32):
+    """The seam alone, against autograd through the same recurrence: NaN/inf in Z, in the
+    output gradient, and an inf gradient meeting a relu at 0."""
+    from fastbirnn import triton as kernels
+
+    T, B, D, H = 4, 4, 2, 20
+    (Z, W, h0, dHs), lengths = seam_inputs(T, B, D, H, device, torch.float32)
+    lengths = torch.full_like(lengths, T)
+    Z[1, 0, 0, 3] = float("nan")
+    Z[2, 1, 1, 5] = float("inf")
+    Z[0, 2, 0, 7] = float("-inf")
+    dHs[3, 3, 1, 2] = float("inf")
+    dHs[3, 3, 0, 4] = float("nan")
+
+    def autograd_reference():
+        z = Z.clone().requires_grad_()
+        h0_ = h0.clone().requires_grad_()
+        act = torch.tanh if nonlinearity == "tanh" else torch.relu
+        outs = torch.zeros_like(Z)
+        for d in range(D):
+            h = h0_[d]
+            steps = range(T) if d == 0 else range(T - 1, -1, -1)
+            for t in steps:
+                h = act(z[t, :, d] + h @ W[d].T)
+                outs[t, :, d] = h
+        outs.backward(dHs)
+        return outs.detach(), z.grad, h0_.grad
+
+    Hs = kernels.recurrence_forward(Z, W, h0, lengths, nonlinearity)
+    dZ, dh0 = kernels.recurrence_backward(dHs, Hs, W, lengths, nonlinearity)
+    for name, a, b in zip(("Hs", "dZ", "dh0"), (Hs, dZ, dh0), autograd_reference()):
+        torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{name}: {m}",
+                                   **tolerances(device))

@@ -15,12 +15,14 @@ from fastbirnn.triton.forward import _dot
 
 
 @triton.jit
-def _activation_grad(h, ACT: tl.constexpr):
-    # act'(z) from h = act(z): tanh' = 1 - h^2, relu' = [h > 0].
+def _activation_backward(g, h, ACT: tl.constexpr):
+    # dz = g * act'(z), from h = act(z), with autograd's exact non-finite semantics:
+    # tanh_backward is g * (1 - h^2); relu's is threshold_backward, (h <= 0) ? 0 : g, a
+    # select, not a product: a NaN h passes g through, an inf g at h <= 0 gives 0 (not NaN).
     if ACT == 0:
-        return 1.0 - h * h
+        return g * (1.0 - h * h)
     else:
-        return tl.where(h > 0, 1.0, 0.0)
+        return tl.where(h <= 0.0, 0.0, g)
 
 
 @triton.jit
@@ -60,7 +62,7 @@ def backward_onchip_kernel(
         g = tl.load(DHS + offs, mask=mask, other=0.0).to(tl.float32) + carry
         h = tl.load(HS + offs, mask=mask, other=0.0).to(tl.float32)
         active = (t < lengths)[:, None]
-        dz = tl.where(active, g * _activation_grad(h, ACT), 0.0)
+        dz = tl.where(active, _activation_backward(g, h, ACT), 0.0)
         tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
         step = _dot(dz, w, None, PRECISION, UPCAST)
         carry = tl.where(active, step, carry)
@@ -100,7 +102,7 @@ def backward_streamed_kernel(
             g = tl.load(DHS + rows + rj[None, :], mask=m, other=0.0).to(tl.float32)
             g += tl.load(carry_ptr + rj[None, :], mask=m, other=0.0, cache_modifier=".cg")
             h = tl.load(HS + rows + rj[None, :], mask=m, other=0.0).to(tl.float32)
-            dz = tl.where(active, g * _activation_grad(h, ACT), 0.0)
+            dz = tl.where(active, _activation_backward(g, h, ACT), 0.0)
             tl.store(DZ + rows + rj[None, :], dz.to(DZ.dtype.element_ty), mask=m)
         tl.debug_barrier()
         for n0 in range(0, H, BLOCK_N):

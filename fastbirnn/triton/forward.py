@@ -21,7 +21,9 @@ def _activation(z, ACT: tl.constexpr):
         t = (1.0 - e) / (1.0 + e)
         return tl.where(z < 0, -t, t)
     else:
-        return tl.maximum(z, 0.0)
+        # Not tl.maximum: its default drops NaN (max(NaN, 0) = 0), nn.RNN's relu keeps it.
+        # z < 0 is False for NaN, so NaN (and +inf) pass through; -inf gives 0.
+        return tl.where(z < 0.0, 0.0, z)
 
 
 @triton.jit
