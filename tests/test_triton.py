@@ -357,9 +357,27 @@ def test_crossover_lookup(monkeypatch):
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    module = FastBiRNN(4, 8, backend="triton")
+    # Without CUDA already at construction (the backend is unavailable on this machine);
+    # with CUDA at the call with a CPU tensor.
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        module = FastBiRNN(4, 8, backend="triton")
         module(torch.randn(5, 3, 4))
+
+
+def test_available_backends_tells_the_truth_about_this_machine(monkeypatch):
+    """Issue 11: without CUDA and without the interpreter, 'triton' cannot run any tensor,
+    so available_backends() must say so (not None), and asking for it by name fails early."""
+    import fastbirnn
+
+    assert fastbirnn.available_backends()["triton"] is None  # here: CUDA or interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = fastbirnn.available_backends()["triton"]
+    assert reason is not None and "CUDA" in reason and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="'triton' is not available.*CUDA"):
+        FastBiRNN(4, 8, backend="triton")
+    # 'auto' is unaffected: it never considers triton for CPU tensors.
+    assert FastBiRNN(4, 8).selected_backend(torch.randn(5, 3, 4)) != "triton"
 
 
 def test_unsupported_dtype_is_a_clear_error(device):

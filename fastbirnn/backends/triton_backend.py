@@ -36,7 +36,7 @@ def crossover_prefers(dtype: torch.dtype, hidden_size: int, batch_size: int) -> 
 
 
 @functools.lru_cache(maxsize=None)
-def _unavailable_reason() -> Optional[str]:
+def _import_failure() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except ImportError as error:
@@ -45,6 +45,24 @@ def _unavailable_reason() -> Optional[str]:
         import fastbirnn.triton  # noqa: F401
     except Exception as error:  # an incompatible triton version fails here
         return f"the triton kernels failed to load ({type(error).__name__}: {error})"
+    return None
+
+
+def _unavailable_reason() -> Optional[str]:
+    """Why triton cannot run anything on this machine, or None.
+
+    Needs the package and kernels (checked once) and something to run on: a CUDA device, or
+    the interpreter (``TRITON_INTERPRET=1``, read live like ``_unsupported_reason`` does).
+    """
+    failure = _import_failure()
+    if failure is not None:
+        return failure
+    if not torch.cuda.is_available() and not backends.triton_interpreter_enabled():
+        return (
+            "no CUDA device: the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 set "
+            "before triton is imported to run its kernels on CPU tensors through the "
+            "interpreter (for tests)"
+        )
     return None
 
 
