@@ -447,3 +447,145 @@ def test_non_finite_seam_matches_autograd(nonlinearity, device, exact_fp32):
     for name, a, b in zip(("Hs", "dZ", "dh0"), (Hs, dZ, dh0), autograd_reference()):
         torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{name}: {m}",
                                    **tolerances(device))
+
+
+# --- the multi-CTA kernels (issue 13), in step mode under the interpreter ---------------------
+
+
+@pytest.fixture
+def multicta(monkeypatch):
+    """Force the multi-CTA path (step mode on CPU; on CUDA persistent where it fits)."""
+    from fastbirnn.triton import launcher
+
+    monkeypatch.setattr(launcher, "FORCE_PATH", "multicta")
+    return launcher
+
+
+# Each override exercises other tile boundaries: W block resident or re-read in ragged
+# 16-wide k tiles, several batch tiles, hidden blocks wider than the unit count.
+MULTICTA_CONFIGS = {
+    "resident": {},
+    "streamedK16": {"W_RESIDENT": False, "BLOCK_K": 16},
+    "batch16": {"BLOCK_B": 16, "BLOCK_N": 32},
+}
+MULTICTA_CASES = [
+    Case(batch=18, hidden_size=40, packed=True),  # ragged lengths, unsorted, 3 hidden blocks
+    Case(batch=3, hidden_size=33, nonlinearity="relu", num_layers=2, batch_first=True),
+    Case(batch=5, hidden_size=20, bidirectional=False, packed=True),
+]
+
+
+@pytest.mark.parametrize("config", MULTICTA_CONFIGS, ids=str)
+@pytest.mark.parametrize("case", MULTICTA_CASES, ids=str)
+def test_module_parity_multicta(case, config, device, exact_fp32, multicta, monkeypatch):
+    monkeypatch.setattr(multicta, "MULTICTA_OVERRIDES", MULTICTA_CONFIGS[config])
+    check_module_parity(case, device)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("D", [2, 1])
+def test_multicta_seam_matches_reference(nonlinearity, D, device, exact_fp32, multicta,
+                                         monkeypatch):
+    from fastbirnn import triton as kernels
+
+    monkeypatch.setattr(multicta, "MULTICTA_OVERRIDES", {"BLOCK_B": 16})
+    T, B, H = (5, 21, 36) if device.type == "cpu" else (40, 50, 520)
+    (Z, W, h0, dHs), lengths = seam_inputs(T, B, D, H, device, torch.float32)
+    lengths[1] = 1  # a row that is active for one step only
+    got = seam(Z, W, h0, dHs, lengths, nonlinearity,
+               kernels.recurrence_forward, kernels.recurrence_backward)
+    want = seam(Z, W, h0, dHs, lengths, nonlinearity,
+                reference.recurrence_forward, reference.recurrence_backward)
+    for name, a, b in zip(("Hs", "dZ", "dh0"), got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}", **tolerances(device))
+    t = torch.arange(T, device=device)[:, None]
+    padded = t >= lengths[None, :]
+    assert not got[0][padded].any() and not got[1][padded].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_multicta_low_precision_seam(dtype, device, multicta):
+    from fastbirnn import triton as kernels
+
+    T, B, D, H = (4, 3, 2, 24) if device.type == "cpu" else (32, 40, 2, 600)
+    (Z, W, h0, dHs), lengths = seam_inputs(T, B, D, H, device, torch.float32)
+    low = [t.to(dtype) for t in (Z, W, h0, dHs)]
+    want = seam(*[t.float() for t in low], lengths, "tanh",
+                reference.recurrence_forward, reference.recurrence_backward)
+    got = seam(*low, lengths, "tanh", kernels.recurrence_forward, kernels.recurrence_backward)
+    tol = dict(rtol=2e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=8e-2, atol=6e-2)
+    for name, a, b in zip(("Hs", "dZ", "dh0"), got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, msg=lambda m: f"{name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=str)
+def test_multicta_non_finite_matches_nn_rnn(value, device, exact_fp32, multicta):
+    case = sized(Case(batch=3, seq_len=4, hidden_size=20, nonlinearity="relu"), device)
+    rnn, (fused,) = modules(case, device)
+    x, h0 = make_input(case, device)
+    x[1, 1, 0] = value
+    out, h_n, grads = run(fused, case, x, h0)
+    out_e, h_n_e, grads_e = run(rnn, case, x, h0)
+    tol = dict(equal_nan=True, **tolerances(device))
+    torch.testing.assert_close(out, out_e, **tol)
+    torch.testing.assert_close(h_n, h_n_e, **tol)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_e[name], msg=lambda m: f"{name}: {m}", **tol)
+
+
+def test_path_choice():
+    from fastbirnn.triton import launcher
+
+    cpu = torch.device("cpu")
+    assert launcher.choose_path(64, 8, torch.float32, "tf32", cpu) == "onchip"
+    assert launcher.choose_path(200, 8, torch.float32, "tf32", cpu) == "streamed"
+    assert launcher.choose_path(512, 8, torch.float32, "tf32", cpu) == "multicta"
+    assert launcher.choose_path(1024, 64, torch.bfloat16, "ieee", cpu) == "multicta"
+    assert launcher.choose_path(256, 8, torch.bfloat16, "ieee", cpu) == "onchip"
+    # The grid (D, K, NB) fills the SMs, one CTA each, and never exceeds them while it can.
+    for H, B in [(256, 1), (512, 16), (1024, 32), (1024, 64), (2048, 16)]:
+        cfg = launcher.multicta_config(H, B, 2, torch.float32, 132)
+        ctas = 2 * -(-H // cfg["BLOCK_N"]) * -(-B // cfg["BLOCK_B"])
+        assert ctas <= 132 or cfg["BLOCK_N"] == 128, (H, B, cfg)
+        assert cfg["BLOCK_N"] >= 16 and cfg["BLOCK_B"] >= 16 and cfg["BLOCK_K"] >= 16
+
+
+def test_persistent_mode_refused_under_the_interpreter(multicta, monkeypatch):
+    if not backends.triton_interpreter_enabled():
+        pytest.skip("only the interpreter refuses the persistent kernel")
+    from fastbirnn import triton as kernels
+
+    monkeypatch.setattr(multicta, "FORCE_MULTICTA_MODE", "persistent")
+    (Z, W, h0, _), lengths = seam_inputs(3, 2, 2, 20, "cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        kernels.recurrence_forward(Z, W, h0, lengths, "tanh")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the grid barrier runs only on a GPU")
+@pytest.mark.parametrize("mode", ["persistent", "step"])
+def test_cuda_multicta_modes_agree(mode, multicta, monkeypatch, exact_fp32):
+    """On a GPU both launch modes give the same results (bit-identical: same tile code)."""
+    from fastbirnn import triton as kernels
+
+    (Z, W, h0, dHs), lengths = seam_inputs(64, 24, 2, 768, torch.device("cuda"), torch.float32)
+    monkeypatch.setattr(multicta, "FORCE_MULTICTA_MODE", "step")
+    want = seam(Z, W, h0, dHs, lengths, "tanh",
+                kernels.recurrence_forward, kernels.recurrence_backward)
+    monkeypatch.setattr(multicta, "FORCE_MULTICTA_MODE", mode)
+    got = seam(Z, W, h0, dHs, lengths, "tanh",
+               kernels.recurrence_forward, kernels.recurrence_backward)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the grid barrier runs only on a GPU")
+def test_cuda_barrier_timeout_raises(multicta, monkeypatch):
+    """A barrier that cannot complete (MAX_SPIN = 0 polls) raises instead of hanging."""
+    from fastbirnn import triton as kernels
+
+    monkeypatch.setattr(multicta, "FORCE_MULTICTA_MODE", "persistent")
+    monkeypatch.setattr(multicta, "BARRIER_MAX_SPIN", 0)
+    (Z, W, h0, _), lengths = seam_inputs(8, 4, 2, 512, torch.device("cuda"), torch.float32)
+    with pytest.raises(RuntimeError, match="barrier timed out"):
+        kernels.recurrence_forward(Z, W, h0, lengths, "tanh")

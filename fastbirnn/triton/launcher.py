@@ -1,6 +1,7 @@
-"""Host side of the Triton recurrence: picks the kernel and its tiles, launches one grid.
+"""Host side of the Triton recurrence: picks the kernel and its tiles, launches the grid.
 
-Two kernels per pass:
+Three kernels per pass; ``choose_path`` (one function of H, B, dtype, precision and the
+device) picks one:
 
 - on-chip: the direction's whole W_hh is loaded into registers once and reused for every
   step (persistent-RNN style). Used while the padded hidden size fits, see
@@ -8,6 +9,14 @@ Two kernels per pass:
 - streamed: any hidden size. Same grid and time loop, but W_hh is read in tiles from L2 at
   every step and the state goes through a small global scratch buffer. One launch per
   layer still; no cross-program synchronisation (each program owns whole batch rows).
+- multicta (``fastbirnn.triton.multicta``): large H. Each direction's hidden units are split
+  over K CTAs, each keeping its block of W_hh for the whole sequence; a grid barrier per step
+  (persistent mode), or one launch per step (step mode: the interpreter, and GPUs on which the
+  grid cannot be co-resident). ``MULTICTA_MIN_HIDDEN`` is a placeholder until GPU timings.
+
+Test knobs (module attributes, read once per call, not per step): ``FORCE_PATH`` forces a
+path, ``FORCE_MULTICTA_MODE`` forces 'persistent' or 'step', ``MULTICTA_OVERRIDES`` overrides
+fields of the multi-CTA configuration (e.g. ``{"BLOCK_K": 16, "W_RESIDENT": False}``).
 
 TF32: fp32 dots use TF32 exactly when cuDNN's RNN would (``torch.backends.cudnn.rnn``'s
 ``fp32_precision``, or the legacy ``torch.backends.cudnn.allow_tf32``), since this kernel
@@ -29,6 +38,7 @@ except ImportError:  # pragma: no cover - layout of older releases
 
 from fastbirnn.triton.backward import backward_onchip_kernel, backward_streamed_kernel
 from fastbirnn.triton.forward import forward_onchip_kernel, forward_streamed_kernel
+from fastbirnn.triton.multicta import backward_multicta_kernel, forward_multicta_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,6 +58,27 @@ BLOCK_B = 16
 STREAM_BLOCK_N = 32
 STREAM_BLOCK_K = 32
 STREAM_NUM_STAGES = 2
+
+# Multi-CTA path from this (unpadded) hidden size up, when the single-CTA on-chip kernel does
+# not apply. A placeholder from the per-step budget (see multicta's docstring): a GPU run of
+# benchmarks/gpu_run.sh should replace it with the measured crossover against "streamed".
+MULTICTA_MIN_HIDDEN = {torch.float32: 256, torch.float16: 256, torch.bfloat16: 256}
+# Largest W_hh block (bytes) a multi-CTA program keeps in registers; larger blocks are re-read
+# from L2 each step. Every configuration the launcher can choose is compiled for sm_80/sm_90
+# in tests/test_triton_aot.py (no spills, shared memory within the limit).
+MULTICTA_RESIDENT_BYTES = 32 * 1024
+MULTICTA_BLOCK_K = 64
+MULTICTA_NUM_WARPS = 4
+# Polls of the grid barrier before it gives up, flags the error and stops waiting (~seconds:
+# a legitimate wait is one step, microseconds). The host then raises RuntimeError.
+BARRIER_MAX_SPIN = 1 << 22
+# SM count assumed where there is no device (the interpreter): an H100/H200's.
+DEFAULT_NUM_SMS = 132
+
+# Test knobs, see the module docstring.
+FORCE_PATH: "str | None" = None  # "onchip", "streamed" or "multicta"
+FORCE_MULTICTA_MODE: "str | None" = None  # "persistent" or "step"
+MULTICTA_OVERRIDES: dict = {}
 
 _ACTIVATIONS = {"tanh": 0, "relu": 1}
 
@@ -86,6 +117,122 @@ def uses_onchip(H: int, dtype: torch.dtype, precision: str = "tf32") -> bool:
     if dtype == torch.float32 and precision == "ieee":
         limit = min(limit, MAX_ONCHIP_HIDDEN_FP32_IEEE)
     return _hidden_block(H) <= limit
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_path(H: int, B: int, dtype: torch.dtype, precision: str,
+                device: torch.device) -> str:
+    """The one rule for which kernel runs: 'onchip', 'multicta' or 'streamed'.
+
+    ``B`` and ``device`` are unused until GPU measurements say where each path wins.
+    """
+    if FORCE_PATH is not None:
+        if FORCE_PATH not in ("onchip", "streamed", "multicta"):
+            raise ValueError(f"FORCE_PATH: unknown path {FORCE_PATH!r}")
+        return FORCE_PATH
+    if uses_onchip(H, dtype, precision):
+        return "onchip"
+    if H >= MULTICTA_MIN_HIDDEN[dtype]:
+        return "multicta"
+    return "streamed"
+
+
+def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int) -> dict:
+    """Tiles of the multi-CTA kernels: the grid (D, K, NB) fits one CTA per SM if it can."""
+    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
+    nb = triton.cdiv(B, block_b)
+    block_n = 16
+    while block_n < 128 and D * triton.cdiv(H, block_n) * nb > num_sms:
+        block_n *= 2
+    block_h = _hidden_block(H)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    config = dict(
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(MULTICTA_BLOCK_K, block_h),
+        BLOCK_H=block_h, W_RESIDENT=block_n * block_h * itemsize <= MULTICTA_RESIDENT_BYTES,
+        num_warps=MULTICTA_NUM_WARPS,
+    )
+    config.update(MULTICTA_OVERRIDES)
+    return config
+
+
+def _max_coresident_ctas(compiled, device: torch.device) -> int:
+    """CTAs of this compiled kernel that fit on the device at once (registers, shared memory,
+    threads, the 32-blocks-per-SM limit), as the occupancy calculator counts them."""
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    num_warps = compiled.metadata.num_warps
+    regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # 256-register granules
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps)
+    smem = compiled.metadata.shared + 1024  # the runtime reserves 1 KiB per CTA
+    by_smem = props.shared_memory_per_multiprocessor // smem
+    by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, 32) * props.multi_processor_count
+
+
+# (kernel, device, dtype, meta) -> whether the persistent grid is co-resident.
+_PERSISTENT_FITS: dict = {}
+
+
+def _persistent_fits(kernel, grid, args, meta, device) -> bool:
+    key = (kernel.fn.__name__, device.index, grid, tuple(sorted(meta.items())),
+           args[0].dtype)
+    if key not in _PERSISTENT_FITS:
+        try:
+            compiled = kernel.warmup(*args, grid=grid, **meta)
+            fits = grid[0] * grid[1] * grid[2] <= _max_coresident_ctas(compiled, device)
+        except OutOfResources:
+            fits = False
+        _PERSISTENT_FITS[key] = fits
+    return _PERSISTENT_FITS[key]
+
+
+def _run_multicta(kernel, args, steps: int, D: int, B: int, H: int, x: torch.Tensor,
+                  **meta) -> None:
+    """Launch a multi-CTA kernel over ``steps`` steps, persistent when the grid can be
+    co-resident, else one launch per step. ``args`` end where (COUNTERS, ERR, T, B, H, ...)
+    start."""
+    config = multicta_config(H, B, D, x.dtype, _num_sms(x.device))
+    num_warps = config.pop("num_warps")
+    meta.update(config)
+    grid = (D, triton.cdiv(H, config["BLOCK_N"]), triton.cdiv(B, config["BLOCK_B"]))
+    mode = FORCE_MULTICTA_MODE
+    if mode not in (None, "persistent", "step"):
+        raise ValueError(f"FORCE_MULTICTA_MODE: unknown mode {mode!r}")
+    if x.device.type != "cuda":
+        if mode == "persistent":
+            raise RuntimeError("the persistent multi-CTA kernel needs a GPU: its grid "
+                               "barrier deadlocks under the interpreter")
+        mode = "step"
+    counters = torch.zeros(D * grid[2], device=x.device, dtype=torch.int32)
+    err = torch.zeros(1, device=x.device, dtype=torch.int32)
+    T = args[0].shape[0]
+    full = (*args, counters, err, T, B, H)
+    if mode is None:
+        probe = dict(meta, PERSISTENT=True, num_warps=num_warps)
+        fits = _persistent_fits(kernel, grid, (*full, 0, steps, BARRIER_MAX_SPIN), probe,
+                                x.device)
+        mode = "persistent" if fits else "step"
+    if mode == "persistent":
+        kernel[grid](*full, 0, steps, BARRIER_MAX_SPIN, **meta, PERSISTENT=True,
+                     num_warps=num_warps)
+        # Checked at once (one sync per layer and pass): a timed-out barrier means wrong
+        # results, which must not flow on. Not checkable inside a CUDA graph capture.
+        if not torch.cuda.is_current_stream_capturing() and err.item() != 0:
+            raise RuntimeError(
+                "fastbirnn triton: the multi-CTA grid barrier timed out (a CTA never "
+                f"arrived) in {kernel.fn.__name__} with grid {grid}; results are invalid. "
+                "Set fastbirnn.triton.launcher.FORCE_MULTICTA_MODE = 'step' to avoid it "
+                "and please report it."
+            )
+    else:
+        for s in range(steps):
+            kernel[grid](*full, s, s + 1, BARRIER_MAX_SPIN, **meta, PERSISTENT=False,
+                         num_warps=num_warps)
 
 
 def _num_warps(block_h: int) -> int:
@@ -144,9 +291,15 @@ def recurrence_forward(
     act = _ACTIVATIONS[nonlinearity]
     precision = _input_precision(Z)
     upcast = _upcast_dot(Z)
+    path = choose_path(H, B, Z.dtype, precision, Z.device)
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Z):
-        if not (uses_onchip(H, Z.dtype, precision) and _launch_onchip(
+        if path == "multicta":
+            state = torch.empty(2, D, B, H, device=Z.device, dtype=W_hh.dtype)
+            state[0].copy_(h0)
+            _run_multicta(forward_multicta_kernel, (Z, W_hh, lengths, Hs, state), T, D, B, H,
+                          Z, ACT=act, PRECISION=precision, UPCAST=upcast)
+        elif not (path == "onchip" and _launch_onchip(
             forward_onchip_kernel, grid, (Z, W_hh, h0, lengths, Hs, T, B, H), Z,
             ACT=act, PRECISION=precision, UPCAST=upcast,
             BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
@@ -178,9 +331,15 @@ def recurrence_backward(
     act = _ACTIVATIONS[nonlinearity]
     precision = _input_precision(Hs)
     upcast = _upcast_dot(Hs)
+    path = choose_path(H, B, Hs.dtype, precision, Hs.device)
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Hs):
-        if not (uses_onchip(H, Hs.dtype, precision) and _launch_onchip(
+        if path == "multicta":
+            state = torch.zeros(2, D, B, H, device=Hs.device, dtype=W_hh.dtype)
+            # T + 1 steps: the last one writes dh0.
+            _run_multicta(backward_multicta_kernel, (dHs, Hs, W_hh, lengths, dZ, dh0, state),
+                          T + 1, D, B, H, Hs, ACT=act, PRECISION=precision, UPCAST=upcast)
+        elif not (path == "onchip" and _launch_onchip(
             backward_onchip_kernel, grid, (dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H), Hs,
             ACT=act, PRECISION=precision, UPCAST=upcast,
             BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
