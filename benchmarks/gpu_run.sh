@@ -15,11 +15,14 @@
 #   bench.json, bench.png  python -m fastbirnn.bench --preset gpu (times, ratios, machine info)
 #   profile_summary.txt    kernel launches per call and time per kernel, FastBiRNN vs nn.RNN
 #   profile_traces.tar.gz  the Chrome traces of one training step of each contender
+#   paths.json             the Triton paths vs cuDNN (profile_gpu.py --paths): multi-CTA
+#                          persistent and step mode, single-CTA streamed/on-chip; bidirectional
+#                          T=256, H 512/1024, B 1/32, tf32 and bf16: ms, per-step us, ratios
 #
-# Knobs (environment): OUT, PYTHON (python3), GIT_COMMIT, STAGES ("info install tests bench
-# profile"; add "ncu" for an Nsight Compute report of the Triton kernels, a 9th file),
-# BENCH_PRESET (gpu), BENCH_ARGS, TESTS (tests), PYTEST_ARGS, TOTAL_S, T_INSTALL, T_TESTS,
-# T_BENCH, T_PROFILE, T_NCU (seconds), NCU (path of ncu).
+# Knobs (environment): OUT, PYTHON (python3), GIT_COMMIT, STAGES ("info install tests paths
+# bench profile"; add "ncu" for an Nsight Compute report of the Triton kernels, a 9th file),
+# BENCH_PRESET (gpu), BENCH_ARGS, TESTS (tests), PYTEST_ARGS, PATHS_ARGS, TOTAL_S, T_INSTALL,
+# T_TESTS, T_PATHS, T_BENCH, T_PROFILE, T_NCU (seconds), NCU (path of ncu).
 set -u
 set -o pipefail
 
@@ -30,14 +33,16 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 LOG=$OUT/gpu_run.log
 SUMMARY=$OUT/summary.txt
-STAGES=${STAGES:-"info install tests bench profile"}
+STAGES=${STAGES:-"info install tests paths bench profile"}
 BENCH_PRESET=${BENCH_PRESET:-gpu}
 BENCH_ARGS=${BENCH_ARGS:-}
 TESTS=${TESTS:-tests}
 PYTEST_ARGS=${PYTEST_ARGS:-}
-TOTAL_S=${TOTAL_S:-510}
+PATHS_ARGS=${PATHS_ARGS:-}
+TOTAL_S=${TOTAL_S:-540}
 T_INSTALL=${T_INSTALL:-150}
 T_TESTS=${T_TESTS:-150}
+T_PATHS=${T_PATHS:-130}
 T_BENCH=${T_BENCH:-200}
 T_PROFILE=${T_PROFILE:-60}
 T_NCU=${T_NCU:-90}
@@ -131,8 +136,19 @@ if has_stage tests; then
     timeout_plugin=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_plugin=(--timeout=120)
     # shellcheck disable=SC2086
+    # The ahead-of-time compile check (tests/test_triton_aot.py) is a CPU-side check that CI
+    # runs; it is left out here to keep the stage's time for the CUDA tests.
     run_stage tests "$T_TESTS" "$PY" -m pytest $TESTS -q --maxfail=10 -rfEs --durations=15 \
+        --ignore=tests/test_triton_aot.py \
         -p no:cacheprovider ${timeout_plugin[@]+"${timeout_plugin[@]}"} --junitxml="$OUT/junit.xml" $PYTEST_ARGS
+fi
+
+if has_stage paths; then
+    # Multi-CTA (persistent, step) vs single-CTA vs cuDNN; new shapes stop 30 s before the
+    # limit and paths.json is rewritten after every shape, so a timeout keeps what was measured.
+    # shellcheck disable=SC2086
+    run_stage paths "$T_PATHS" "$PY" "$REPO/benchmarks/profile_gpu.py" --paths \
+        --paths-budget $((T_PATHS - 30)) --out "$OUT" $PATHS_ARGS
 fi
 
 if has_stage bench; then
@@ -154,7 +170,7 @@ if has_stage ncu; then
     NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
     if [[ -n "$NCU" ]]; then
         run_stage ncu "$T_NCU" "$NCU" --target-processes all \
-            --kernel-name "regex:(forward|backward)_(onchip|streamed)_kernel" \
+            --kernel-name "regex:(forward|backward)_(onchip|streamed|multicta)_kernel" \
             --launch-skip 4 --launch-count 4 --set full --clock-control none \
             -f -o "$OUT/ncu_triton" \
             "$PY" "$REPO/benchmarks/profile_gpu.py" --shape 8,256,512,512:tf32 \
@@ -191,6 +207,22 @@ EOF
     if [[ -f "$OUT/bench.json" ]]; then
         echo
         timeout 60 "$PY" -m fastbirnn.bench --replot "$OUT/bench.json" -q 2>&1
+    fi
+    if [[ -f "$OUT/paths.json" ]]; then
+        echo
+        echo "triton paths vs cuDNN (train step; full data in paths.json):"
+        "$PY" - "$OUT/paths.json" <<'EOF'
+import json, sys
+for c in json.load(open(sys.argv[1]))["cases"]:
+    if "paths" not in c:
+        print(f"  {c.get('shape')} {c.get('dtype', '')}: {c.get('failed') or c.get('skipped')}")
+        continue
+    parts = [f"cuDNN {c['cudnn_ms']['train']:.2f} ms"]
+    for name, p in c["paths"].items():
+        parts.append(f"{name.replace('triton ', '')} {p['train_ms']:.2f} ms "
+                     f"{p['train_speedup_vs_cudnn']:.2f}x ({p['ran'].get('mode') or '-'})")
+    print(f"  {c['shape']} {c['dtype']}: " + "; ".join(parts))
+EOF
     fi
     if [[ -f "$OUT/profile_summary.txt" ]]; then
         echo

@@ -17,11 +17,23 @@ the top kernels by device time. On CPU there are no kernels: it lists the top op
 
 For hardware counters of the Triton kernels, run this script under Nsight Compute (ncu): see
 benchmarks/README.md.
+
+``--paths`` instead times the Triton recurrence's paths against cuDNN (bidirectional nn.RNN,
+same weights, interleaved, medians; forward under no_grad and a training step): the multi-CTA
+kernel in persistent mode (grid barrier) and in step mode (one launch per step), the
+single-CTA streamed kernel, and the on-chip one where it applies. Each is also checked against
+nn.RNN's output. Writes ``paths.json`` (machine, versions, commit, shapes, times, ratios,
+per-step microseconds, which mode really ran) into ``--out``::
+
+    python benchmarks/profile_gpu.py --paths --out prof/                 # default grid
+    python benchmarks/profile_gpu.py --paths --shape 16,256,1024,1024:bf16 --out prof/
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import tarfile
@@ -157,6 +169,130 @@ def profile_case(case: bm.Case, device, backends, iters: int, trace_dir: str, to
     return lines
 
 
+# --paths: bidirectional, T = 256, H 512-1024, small batches: the issue-13 target grid.
+PATH_SHAPES = [f"{b},256,{h},{h}:{dt}" for dt in ("tf32", "bf16") for h in (512, 1024)
+               for b in (1, 32)]
+# name -> (launcher.FORCE_PATH, launcher.FORCE_MULTICTA_MODE)
+TRITON_PATHS = {
+    "triton multicta persistent": ("multicta", "persistent"),
+    "triton multicta step": ("multicta", "step"),
+    "triton streamed (1 CTA)": ("streamed", None),
+    "triton onchip (1 CTA)": ("onchip", None),
+}
+
+
+@contextlib.contextmanager
+def _forced(path: str, mode):
+    from fastbirnn.triton import launcher
+
+    saved = launcher.FORCE_PATH, launcher.FORCE_MULTICTA_MODE
+    launcher.FORCE_PATH, launcher.FORCE_MULTICTA_MODE = path, mode
+    try:
+        yield
+    finally:
+        launcher.FORCE_PATH, launcher.FORCE_MULTICTA_MODE = saved
+
+
+def _with_path(fn, path, mode):
+    def run():
+        with _forced(path, mode):
+            fn()
+    return run
+
+
+def compare_paths(case: bm.Case, device, budget_s: float) -> dict:
+    """Times (ms), ratios (cuDNN time / path time) and output errors of every Triton path."""
+    from fastbirnn.triton import launcher
+
+    entry: dict = {"shape": case.shape, "dtype": case.dtype, "batch": case.batch,
+                   "seq": case.seq, "hidden": case.hidden, "bidirectional": True,
+                   "paths": {}, "skipped": {}}
+    dtype = bm.DTYPES[case.dtype][0]
+    with bm.precision(case.dtype):
+        precision = "tf32" if dtype == torch.float32 and launcher.use_tf32(device) else "ieee"
+        entry["auto_path"] = launcher.choose_path(case.hidden, case.batch, dtype, precision, device)
+        models = bm.build_models(case, device, [bm.BASELINE, "triton"])
+        base, fused = models[bm.BASELINE], models["triton"]
+        x, grad_out = bm.make_inputs(case, device)
+        with torch.no_grad():
+            want = base(x)[0].float()
+        fns = {(bm.BASELINE, "forward"): bm.forward_step(base, x),
+               (bm.BASELINE, "train"): bm.train_step(base, x, grad_out)}
+        for name, (path, mode) in TRITON_PATHS.items():
+            if path == "onchip" and not launcher.uses_onchip(case.hidden, dtype, precision):
+                entry["skipped"][name] = "hidden size above the on-chip limit"
+                continue
+            try:
+                launcher.LAST_MULTICTA.clear()
+                with _forced(path, mode), torch.no_grad():
+                    got = fused(x)[0].float()
+                bm.synchronize(device)
+                info = {"max_abs_err_vs_cudnn": (got - want).abs().max().item(),
+                        "ran": dict(launcher.LAST_MULTICTA)}
+            except Exception as error:  # record and keep the other paths
+                entry["skipped"][name] = f"{type(error).__name__}: {error}"[:300]
+                continue
+            entry["paths"][name] = info
+            fns[(name, "forward")] = _with_path(bm.forward_step(fused, x), path, mode)
+            fns[(name, "train")] = _with_path(bm.train_step(fused, x, grad_out), path, mode)
+        timings = bm.measure_interleaved(fns, device, warmup=2, min_rounds=3, max_rounds=9,
+                                         budget_s=budget_s)
+    base_ms = {m: timings[(bm.BASELINE, m)].median * 1e3 for m in ("forward", "train")}
+    entry["cudnn_ms"] = base_ms
+    for name, info in entry["paths"].items():
+        for m in ("forward", "train"):
+            ms = timings[(name, m)].median * 1e3
+            info[f"{m}_ms"] = ms
+            info[f"{m}_per_step_us"] = ms * 1e3 / case.seq
+            info[f"{m}_speedup_vs_cudnn"] = base_ms[m] / ms
+    del models, x, grad_out
+    return entry
+
+
+def run_paths(args, device) -> int:
+    from fastbirnn.triton import launcher
+
+    specs = args.shape or PATH_SHAPES
+    report = {
+        "machine": bm.machine_info(device),
+        "launcher": {"MULTICTA_MIN_HIDDEN": {str(k): v for k, v in
+                                             launcher.MULTICTA_MIN_HIDDEN.items()},
+                     "MULTICTA_MAX_BATCH": launcher.MULTICTA_MAX_BATCH,
+                     "MULTICTA_RESIDENT_ELEMENTS": {str(k): v for k, v in
+                                                    launcher.MULTICTA_RESIDENT_ELEMENTS.items()},
+                     "MULTICTA_BLOCK_K": launcher.MULTICTA_BLOCK_K,
+                     "MULTICTA_NUM_WARPS": launcher.MULTICTA_NUM_WARPS},
+        "note": "speedup = cuDNN nn.RNN median time / path median time (>1: path faster)",
+        "cases": [],
+    }
+    path = os.path.join(args.out or ".", "paths.json")
+    deadline = time.monotonic() + args.paths_budget
+    status = 0
+    for spec in specs:
+        case = parse_shape(spec)
+        if time.monotonic() > deadline:
+            report["cases"].append({"shape": spec, "skipped": "out of --paths-budget"})
+            continue
+        try:
+            entry = compare_paths(case, device, budget_s=args.case_budget)
+        except Exception as error:  # keep the other shapes
+            status = 1
+            entry = {"shape": spec, "failed": f"{type(error).__name__}: {error}"[:500]}
+        report["cases"].append(entry)
+        with open(path, "w") as f:  # after every case: a timeout keeps what was measured
+            json.dump(report, f, indent=1)
+        line = [f"{spec}: cuDNN {entry.get('cudnn_ms', {}).get('train', float('nan')):.2f} ms/train"]
+        for name, info in entry.get("paths", {}).items():
+            line.append(f"{name} {info.get('train_ms', float('nan')):.2f} ms "
+                        f"({info.get('train_speedup_vs_cudnn', float('nan')):.2f}x, "
+                        f"err {info['max_abs_err_vs_cudnn']:.1e}, ran {info['ran'].get('mode')})")
+        for name, why in entry.get("skipped", {}).items():
+            line.append(f"{name}: skipped ({why[:120]})")
+        print("\n    ".join(line), flush=True)
+    print(f"wrote {path}")
+    return status
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -169,11 +305,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for profile_summary.txt and the traces")
     p.add_argument("--bundle", action="store_true",
                    help="pack the Chrome traces into one profile_traces.tar.gz in --out")
+    p.add_argument("--paths", action="store_true",
+                   help="compare the Triton paths with cuDNN instead; writes paths.json")
+    p.add_argument("--paths-budget", type=float, default=100.0,
+                   help="--paths: seconds after which no new shape starts")
+    p.add_argument("--case-budget", type=float, default=2.0,
+                   help="--paths: timing seconds per shape")
     args = p.parse_args(argv)
 
     device = bm.default_device() if args.device == "auto" else torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.paths:
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+        return run_paths(args, device)
     specs = args.shape or DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"])
     cases = [parse_shape(s) for s in specs]
     backends = args.backends.split(",") if args.backends else None

@@ -543,12 +543,18 @@ def test_path_choice():
     assert launcher.choose_path(512, 8, torch.float32, "tf32", cpu) == "multicta"
     assert launcher.choose_path(1024, 64, torch.bfloat16, "ieee", cpu) == "multicta"
     assert launcher.choose_path(256, 8, torch.bfloat16, "ieee", cpu) == "onchip"
+    assert launcher.choose_path(1024, 65, torch.float32, "tf32", cpu) == "streamed"
     # The grid (D, K, NB) fills the SMs, one CTA each, and never exceeds them while it can.
-    for H, B in [(256, 1), (512, 16), (1024, 32), (1024, 64), (2048, 16)]:
-        cfg = launcher.multicta_config(H, B, 2, torch.float32, 132)
-        ctas = 2 * -(-H // cfg["BLOCK_N"]) * -(-B // cfg["BLOCK_B"])
-        assert ctas <= 132 or cfg["BLOCK_N"] == 128, (H, B, cfg)
-        assert cfg["BLOCK_N"] >= 16 and cfg["BLOCK_B"] >= 16 and cfg["BLOCK_K"] >= 16
+    for H, B in [(256, 1), (512, 16), (1024, 32), (1024, 64), (2048, 16), (4096, 64)]:
+        for dtype, precision in [(torch.float32, "tf32"), (torch.float32, "ieee"),
+                                 (torch.bfloat16, "ieee")]:
+            cfg = launcher.multicta_config(H, B, 2, dtype, 132, precision)
+            ctas = 2 * -(-H // cfg["BLOCK_N"]) * -(-B // cfg["BLOCK_B"])
+            assert ctas <= 132 or cfg["BLOCK_N"] == launcher.MULTICTA_MAX_BLOCK_N, (H, B, cfg)
+            assert min(cfg["BLOCK_N"], cfg["BLOCK_B"], cfg["BLOCK_K"]) >= 16
+            assert not (cfg["W_RESIDENT"] and precision == "ieee" and dtype == torch.float32)
+    assert launcher.multicta_config(1024, 16, 2, torch.float32, 132)["W_RESIDENT"]
+    assert launcher.multicta_config(512, 16, 2, torch.bfloat16, 132, "ieee")["W_RESIDENT"]
 
 
 def test_persistent_mode_refused_under_the_interpreter(multicta, monkeypatch):

@@ -63,12 +63,27 @@ STREAM_NUM_STAGES = 2
 # not apply. A placeholder from the per-step budget (see multicta's docstring): a GPU run of
 # benchmarks/gpu_run.sh should replace it with the measured crossover against "streamed".
 MULTICTA_MIN_HIDDEN = {torch.float32: 256, torch.float16: 256, torch.bfloat16: 256}
-# Largest W_hh block (bytes) a multi-CTA program keeps in registers; larger blocks are re-read
-# from L2 each step. Every configuration the launcher can choose is compiled for sm_80/sm_90
-# in tests/test_triton_aot.py (no spills, shared memory within the limit).
-MULTICTA_RESIDENT_BYTES = 32 * 1024
-MULTICTA_BLOCK_K = 64
-MULTICTA_NUM_WARPS = 4
+# ... and up to this batch size (the issue-13 target is B <= 32; larger batches make cuDNN's
+# per-step GEMMs efficient, and the grid would need wider hidden blocks).
+MULTICTA_MAX_BATCH = 64
+# The W_hh block stays on chip for the whole launch (W_RESIDENT) while the block plus the
+# state tile it multiplies, (BLOCK_N + BLOCK_B) * padded H, is at most this many elements
+# (Triton stages both dot operands in shared memory); otherwise the block is re-read from L2
+# in BLOCK_K-wide tiles every step. Exact fp32 (FMA dots, no tensor cores) always re-reads.
+# From compiling for sm_80/sm_90 (python -m fastbirnn.triton.aot): resident fp32 H=1024 with
+# BLOCK_N = BLOCK_B = 16 takes 160-190 registers and 128 KiB of shared memory, no spills; the
+# same in bf16 spills (so does anything larger). tests/test_triton_aot.py compiles every
+# configuration the launcher can choose for sm_80 and sm_90 and asserts no spills and shared
+# memory within the limit.
+MULTICTA_RESIDENT_ELEMENTS = {torch.float32: 32 * 1024, torch.float16: 24 * 1024,
+                              torch.bfloat16: 24 * 1024}
+MULTICTA_BLOCK_K = 32
+MULTICTA_MAX_BLOCK_B = 32
+MULTICTA_MAX_BLOCK_B_FP32_IEEE = 16  # FMA dots: 32-row tiles spill
+MULTICTA_MAX_BLOCK_N = 64  # 128-unit blocks spill
+MULTICTA_NUM_WARPS = 8
+# No software pipelining of the k loop: with 2 stages the streamed variant spills.
+MULTICTA_NUM_STAGES = 1
 # Polls of the grid barrier before it gives up, flags the error and stops waiting (~seconds:
 # a legitimate wait is one step, microseconds). The host then raises RuntimeError.
 BARRIER_MAX_SPIN = 1 << 22
@@ -76,6 +91,9 @@ BARRIER_MAX_SPIN = 1 << 22
 DEFAULT_NUM_SMS = 132
 
 # Test knobs, see the module docstring.
+# What the last multi-CTA launch ran ({"mode", "grid", config...}), for benchmarks.
+LAST_MULTICTA: dict = {}
+
 FORCE_PATH: "str | None" = None  # "onchip", "streamed" or "multicta"
 FORCE_MULTICTA_MODE: "str | None" = None  # "persistent" or "step"
 MULTICTA_OVERRIDES: dict = {}
@@ -129,7 +147,7 @@ def choose_path(H: int, B: int, dtype: torch.dtype, precision: str,
                 device: torch.device) -> str:
     """The one rule for which kernel runs: 'onchip', 'multicta' or 'streamed'.
 
-    ``B`` and ``device`` are unused until GPU measurements say where each path wins.
+    ``device`` is unused until GPU measurements say where each path wins.
     """
     if FORCE_PATH is not None:
         if FORCE_PATH not in ("onchip", "streamed", "multicta"):
@@ -137,24 +155,28 @@ def choose_path(H: int, B: int, dtype: torch.dtype, precision: str,
         return FORCE_PATH
     if uses_onchip(H, dtype, precision):
         return "onchip"
-    if H >= MULTICTA_MIN_HIDDEN[dtype]:
+    if H >= MULTICTA_MIN_HIDDEN[dtype] and B <= MULTICTA_MAX_BATCH:
         return "multicta"
     return "streamed"
 
 
-def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int) -> dict:
+def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int,
+                    precision: str = "tf32") -> dict:
     """Tiles of the multi-CTA kernels: the grid (D, K, NB) fits one CTA per SM if it can."""
-    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
+    exact_fp32 = dtype == torch.float32 and precision == "ieee"
+    max_b = MULTICTA_MAX_BLOCK_B_FP32_IEEE if exact_fp32 else MULTICTA_MAX_BLOCK_B
+    block_b = min(max_b, max(16, triton.next_power_of_2(B)))
     nb = triton.cdiv(B, block_b)
     block_n = 16
-    while block_n < 128 and D * triton.cdiv(H, block_n) * nb > num_sms:
+    while block_n < MULTICTA_MAX_BLOCK_N and D * triton.cdiv(H, block_n) * nb > num_sms:
         block_n *= 2
     block_h = _hidden_block(H)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    resident = (block_n + block_b) * block_h <= MULTICTA_RESIDENT_ELEMENTS[dtype] and not exact_fp32
     config = dict(
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(MULTICTA_BLOCK_K, block_h),
-        BLOCK_H=block_h, W_RESIDENT=block_n * block_h * itemsize <= MULTICTA_RESIDENT_BYTES,
-        num_warps=MULTICTA_NUM_WARPS,
+        # Only the resident variant uses BLOCK_H: one compiled kernel per k-tiled config.
+        BLOCK_H=block_h if resident else 16, W_RESIDENT=resident,
+        num_warps=MULTICTA_NUM_WARPS, num_stages=MULTICTA_NUM_STAGES,
     )
     config.update(MULTICTA_OVERRIDES)
     return config
@@ -196,8 +218,9 @@ def _run_multicta(kernel, args, steps: int, D: int, B: int, H: int, x: torch.Ten
     """Launch a multi-CTA kernel over ``steps`` steps, persistent when the grid can be
     co-resident, else one launch per step. ``args`` end where (COUNTERS, ERR, T, B, H, ...)
     start."""
-    config = multicta_config(H, B, D, x.dtype, _num_sms(x.device))
+    config = multicta_config(H, B, D, x.dtype, _num_sms(x.device), meta["PRECISION"])
     num_warps = config.pop("num_warps")
+    num_stages = config.pop("num_stages")
     meta.update(config)
     grid = (D, triton.cdiv(H, config["BLOCK_N"]), triton.cdiv(B, config["BLOCK_B"]))
     mode = FORCE_MULTICTA_MODE
@@ -213,13 +236,16 @@ def _run_multicta(kernel, args, steps: int, D: int, B: int, H: int, x: torch.Ten
     T = args[0].shape[0]
     full = (*args, counters, err, T, B, H)
     if mode is None:
-        probe = dict(meta, PERSISTENT=True, num_warps=num_warps)
+        probe = dict(meta, PERSISTENT=True, num_warps=num_warps, num_stages=num_stages)
         fits = _persistent_fits(kernel, grid, (*full, 0, steps, BARRIER_MAX_SPIN), probe,
                                 x.device)
         mode = "persistent" if fits else "step"
+    LAST_MULTICTA.clear()
+    LAST_MULTICTA.update(meta, mode=mode, grid=grid, num_warps=num_warps,
+                         num_stages=num_stages)
     if mode == "persistent":
         kernel[grid](*full, 0, steps, BARRIER_MAX_SPIN, **meta, PERSISTENT=True,
-                     num_warps=num_warps)
+                     num_warps=num_warps, num_stages=num_stages)
         # Checked at once (one sync per layer and pass): a timed-out barrier means wrong
         # results, which must not flow on. Not checkable inside a CUDA graph capture.
         if not torch.cuda.is_current_stream_capturing() and err.item() != 0:
@@ -232,7 +258,7 @@ def _run_multicta(kernel, args, steps: int, D: int, B: int, H: int, x: torch.Ten
     else:
         for s in range(steps):
             kernel[grid](*full, s, s + 1, BARRIER_MAX_SPIN, **meta, PERSISTENT=False,
-                         num_warps=num_warps)
+                         num_warps=num_warps, num_stages=num_stages)
 
 
 def _num_warps(block_h: int) -> int:

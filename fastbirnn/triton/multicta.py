@@ -35,18 +35,28 @@ Double-buffer safety: a CTA writes ``BUF[(s+1)%2]`` at step s while others may s
 ``BUF[s%2]``; it writes ``BUF[s%2]`` again only at step s+1, after the barrier that every CTA
 of its group reaches only once done reading step s.
 
-Per-step budget (H100/H200 SXM estimates, not measurements; ``python -m
-fastbirnn.triton.multicta`` prints them for other shapes). Per CTA and step: read the
-group's state ``BLOCK_B * H * bytes`` from L2 (plus the W block when not resident), the
-Z/dHs/Hs tiles ``BLOCK_N * BLOCK_B`` from HBM/L2, write ``2 * BLOCK_N * BLOCK_B``; one
-barrier ~ 1-2 us (release atomic to L2, acquire polls at L2 latency ~0.6-1 us). At
-H = 1024, B = 16, fp32, 2 directions, BLOCK_N = 16 (K = 64 CTAs per direction, 128 CTAs,
-W block 64 KiB resident): state 64 KiB per CTA, 8 MiB per step over the GPU's ~5.5 TB/s
-of L2 -> ~1.5 us; FLOPs 2*2*16*1024^2 = 67 MFLOP -> < 0.2 us on TF32 tensor cores; so
-~3-4 us per step with the barrier, ~0.8-1 ms for T = 256 forward. cuDNN's STANDARD
-algorithm there launches a [16 x 1024] x [1024 x 1024] GEMM per step and direction
-(~8-10 us each with launch gaps): ~2-2.5 ms. bf16 halves the state bytes (~1 us + barrier).
-H = 512: K = 32, state 32 KiB per CTA, ~2-3 us per step, barrier-bound.
+Per-step budget (H100/H200 SXM estimates, not measurements: ``python -m
+fastbirnn.triton.multicta`` prints the table from ``step_budget``). Per CTA and step: read its
+group's previous state, BLOCK_B * H elements, from L2 (plus its W block, BLOCK_N * H, when not
+resident), Z/dHs/Hs tiles of BLOCK_N * BLOCK_B, then one barrier. Assumed: ~5.5 TB/s of L2
+bandwidth over the GPU, mma.sync at about half the tensor-core peak, ~1.5 us per barrier
+(release atomic to L2, acquire polls at L2 latency, arrival skew). Bidirectional, forward step:
+
+    H     B   dtype  CTAs  W on chip  KiB/CTA  MiB/step  us L2  us step  T=256 fwd
+    512   16  fp32    64   yes          35       2.2     0.4     1.9     0.49 ms
+    1024  16  fp32   128   yes          67       8.4     1.6     3.1     0.79 ms
+    1024  32  fp32   128   no          198      24.8     4.7     6.2     1.59 ms
+    512   16  bf16    64   yes          18       1.1     0.2     1.7     0.44 ms
+    1024  16  bf16   128   no           66       8.2     1.6     3.1     0.78 ms
+    1024  32  bf16   128   no           99      12.4     2.4     3.9     0.99 ms
+
+The backward step moves the same bytes (dz instead of h) plus one tile more. Up to H = 1024
+and B = 16 a step is barrier-bound (the arithmetic is < 0.3 us); above, L2-bound. cuDNN's
+STANDARD algorithm (H > 384) launches one [B x H] x [H x H] GEMM per step and direction,
+~5-10 us each with launch gaps, i.e. ~2.5-5 ms for T = 256 forward at H = 1024: the 2x
+target needs the barrier at or below ~1.5-2 us. For comparison, a public persistent Triton GRU
+with this kind of barrier ran 2x slower than cuDNN at T 64, B 32, H 512 fp32: only the GPU run
+(benchmarks/gpu_run.sh, stage ``paths``) can say which side of the line this kernel is.
 """
 
 from __future__ import annotations
@@ -70,7 +80,7 @@ def _grid_barrier(counter, target, ok, MAX_SPIN):
     tl.atomic_add(counter, 1, sem="release", scope="gpu")
     limit = tl.where(ok, MAX_SPIN, 0)
     seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    spins = 0
+    spins = limit * 0  # an i32 tensor from the start: loop-carried types must not change
     while (seen < target) & (spins < limit):
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         spins += 1
@@ -192,7 +202,7 @@ def forward_multicta_kernel(
     W_blk = W + d.to(tl.int64) * H * H
     w = _load_w_block(W_blk, rn, rn < H, H, 1, H, BLOCK_H, W_RESIDENT)
     counter = COUNTERS + d * tl.num_programs(2) + tl.program_id(2)
-    ok = True
+    ok = tl.program_id(0) >= 0  # a scalar i1 tensor (True), not a constexpr
     for s in range(S_BEGIN, S_END):
         _forward_tile(s, w, Z, W_blk, LENGTHS, HS, BUF, T, B, H, d, D, rn, rb,
                       ACT, PRECISION, UPCAST, BLOCK_K, BLOCK_H, W_RESIDENT)
@@ -220,7 +230,7 @@ def backward_multicta_kernel(
     W_blk = W + d.to(tl.int64) * H * H
     w = _load_w_block(W_blk, rn, rn < H, H, H, 1, BLOCK_H, W_RESIDENT)
     counter = COUNTERS + d * tl.num_programs(2) + tl.program_id(2)
-    ok = True
+    ok = tl.program_id(0) >= 0  # a scalar i1 tensor (True), not a constexpr
     for s in range(S_BEGIN, S_END):
         _backward_tile(s, w, DHS, HS, W_blk, LENGTHS, DZ, DH0, BUF, T, B, H, d, D, rn, rb,
                        ACT, PRECISION, UPCAST, BLOCK_K, BLOCK_H, W_RESIDENT)
@@ -229,3 +239,52 @@ def backward_multicta_kernel(
                 ok = _grid_barrier(counter, K * (s + 1 - S_BEGIN), ok, MAX_SPIN)
     if PERSISTENT:
         tl.atomic_max(ERR, tl.where(ok, 0, 1))
+
+
+# --- the per-step budget (an estimate: only a GPU run measures) -------------------------------
+
+# H100/H200 SXM: L2 -> SM bandwidth (aggregate, sustained), dense TF32 / bf16 tensor-core
+# FLOP/s through mma.sync (about half of wgmma's peak), one grid barrier (release atomic at
+# L2 + acquire polls at L2 latency + arrival skew).
+L2_BYTES_PER_S = 5.5e12
+MMA_FLOPS = {4: 250e12, 2: 500e12}
+BARRIER_US = 1.5
+
+
+def step_budget(H: int, B: int, dtype, precision: str = "tf32", D: int = 2,
+                num_sms: int = 132) -> dict:
+    """Bytes and estimated microseconds of one forward step of the multi-CTA kernel."""
+    import torch
+
+    from fastbirnn.triton import launcher
+
+    cfg = launcher.multicta_config(H, B, D, dtype, num_sms, precision)
+    item = torch.empty((), dtype=dtype).element_size()
+    K, NB = triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(B, cfg["BLOCK_B"])
+    ctas = D * K * NB
+    state = cfg["BLOCK_B"] * H * item  # the group's previous state, from L2
+    weights = 0 if cfg["W_RESIDENT"] else cfg["BLOCK_N"] * H * item
+    io = 3 * cfg["BLOCK_N"] * cfg["BLOCK_B"] * item  # Z in, h to BUF and HS
+    total = ctas * (state + weights + io)
+    flops = 2 * D * H * H * max(B, 16)
+    exact = dtype == torch.float32 and precision == "ieee"
+    us_mem = total / L2_BYTES_PER_S * 1e6
+    us_math = flops / (MMA_FLOPS[item] / (8 if exact else 1)) * 1e6
+    return dict(H=H, B=B, dtype=str(dtype).replace("torch.", ""), precision=precision,
+                ctas=ctas, resident=cfg["W_RESIDENT"], kib_per_cta=(state + weights + io) / 1024,
+                mib_per_step=total / 2**20, us_l2=us_mem, us_math=us_math,
+                us_barrier=BARRIER_US, us_step=max(us_mem, us_math) + BARRIER_US)
+
+
+if __name__ == "__main__":  # python -m fastbirnn.triton.multicta: the budget table
+    import torch
+
+    print(f"{'H':>5} {'B':>3} {'dtype':>9} {'CTAs':>4} {'W on chip':>9} {'KiB/CTA':>8} "
+          f"{'MiB/step':>8} {'us L2':>6} {'us math':>7} {'us step':>7} {'T=256 fwd ms':>12}")
+    for dtype, precision in ((torch.float32, "tf32"), (torch.bfloat16, "ieee")):
+        for H in (512, 1024, 2048):
+            for B in (1, 16, 32, 64):
+                r = step_budget(H, B, dtype, precision)
+                print(f"{H:5d} {B:3d} {r['dtype']:>9} {r['ctas']:4d} {str(r['resident']):>9} "
+                      f"{r['kib_per_cta']:8.1f} {r['mib_per_step']:8.2f} {r['us_l2']:6.2f} "
+                      f"{r['us_math']:7.2f} {r['us_step']:7.2f} {r['us_step'] * 256 / 1e3:12.2f}")
