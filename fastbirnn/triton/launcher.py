@@ -14,6 +14,14 @@ device) picks one:
   (persistent mode), or one launch per step (step mode: the interpreter, and GPUs on which the
   grid cannot be co-resident). ``MULTICTA_MIN_HIDDEN`` is a placeholder until GPU timings.
 
+The persistent multi-CTA kernel's barrier gives up after ``BARRIER_MAX_SPIN`` polls and sets
+an error flag instead of hanging; the host reads the flag right after the launch (one
+synchronisation per layer and pass, skipped inside CUDA graph capture) and raises
+RuntimeError: a deferred check would let wrong results flow on. Persistent mode runs only
+when the compiled kernel's registers, shared memory and threads let the whole grid be
+co-resident on the device (``_max_coresident_ctas``); otherwise, or if that cannot be
+checked, the same kernel runs one launch per step.
+
 Test knobs (module attributes, read once per call, not per step): ``FORCE_PATH`` forces a
 path, ``FORCE_MULTICTA_MODE`` forces 'persistent' or 'step', ``MULTICTA_OVERRIDES`` overrides
 fields of the multi-CTA configuration (e.g. ``{"BLOCK_K": 16, "W_RESIDENT": False}``).
@@ -27,6 +35,7 @@ The interpreter (CPU tensors) always uses "ieee".
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import triton
@@ -208,6 +217,13 @@ def _persistent_fits(kernel, grid, args, meta, device) -> bool:
             compiled = kernel.warmup(*args, grid=grid, **meta)
             fits = grid[0] * grid[1] * grid[2] <= _max_coresident_ctas(compiled, device)
         except OutOfResources:
+            fits = False
+        except Exception as error:  # noqa: BLE001 - an API this triton lacks: never guess
+            warnings.warn(
+                f"fastbirnn triton: could not check that the multi-CTA grid {grid} is "
+                f"co-resident ({type(error).__name__}: {error}); running it one launch per "
+                "step instead", RuntimeWarning, stacklevel=2,
+            )
             fits = False
         _PERSISTENT_FITS[key] = fits
     return _PERSISTENT_FITS[key]
