@@ -183,11 +183,11 @@ def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int,
     resident = (block_n + block_b) * block_h <= MULTICTA_RESIDENT_ELEMENTS[dtype] and not exact_fp32
     config = dict(
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(MULTICTA_BLOCK_K, block_h),
-        # Only the resident variant uses BLOCK_H: one compiled kernel per k-tiled config.
-        BLOCK_H=block_h if resident else 16, W_RESIDENT=resident,
-        num_warps=MULTICTA_NUM_WARPS, num_stages=MULTICTA_NUM_STAGES,
+        W_RESIDENT=resident, num_warps=MULTICTA_NUM_WARPS, num_stages=MULTICTA_NUM_STAGES,
     )
     config.update(MULTICTA_OVERRIDES)
+    # Only the resident variant uses BLOCK_H: one compiled kernel per k-tiled config.
+    config["BLOCK_H"] = block_h if config["W_RESIDENT"] else 16
     return config
 
 

@@ -1,0 +1,64 @@
+"""Property-based differential test of the multi-CTA Triton path (step mode, interpreter).
+
+The configuration space of tests/test_properties.py (layers, layouts, lengths, grad modes,
+dropout, NaN/inf, repeated calls) with the path forced to 'multicta' and its tiling drawn
+too: hidden blocks, batch tiles, k tiles, W block resident or re-read. Each draw is checked
+against nn.RNN with the same weights. On CUDA the persistent mode runs instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+# Like tests/test_properties.py, whose strategies and checks this reuses.
+pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import test_properties as props  # noqa: E402
+from fastbirnn import available_backends  # noqa: E402
+
+EXAMPLES = {"ci": 12, "deep": 300}[props.PROFILE]
+
+
+@contextlib.contextmanager
+def _multicta(overrides: dict):
+    from fastbirnn.triton import launcher
+
+    saved = launcher.FORCE_PATH, launcher.MULTICTA_OVERRIDES
+    launcher.FORCE_PATH, launcher.MULTICTA_OVERRIDES = "multicta", overrides
+    try:
+        yield
+    finally:
+        launcher.FORCE_PATH, launcher.MULTICTA_OVERRIDES = saved
+
+
+TILINGS = st.fixed_dictionaries({
+    "BLOCK_N": st.sampled_from([16, 32]),
+    "BLOCK_B": st.sampled_from([16, 32]),
+    "BLOCK_K": st.sampled_from([16, 32]),
+    "W_RESIDENT": st.booleans(),
+})
+
+
+@pytest.mark.skipif(available_backends().get("triton") is not None,
+                    reason=f"triton unavailable: {available_backends().get('triton')}")
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=props.PROFILE == "ci",
+    database=None if props.PROFILE == "ci" else settings.default.database,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    config=props.configs(max_work=40_000, max_layers=2, max_seq=5, max_batch=40, max_hidden=70,
+                         dtypes=(torch.float32,)),
+    tiling=TILINGS,
+)
+def test_triton_multicta_matches_nn_rnn(config, tiling):
+    with _multicta(tiling):
+        props.check_against_nn_rnn(config, "triton")
