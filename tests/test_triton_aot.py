@@ -3,7 +3,8 @@
 Every configuration the launcher can choose (``fastbirnn.triton.aot.launcher_configurations``)
 is compiled with Triton's bundled toolchain for A100 (sm_80) and H100/H200 (sm_90), forward
 and backward, persistent variant: no register spills, shared memory within the architecture's
-limit, at least one CTA per SM by registers. A subprocess, because the interpreter
+limit, at least one CTA per SM by registers, and the grid barrier compiled to a release
+arrival and acquire reads (no volatile loads). A subprocess, because the interpreter
 (TRITON_INTERPRET=1, set for the other triton tests without a GPU) replaces the kernels that
 ``triton.compile`` needs.
 """
@@ -65,3 +66,11 @@ def test_no_spills_and_shared_memory_fits(aot_results, arch):
     bad = [r for r in rows if r["spill_stores"] or r["shared"] > SHARED_LIMIT[arch]
            or r["ctas_per_sm_by_regs"] < 1]
     assert not bad, json.dumps(bad, indent=1)
+
+
+def test_barrier_compiles_to_release_arrive_and_acquire_spin(aot_results):
+    """The grid barrier keeps its memory semantics through the compiler: a release atomic
+    arrival and acquire reads at GPU scope in the PTX, and no volatile loads."""
+    bad = [r for r in aot_results
+           if not r["release_arrivals"] or not r["acquire_reads"] or r["volatile_loads"]]
+    assert not bad, json.dumps(bad[:3], indent=1)

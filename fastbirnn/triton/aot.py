@@ -98,6 +98,20 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     return {"registers": regs, "spill_stores": stores, "spill_loads": loads}
 
 
+def _barrier_semantics(ptx: str) -> dict:
+    """The grid barrier as compiled: release arrivals (``red``/``atom`` ... ``.release`` ...
+    ``add``) and acquire reads (``ld.acquire`` or an acquire atomic) at GPU scope, and no
+    volatile loads (``ld.volatile`` is not an acquire)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    release = [x for x in lines if re.search(r"\b(red|atom)\.", x) and ".release" in x
+               and ".add" in x and ".gpu" in x]
+    acquire = [x for x in lines if re.search(r"\b(ld|atom)\.", x) and ".acquire" in x
+               and ".gpu" in x]
+    volatile = [x for x in lines if re.search(r"\bld\.volatile", x)]
+    return {"release_arrivals": len(release), "acquire_reads": len(acquire),
+            "volatile_loads": len(volatile)}
+
+
 def compile_config(cfg: dict, arch: int, backward: bool) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -120,12 +134,15 @@ def compile_config(cfg: dict, arch: int, backward: bool) -> dict:
     num_stages = cfg.get("num_stages", launcher.MULTICTA_NUM_STAGES)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    usage = _ptxas_usage(compiled.asm["ptx"], arch)
+    ptx = compiled.asm["ptx"]
+    usage = _ptxas_usage(ptx, arch)
+    usage.update(_barrier_semantics(ptx))
     usage.update(shared=compiled.metadata.shared, num_warps=num_warps, num_stages=num_stages)
     regs_per_warp = -(-usage["registers"] * 32 // 256) * 256
     usage["ctas_per_sm_by_regs"] = REGISTERS_PER_SM // (regs_per_warp * num_warps)
     usage["ok"] = (usage["spill_stores"] == 0 and usage["shared"] <= SHARED_LIMIT[arch]
-                   and usage["ctas_per_sm_by_regs"] >= 1)
+                   and usage["ctas_per_sm_by_regs"] >= 1 and usage["release_arrivals"] > 0
+                   and usage["acquire_reads"] > 0 and usage["volatile_loads"] == 0)
     del fn
     return usage
 
