@@ -478,6 +478,8 @@ MULTICTA_CASES = [
 @pytest.mark.parametrize("config", MULTICTA_CONFIGS, ids=str)
 @pytest.mark.parametrize("case", MULTICTA_CASES, ids=str)
 def test_module_parity_multicta(case, config, device, exact_fp32, multicta, monkeypatch):
+    if device.type == "cuda" and config == "streamedK16":
+        pytest.skip("tile boundaries are the interpreter's job; on CUDA: the launch modes")
     monkeypatch.setattr(multicta, "MULTICTA_OVERRIDES", MULTICTA_CONFIGS[config])
     check_module_parity(case, device)
 

@@ -3,7 +3,7 @@
 The configuration space of tests/test_properties.py (layers, layouts, lengths, grad modes,
 dropout, NaN/inf, repeated calls) with the path forced to 'multicta' and its tiling drawn
 too: hidden blocks, batch tiles, k tiles, W block resident or re-read. Each draw is checked
-against nn.RNN with the same weights. On CUDA the persistent mode runs instead.
+against nn.RNN with the same weights. CPU tensors only: it runs where the interpreter does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import test_properties as props  # noqa: E402
-from fastbirnn import available_backends  # noqa: E402
+from fastbirnn import available_backends, backends  # noqa: E402
 
 EXAMPLES = {"ci": 12, "deep": 300}[props.PROFILE]
 
@@ -46,6 +46,9 @@ TILINGS = st.fixed_dictionaries({
 
 @pytest.mark.skipif(available_backends().get("triton") is not None,
                     reason=f"triton unavailable: {available_backends().get('triton')}")
+@pytest.mark.skipif(not backends.triton_interpreter_enabled(),
+                    reason="CPU tensors need the Triton interpreter; on a GPU the CUDA tests of "
+                    "test_triton.py run the multi-CTA path")
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
