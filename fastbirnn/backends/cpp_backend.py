@@ -1,4 +1,4 @@
-"""The fused C++ CPU backend, ``'cpp'`` (``csrc/birnn.cpp``, built into ``fastbirnn._C``).
+"""The fused C++ CPU backend, ``'cpp'`` (``csrc/engine.cpp`` with its cell ``csrc/cell_elman.h``, built into ``fastbirnn._C``).
 
 The whole layer stack runs as one op, ``torch.ops.fastbirnn_cpp.stack``, with its autograd
 node in C++ (one node for all layers and both directions) and fake kernels below, so

@@ -1,13 +1,25 @@
-// Fused bidirectional Elman RNN for CPU: the whole layer stack in one call.
+// Fused bidirectional RNN for CPU, the engine: the whole layer stack in one call.
 //
-// Forward, per layer: the input projection and the recurrence of each direction run on their
-// own thread (direction d = thread d), each step one small GEMM into the output buffer plus a
-// fused bias + activation. Backward: BPTT per direction from the saved outputs (no saved
-// pre-activations), then big GEMMs over all steps for dW_ih, dW_hh, db and dX.
+// The engine owns everything that does not depend on the cell: the thread team, the split of
+// hidden units into column blocks, the per-step barrier, the GEMMs, layouts, lengths, both
+// directions, the layer stack and the backward's structure. The cell (cell_elman.h) is the
+// pointwise step and its derivative.
 //
-// Determinism: every GEMM is a single-threaded BLAS call on a block whose shape depends only
-// on the problem, never on the thread count, so results are bit-identical for any
-// torch.get_num_threads() (multi-threaded MKL splits long reductions differently per count).
+// Parallelism comes from the machine, not from the number of directions: each direction's
+// hidden units are split into fixed column blocks, both directions' blocks interleaved and
+// dealt round-robin to a team of up to torch.get_num_threads() workers (engine_team.h). Each
+// worker keeps its blocks for the whole sequence (so its slice of W_hh stays in its core's
+// cache) and the team meets at one spinning barrier per step.
+//
+// Forward, per layer: input projection X [W_ih^f; W_ih^r]^T as fixed row-block GEMM tasks,
+// then the recurrence, each step one small GEMM per block (h_{t-1} W_hh[block]^T) with the
+// cell fused in. Backward: BPTT per block from the saved outputs (no saved pre-activations):
+// each step first carry[block] = dz_{t+1} W_hh[:, block], then dz_t[block] from the cell;
+// then weight and input gradients as fixed GEMM tasks over all steps.
+//
+// Determinism: every product is a single-threaded BLAS call (or register-blocked loop) on a
+// block whose shape depends only on the problem, never on the thread count, and no sum is
+// ever split across workers, so results are bit-identical for any torch.get_num_threads().
 //
 // Layout: activations are "rows" of width D*H; row (t, b) sits at t*st + b*sb, with
 // (st, sb) = (B, 1) for time-major input and (1, T) for batch_first, so batch_first needs
@@ -15,7 +27,6 @@
 
 #include <torch/extension.h>
 #include <torch/library.h>
-#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -26,283 +37,24 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
-#define FASTBIRNN_X86 1
-#include <immintrin.h>
-#endif
-
-#if defined(__GNUC__) && !defined(__APPLE__)
-#define FASTBIRNN_WEAK __attribute__((weak))
-#else
-#define FASTBIRNN_WEAK
-#endif
-
-// BLAS and vector math come from libtorch_cpu itself (MKL and SLEEF are linked into it).
-// Weak references: if a build lacks them we fall back to plain loops instead of failing.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) FASTBIRNN_WEAK;
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) FASTBIRNN_WEAK;
-// MKL's C entry point (the lowercase symbol is the Fortran one, taking a pointer).
-int MKL_Set_Num_Threads_Local(int) FASTBIRNN_WEAK;
-#ifdef FASTBIRNN_X86
-__m512 Sleef_tanhf16_u10(__m512) FASTBIRNN_WEAK;
-__m512d Sleef_tanhd8_u10(__m512d) FASTBIRNN_WEAK;
-__m256 Sleef_tanhf8_u10avx2(__m256) FASTBIRNN_WEAK;
-__m256d Sleef_tanhd4_u10avx2(__m256d) FASTBIRNN_WEAK;
-#endif
-}
+#include "cell_elman.h"
+#include "engine_blas.h"
+#include "engine_team.h"
 
 namespace fastbirnn {
 namespace {
 
 using at::Tensor;
 
-bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
-// Pins MKL to one thread in this scope; BLAS calls inside parallel regions and the inline
-// (1-thread) path then compute identically.
-struct SingleThreadedBlas {
-  int previous = 0;
-  SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
-  }
-};
-
-template <typename T>
-void blas(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha,
-          const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c,
-          const int* ldc);
-template <>
-void blas<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                 const float* alpha, const float* a, const int* lda, const float* b,
-                 const int* ldb, const float* beta, float* c, const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <>
-void blas<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                  const double* alpha, const double* a, const int* lda, const double* b,
-                  const int* ldb, const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C. BLAS is column-major, so this is the
-// column-major product C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
-    return;
-  }
-  if (have_blas()) {
-    TORCH_CHECK(std::max({M, N, K, lda, ldb, ldc}) <= INT32_MAX,
-                "fastbirnn cpp: tensor too large for 32-bit BLAS");
-    const int m = int(M), n = int(N), k = int(K), la = int(lda), lb = int(ldb), lc = int(ldc);
-    const T one(1);
-    blas<T>(trans_b ? "T" : "N", trans_a ? "T" : "N", &n, &m, &k, &one, B, &lb, A, &la, &beta, C,
-            &lc);
-    return;
-  }
-  // Plain loops: only for a torch built without an exported BLAS; correct, not fast.
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < N; ++j) {
-      T acc(0);
-      for (int64_t p = 0; p < K; ++p) {
-        const T a = trans_a ? A[p * lda + i] : A[i * lda + p];
-        const T b = trans_b ? B[j * ldb + p] : B[p * ldb + j];
-        acc += a * b;
-      }
-      C[i * ldc + j] = acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
-    }
-  }
-}
-
-// Small products C[M,N] (+)= A[M,K] B[K,N] with B contiguous: a BLAS call costs more than the
-// arithmetic for the tiny hidden sizes here. The axpy form vectorises over N without
-// reordering any sum, so results stay deterministic.
-template <typename T>
-void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
-                      T* C, int64_t ldc) {
-  for (int64_t i = 0; i < M; ++i) {
-    T* __restrict__ c = C + i * ldc;
-    if (beta == T(0)) std::fill(c, c + N, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = A[i * lda + k];
-      const T* __restrict__ b = B + k * N;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
-}
-
-#ifdef FASTBIRNN_X86
-// The same axpy form for float with N <= 64 on AVX-512: a row of C stays in NV registers for
-// the whole k loop (the portable loops load and store C at every k, at SSE width).
-template <int NV>
-__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t M, int64_t N, int64_t K,
-                                                          const float* A, int64_t lda,
-                                                          const float* B, float beta, float* C,
-                                                          int64_t ldc) {
-  __mmask16 mask[NV];
-  for (int v = 0; v < NV; ++v) {
-    const int64_t left = std::min<int64_t>(16, N - 16 * v);
-    mask[v] = __mmask16(left >= 16 ? 0xFFFFu : (1u << left) - 1);
-  }
-  for (int64_t i = 0; i < M; ++i) {
-    float* c = C + i * ldc;
-    __m512 acc[NV];
-    for (int v = 0; v < NV; ++v)
-      acc[v] = beta == 0.f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[v], c + 16 * v);
-    const float* a = A + i * lda;
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 ak = _mm512_set1_ps(a[k]);
-      const float* b = B + k * N;
-      for (int v = 0; v < NV; ++v)
-        acc[v] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(mask[v], b + 16 * v), acc[v]);
-    }
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + 16 * v, mask[v], acc[v]);
-  }
-}
-
-const bool kHaveAvx512 = [] {
-  __builtin_cpu_init();
-  return bool(__builtin_cpu_supports("avx512f"));
-}();
-#endif
-
-template <typename T>
-void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
-                T* C, int64_t ldc) {
-#ifdef FASTBIRNN_X86
-  if constexpr (std::is_same_v<T, float>) {
-    if (kHaveAvx512 && N <= 64) {
-      switch ((N + 15) / 16) {
-        case 1: return small_gemm_avx512<1>(M, N, K, A, lda, B, beta, C, ldc);
-        case 2: return small_gemm_avx512<2>(M, N, K, A, lda, B, beta, C, ldc);
-        case 3: return small_gemm_avx512<3>(M, N, K, A, lda, B, beta, C, ldc);
-        case 4: return small_gemm_avx512<4>(M, N, K, A, lda, B, beta, C, ldc);
-      }
-    }
-  }
-#endif
-  small_gemm_loops<T>(M, N, K, A, lda, B, beta, C, ldc);
-}
-
-// Hidden sizes up to this use small_gemm for the per-step products.
-constexpr int64_t kSmallHidden = 64;
-// Input projections over at most this many rows (T*B) skip BLAS when the sizes are small too.
-constexpr int64_t kSmallRows = 256;
-
-// out[c, r] = in[r, c] for a small row-major [R, C] matrix.
-template <typename T>
-void transpose(const T* in, int64_t R, int64_t C, T* out) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) out[c * R + r] = in[r * C + c];
-}
-
-// ---- tanh, vectorised with the same SLEEF routines (1-ulp) that ATen's tanh uses ----------
-
-#ifdef FASTBIRNN_X86
-__attribute__((target("avx512f"))) void tanh_avx512(float* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, Sleef_tanhf16_u10(_mm512_loadu_ps(p + i)));
-  if (i < n) {
-    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(p + i, m, Sleef_tanhf16_u10(_mm512_maskz_loadu_ps(m, p + i)));
-  }
-}
-__attribute__((target("avx512f"))) void tanh_avx512(double* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm512_storeu_pd(p + i, Sleef_tanhd8_u10(_mm512_loadu_pd(p + i)));
-  if (i < n) {
-    const __mmask8 m = __mmask8((1u << (n - i)) - 1);
-    _mm512_mask_storeu_pd(p + i, m, Sleef_tanhd8_u10(_mm512_maskz_loadu_pd(m, p + i)));
-  }
-}
-__attribute__((target("avx2,fma"))) void tanh_avx2(float* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, Sleef_tanhf8_u10avx2(_mm256_loadu_ps(p + i)));
-  if (i < n) {  // the tail goes through the same routine, via a padded copy
-    alignas(32) float tail[8] = {0};
-    std::memcpy(tail, p + i, sizeof(float) * (n - i));
-    _mm256_store_ps(tail, Sleef_tanhf8_u10avx2(_mm256_load_ps(tail)));
-    std::memcpy(p + i, tail, sizeof(float) * (n - i));
-  }
-}
-__attribute__((target("avx2,fma"))) void tanh_avx2(double* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(p + i, Sleef_tanhd4_u10avx2(_mm256_loadu_pd(p + i)));
-  if (i < n) {
-    alignas(32) double tail[4] = {0};
-    std::memcpy(tail, p + i, sizeof(double) * (n - i));
-    _mm256_store_pd(tail, Sleef_tanhd4_u10avx2(_mm256_load_pd(tail)));
-    std::memcpy(p + i, tail, sizeof(double) * (n - i));
-  }
-}
-#endif
-
-enum class TanhImpl { kAvx512, kAvx2, kScalar };
-
-TanhImpl pick_tanh() {
-#ifdef FASTBIRNN_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && Sleef_tanhf16_u10 && Sleef_tanhd8_u10)
-    return TanhImpl::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && Sleef_tanhf8_u10avx2 &&
-      Sleef_tanhd4_u10avx2)
-    return TanhImpl::kAvx2;
-#endif
-  return TanhImpl::kScalar;
-}
-
-const TanhImpl kTanh = pick_tanh();
-
-const char* tanh_impl_name() {
-  switch (kTanh) {
-    case TanhImpl::kAvx512: return "sleef-avx512";
-    case TanhImpl::kAvx2: return "sleef-avx2";
-    default: return "scalar";
-  }
-}
-
-template <typename T>
-void tanh_inplace(T* p, int64_t n) {
-#ifdef FASTBIRNN_X86
-  if (kTanh == TanhImpl::kAvx512) return tanh_avx512(p, n);
-  if (kTanh == TanhImpl::kAvx2) return tanh_avx2(p, n);
-#endif
-  for (int64_t i = 0; i < n; ++i) p[i] = std::tanh(p[i]);
-}
-
-// h = act(c + bias), in place.
-template <typename T>
-inline void activate(T* c, const T* bias, int64_t H, bool relu) {
-  if (bias)
-    for (int64_t j = 0; j < H; ++j) c[j] += bias[j];
-  if (relu) {
-    // Written as "<= 0 -> 0" so a NaN stays NaN, as in torch.relu (a max instruction would
-    // return 0 for it and hide a diverging run).
-    for (int64_t j = 0; j < H; ++j) c[j] = c[j] <= T(0) ? T(0) : c[j];
-  } else {
-    tanh_inplace(c, H);
-  }
-}
-
-// ---- the two recurrences of one direction ---------------------------------------------
+// ---- geometry, the fixed block partition and the team size --------------------------------
 
 struct Geometry {
   int64_t T, B, D, H;
   int64_t st, sb;            // row strides of time and batch (in rows)
   const int64_t* lengths;    // [B] or nullptr (every row runs T steps)
   int64_t DH() const { return D * H; }
+  int64_t ld() const { return sb * D * H; }  // elements between batch rows of one step
   bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
   // Rows [0, bound) hold every row active at step t: BLAS needs no more than that.
   int64_t active_bound(int64_t t) const {
@@ -311,87 +63,39 @@ struct Geometry {
     while (bound > 0 && lengths[bound - 1] <= t) --bound;
     return bound;
   }
+  // Whether every row below active_bound(t) is active (lengths sorted, as from packing).
+  bool all_active_below(int64_t t, int64_t bound) const {
+    if (lengths == nullptr) return true;
+    for (int64_t b = 0; b < bound; ++b)
+      if (lengths[b] <= t) return false;
+    return true;
+  }
   // Step t of direction d at position s of its visiting order.
-  int64_t step(int d, int64_t s) const { return d == 0 ? s : T - 1 - s; }
+  int64_t step(int64_t d, int64_t s) const { return d == 0 ? s : T - 1 - s; }
 };
 
-// In: Hs holds the projection X W_ih^T (no bias) in direction d's columns. Out: Hs holds h_t
-// (zero past each row's length); state [B,H] (starting at h0, or 0) ends as h_n.
-template <typename T>
-void recurrence_forward_dir(const Geometry& g, int d, T* Hs, const T* W_hh, const T* bias,
-                            const T* h0, bool relu, T* state) {
-  const int64_t H = g.H, ld = g.sb * g.DH();
-  // W_hh^T, the layout small_gemm wants; on the stack (no malloc per call).
-  alignas(64) T W_t[kSmallHidden * kSmallHidden];
-  if (H <= kSmallHidden) transpose(W_hh, H, H, W_t);
-  if (h0)
-    std::memcpy(state, h0, sizeof(T) * g.B * H);
-  else
-    std::memset(state, 0, sizeof(T) * g.B * H);
-  for (int64_t s = 0; s < g.T; ++s) {
-    const int64_t t = g.step(d, s);
-    T* C = Hs + t * g.st * g.DH() + d * H;
-    const int64_t bound = g.active_bound(t);
-    if (H <= kSmallHidden)
-      small_gemm<T>(bound, H, H, state, H, W_t, T(1), C, ld);
-    else
-      gemm<T>(false, true, bound, H, H, state, H, W_hh, H, T(1), C, ld);  // C += h W_hh^T
-    for (int64_t b = 0; b < g.B; ++b) {
-      T* row = C + b * ld;
-      if (b < bound && g.active(t, b)) {
-        activate(row, bias, H, relu);
-        std::memcpy(state + b * H, row, sizeof(T) * H);
-      } else {
-        std::memset(row, 0, sizeof(T) * H);
-      }
-    }
-  }
+// Above kSmallHidden, each direction's hidden units are split into blocks of this many columns
+// (a multiple of the AVX-512 width; 16 blocks per direction at H = 1024).
+constexpr int64_t kBlockWidth = 64;
+
+// The fixed split of each direction's hidden units into column blocks. It depends on H and D
+// only, never on the thread count: that is what keeps results bit-identical for any count.
+// Both directions' blocks interleave (k = j * D + d), so one or two directions both spread
+// over the whole team.
+struct Blocks {
+  int64_t D, H, width, per_dir;
+  int64_t count() const { return D * per_dir; }
+  int64_t dir(int64_t k) const { return k % D; }
+  int64_t j0(int64_t k) const { return (k / D) * width; }
+  int64_t cols(int64_t k) const { return std::min(H, j0(k) + width) - j0(k); }
+};
+
+Blocks column_blocks(int64_t D, int64_t H) {
+  const int64_t width = H <= kSmallHidden ? H : kBlockWidth;
+  return {D, H, width, (H + width - 1) / width};
 }
 
-// BPTT of direction d, time reversed. dOut (may be null) and Hs share the row layout; writes
-// dZ (zero past lengths). carry [B,H] starts as dh_n (or 0) and ends as dh0. tmp is [B,H].
-template <typename T>
-void recurrence_backward_dir(const Geometry& g, int d, const T* dOut, const T* Hs, const T* W_hh,
-                             bool relu, T* dZ, T* carry, T* tmp) {
-  const int64_t H = g.H, ld = g.sb * g.DH();
-  for (int64_t s = g.T - 1; s >= 0; --s) {
-    const int64_t t = g.step(d, s);
-    const int64_t offset = t * g.st * g.DH() + d * H;
-    T* dz = dZ + offset;
-    const int64_t bound = g.active_bound(t);
-    bool all_active = true;
-    for (int64_t b = 0; b < g.B; ++b) {
-      T* dz_row = dz + b * ld;
-      if (b < bound && g.active(t, b)) {
-        const T* h = Hs + offset + b * ld;
-        const T* c = carry + b * H;
-        const T* go = dOut ? dOut + offset + b * ld : nullptr;
-        if (relu) {
-          // As autograd's threshold_backward: zero where h <= 0, so a NaN h passes g on.
-          for (int64_t j = 0; j < H; ++j)
-            dz_row[j] = h[j] <= T(0) ? T(0) : (go ? go[j] + c[j] : c[j]);
-        } else {
-          for (int64_t j = 0; j < H; ++j)
-            dz_row[j] = (go ? go[j] + c[j] : c[j]) * (T(1) - h[j] * h[j]);
-        }
-      } else {
-        std::memset(dz_row, 0, sizeof(T) * H);
-        if (b < bound) all_active = false;
-      }
-    }
-    // Rows past the bound keep their carry; when every row below it is active they get
-    // dz W_hh directly, otherwise through tmp.
-    T* target = all_active ? carry : tmp;
-    if (H <= kSmallHidden)
-      small_gemm<T>(bound, H, H, dz, ld, W_hh, T(0), target, H);
-    else
-      gemm<T>(false, false, bound, H, H, dz, ld, W_hh, H, T(0), target, H);
-    if (!all_active) {
-      for (int64_t b = 0; b < bound; ++b)
-        if (g.active(t, b)) std::memcpy(carry + b * H, tmp + b * H, sizeof(T) * H);
-    }
-  }
-}
+// Below this many multiply-adds in all a parallel region costs more than it saves.
 
 template <typename T>
 bool all_finite(const T* p, int64_t n) {
@@ -434,41 +138,167 @@ void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t j0, int64_t 
   }
 }
 
-// Runs fn(task) for task in [0, n), on several threads only when the work is worth a parallel
-// region. BLAS is single-threaded inside either way (see the determinism note at the top).
-template <typename F>
-void run_tasks(int64_t n, bool parallel, const F& fn) {
-  if (parallel && n > 1) {
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      SingleThreadedBlas pin;
-      for (int64_t i = begin; i < end; ++i) fn(i);
-    });
-  } else {
-    SingleThreadedBlas pin;
-    for (int64_t i = 0; i < n; ++i) fn(i);
+bool worth_threads(int64_t flops) { return flops >= (int64_t(1) << 18); }
+// Each worker should have at least this many multiply-adds per step, or the barrier dominates.
+constexpr int64_t kMinStepWork = int64_t(1) << 14;
+
+// Workers for the recurrence: up to torch.get_num_threads(), at most one per block, fewer when
+// the per-step work is too small to pay for the barrier. Changes speed only, never results.
+int64_t team_size(const Geometry& g, const Blocks& blk) {
+  const int64_t per_step = g.D * g.B * g.H * g.H;
+  if (!worth_threads(per_step * g.T)) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), blk.count(),
+                                                  per_step / kMinStepWork}));
+}
+
+// Fixed (thread-count independent) split of `rows` into blocks for row-parallel GEMMs.
+int64_t row_blocks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(32, rows / 256)); }
+
+// ---- the recurrences, on a team --------------------------------------------------------------
+
+// One layer's per-direction operands of the forward recurrence.
+template <typename T>
+struct ForwardDirs {
+  const T* w_hh[2] = {nullptr, nullptr};  // [H,H]
+  const T* w_t[2] = {nullptr, nullptr};   // W_hh^T, small H only (small_gemm's layout)
+  const T* bias[2] = {nullptr, nullptr};  // b_ih + b_hh [H], or null
+  const T* h0[2] = {nullptr, nullptr};    // [B,H], or null for zeros
+  T* hn[2] = {nullptr, nullptr};          // [B,H] results
+};
+
+// In: Hs holds z (input projection, no bias) in each direction's columns. Out: Hs holds h_t
+// (zero past each row's length), hn the final states. state: D * 2 * B * H scratch (each
+// direction's h_{t-1} and h_t, swapped every step). One barrier per step: at step s every
+// block reads all of h_{s-1} and writes its own columns of h_s into the other buffer.
+template <typename T, typename Cell>
+void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
+                             const Cell& cell, T* Hs, const ForwardDirs<T>& p, T* state) {
+  const int64_t H = g.H, B = g.B, ld = g.ld(), nb = blk.count();
+  auto buffer = [&](int64_t d, int64_t s) { return state + (d * 2 + (s & 1)) * B * H; };
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    T* s0 = buffer(d, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      if (p.h0[d])
+        std::memcpy(s0 + b * H + j0, p.h0[d] + b * H + j0, sizeof(T) * w);
+      else
+        std::memset(s0 + b * H + j0, 0, sizeof(T) * w);
+    }
+  }
+  m.sync();
+  for (int64_t s = 0; s < g.T; ++s) {
+    for (int64_t k = 0; k < nb; ++k) {
+      if (!m.owns(k)) continue;
+      const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+      const int64_t t = g.step(d, s);
+      const T* prev = buffer(d, s);
+      T* next = buffer(d, s + 1);
+      T* C = Hs + t * g.st * g.DH() + d * H + j0;
+      const int64_t bound = g.active_bound(t);
+      if (p.w_t[d])
+        small_gemm<T>(bound, w, H, prev, H, p.w_t[d], T(1), C, ld);  // one block: w == H
+      else
+        gemm<T>(false, true, bound, w, H, prev, H, p.w_hh[d] + j0 * H, H, T(1), C, ld);
+      const T* bias = p.bias[d] ? p.bias[d] + j0 : nullptr;
+      for (int64_t b = 0; b < B; ++b) {
+        T* row = C + b * ld;
+        if (b < bound && g.active(t, b)) {
+          cell.forward(row, bias, w);
+          std::memcpy(next + b * H + j0, row, sizeof(T) * w);
+        } else {
+          std::memset(row, 0, sizeof(T) * w);
+          std::memcpy(next + b * H + j0, prev + b * H + j0, sizeof(T) * w);
+        }
+      }
+    }
+    if (s + 1 < g.T) m.sync();  // after the last step each block reads only its own columns
+  }
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    const T* last = buffer(d, g.T);
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(p.hn[d] + b * H + j0, last + b * H + j0, sizeof(T) * w);
   }
 }
 
-// Runs fn(task) for task in [0, n) with dynamic load balancing: each thread takes the next
-// task from a shared counter, so unequal tasks keep both cores busy. Tasks write disjoint
-// outputs and each is computed the same way whichever thread runs it (deterministic).
-// List the biggest tasks first.
-template <typename F>
-void run_tasks_balanced(int64_t n, bool parallel, const F& fn) {
-  const int64_t threads = std::min<int64_t>(n, at::get_num_threads());
-  if (!parallel || threads <= 1) return run_tasks(n, false, fn);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    SingleThreadedBlas pin;
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-  });
+// One layer's per-direction operands of the backward recurrence.
+template <typename T>
+struct BackwardDirs {
+  const T* w_hh[2] = {nullptr, nullptr};  // [H,H]
+  const T* dhn[2] = {nullptr, nullptr};   // [B,H] gradient of h_n, or null
+  T* dh0[2] = {nullptr, nullptr};         // [B,H] results
+};
+
+// BPTT, time reversed. dOut (may be null) and Hs share the row layout; writes dZ (zero past
+// lengths) and dh0. scratch: D * 2 * B * H (carry and tmp per direction). At each step a block
+// first computes its columns of carry = dz_{prev} W_hh (reading all of dz_{prev}, finished at
+// the last barrier), then its columns of dz_t. Carry columns are only ever touched by their
+// block's owner, so one barrier per step suffices.
+template <typename T, typename Cell>
+void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
+                              const Cell& cell, const T* dOut, const T* Hs, T* dZ,
+                              const BackwardDirs<T>& p, T* scratch) {
+  const int64_t H = g.H, B = g.B, ld = g.ld(), nb = blk.count();
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    T* carry = scratch + d * 2 * B * H;
+    for (int64_t b = 0; b < B; ++b) {
+      if (p.dhn[d])
+        std::memcpy(carry + b * H + j0, p.dhn[d] + b * H + j0, sizeof(T) * w);
+      else
+        std::memset(carry + b * H + j0, 0, sizeof(T) * w);
+    }
+  }
+  // s = -1 is the last carry update only: dh0 = dz_{first step} W_hh for the active rows.
+  for (int64_t s = g.T - 1; s >= -1; --s) {
+    for (int64_t k = 0; k < nb; ++k) {
+      if (!m.owns(k)) continue;
+      const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+      T* carry = scratch + d * 2 * B * H;
+      T* tmp = carry + B * H;
+      if (s + 1 < g.T) {
+        // Rows active at the previous step get dz W_hh; the others keep their carry.
+        const int64_t tp = g.step(d, s + 1);
+        const int64_t bound = g.active_bound(tp);
+        const bool all_active = g.all_active_below(tp, bound);
+        T* target = all_active ? carry : tmp;
+        const T* dzp = dZ + tp * g.st * g.DH() + d * H;
+        if (H <= kSmallHidden)
+          small_gemm<T>(bound, w, H, dzp, ld, p.w_hh[d] + j0, T(0), target + j0, H);
+        else
+          gemm<T>(false, false, bound, w, H, dzp, ld, p.w_hh[d] + j0, H, T(0), target + j0, H);
+        if (!all_active)
+          for (int64_t b = 0; b < bound; ++b)
+            if (g.active(tp, b)) std::memcpy(carry + b * H + j0, tmp + b * H + j0, sizeof(T) * w);
+      }
+      if (s >= 0) {
+        const int64_t t = g.step(d, s);
+        const int64_t offset = t * g.st * g.DH() + d * H + j0;
+        for (int64_t b = 0; b < B; ++b) {
+          T* dz = dZ + offset + b * ld;
+          if (g.active(t, b))
+            cell.backward(Hs + offset + b * ld, dOut ? dOut + offset + b * ld : nullptr,
+                          carry + b * H + j0, dz, w);
+          else
+            std::memset(dz, 0, sizeof(T) * w);
+        }
+      }
+    }
+    if (s >= 0) m.sync();
+  }
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    const T* carry = scratch + d * 2 * B * H;
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(p.dh0[d] + b * H + j0, carry + b * H + j0, sizeof(T) * w);
+  }
 }
 
-// Below this many multiply-adds per direction a parallel region costs more than it saves.
-bool worth_threads(int64_t flops) { return flops >= (int64_t(1) << 18); }
 
-// Fixed (thread-count independent) split of `rows` into blocks for row-parallel GEMMs.
-int64_t row_blocks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(8, rows / 256)); }
 
 // ---- the whole stack ----------------------------------------------------------------------
 
@@ -532,6 +362,12 @@ void check_inputs(const Tensor& x, const std::optional<Tensor>& hx, at::TensorLi
   if (lengths && lengths->defined()) check_lengths(*lengths, B);
 }
 
+// 32-bit BLAS: checked before any worker starts (a worker must not be the first to throw).
+void check_blas_sizes(const Geometry& g, int64_t I) {
+  TORCH_CHECK(g.T * g.B <= INT32_MAX && g.DH() <= INT32_MAX && I <= INT32_MAX,
+              "fastbirnn cpp backend: tensor too large for 32-bit BLAS");
+}
+
 Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths, const StackArgs& a,
                   int64_t H, Tensor& lengths_cpu) {
   Geometry g;
@@ -550,6 +386,7 @@ Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths, const S
       TORCH_CHECK(L[b] >= 1 && L[b] <= g.T, "fastbirnn cpp backend: lengths must be in [1, T]");
     g.lengths = L;
   }
+  check_blas_sizes(g, x.size(2));
   return g;
 }
 
@@ -593,17 +430,50 @@ std::vector<int64_t> out_shape(const Geometry& g, bool batch_first) {
                      : std::vector<int64_t>{g.T, g.B, g.DH()};
 }
 
+// Z = X W_ih^T of one layer as fixed tasks (direction, row block), dealt round-robin to the
+// team; the recurrence then starts at the team's first barrier.
+template <typename T>
+struct Projection {
+  const T* X;
+  int64_t I, rows;
+  const T* w_ih[2];
+  const T* w_ih_t[2];  // W_ih^T for the tiny path, else null
+  int64_t blocks;      // row blocks per direction
+};
+
+template <typename T>
+void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out) {
+  const int64_t H = g.H, n = g.D * p.blocks;
+  for (int64_t task = 0; task < n; ++task) {
+    if (!m.owns(task)) continue;
+    const int64_t d = task % g.D, blk = task / g.D;
+    const int64_t r0 = p.rows * blk / p.blocks, r1 = p.rows * (blk + 1) / p.blocks;
+    if (p.w_ih_t[d])  // tiny: register-blocked loops beat a BLAS call's fixed cost
+      small_gemm<T>(r1 - r0, H, p.I, p.X + r0 * p.I, p.I, p.w_ih_t[d], T(0),
+                    out + r0 * g.DH() + d * H, g.DH());
+    else
+      gemm<T>(false, true, r1 - r0, H, p.I, p.X + r0 * p.I, p.I, p.w_ih[d], p.I, T(0),
+              out + r0 * g.DH() + d * H, g.DH());
+  }
+}
+
 template <typename T>
 void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, const Geometry& g,
                     const StackArgs& a, Tensor& out, Tensor& hn, Tensor& mid) {
-  const int64_t L = a.num_layers, D = a.D, H = g.H, rows = g.T * g.B;
-  const bool parallel = D > 1 && worth_threads(rows * H * H);
+  const int64_t L = a.num_layers, D = a.D, H = g.H, B = g.B, rows = g.T * g.B;
+  const ElmanCell cell{a.relu};
+  const Blocks blk = column_blocks(D, H);
+  const int64_t workers = team_size(g, blk);
   // Without kept intermediates, layers alternate between two scratch buffers: layer l reads
   // the buffer layer l-1 wrote while it writes the other one.
   Tensor scratch[2];
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias_sum(a.has_biases ? D * H : 0);
+  std::vector<T> state(size_t(D) * 2 * B * H);
+  // Transposed weights for the small paths (at most 2 * 64 * 64 each), on the stack.
+  alignas(64) T w_t[2][kSmallHidden * kSmallHidden];
+  alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out;
     if (l == L - 1) {
@@ -615,30 +485,35 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
       if (!buffer.defined()) buffer = at::empty({rows, g.DH()}, x.options());
       layer_out = buffer.data_ptr<T>();
     }
-    if (a.has_biases) {
-      for (int64_t d = 0; d < D; ++d) {
-        const T* b_ih = weights[(l * D + d) * 4 + 2].data_ptr<T>();
-        const T* b_hh = weights[(l * D + d) * 4 + 3].data_ptr<T>();
+    const bool tiny_projection = H <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows;
+    Projection<T> proj{layer_in, in_size, rows, {nullptr, nullptr}, {nullptr, nullptr},
+                       tiny_projection ? 1 : row_blocks(rows)};
+    ForwardDirs<T> dirs;
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t base = (l * D + d) * a.per_dir();
+      proj.w_ih[d] = weights[base].data_ptr<T>();
+      if (tiny_projection) {
+        transpose(proj.w_ih[d], H, in_size, w_ih_t[d]);
+        proj.w_ih_t[d] = w_ih_t[d];
+      }
+      dirs.w_hh[d] = weights[base + 1].data_ptr<T>();
+      if (H <= kSmallHidden) {
+        transpose(dirs.w_hh[d], H, H, w_t[d]);
+        dirs.w_t[d] = w_t[d];
+      }
+      if (a.has_biases) {
+        const T* b_ih = weights[base + 2].data_ptr<T>();
+        const T* b_hh = weights[base + 3].data_ptr<T>();
         for (int64_t j = 0; j < H; ++j) bias_sum[d * H + j] = b_ih[j] + b_hh[j];
+        dirs.bias[d] = bias_sum.data() + d * H;
       }
+      dirs.h0[d] = hx.defined() ? hx.data_ptr<T>() + (l * D + d) * B * H : nullptr;
+      dirs.hn[d] = hn.data_ptr<T>() + (l * D + d) * B * H;
     }
-    run_tasks(D, parallel, [&](int64_t d) {
-      const Tensor& w_ih = weights[(l * D + d) * a.per_dir()];
-      const Tensor& w_hh = weights[(l * D + d) * a.per_dir() + 1];
-      // Z = X W_ih^T for this direction's columns; rows follow the input's layout.
-      if (H <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows) {
-        // Tiny projection: the register-blocked loops beat a BLAS call's fixed cost.
-        alignas(64) T W_t[kSmallHidden * kSmallHidden];
-        transpose(w_ih.data_ptr<T>(), H, in_size, W_t);
-        small_gemm<T>(rows, H, in_size, layer_in, in_size, W_t, T(0), layer_out + d * H, g.DH());
-      } else {
-        gemm<T>(false, true, rows, H, in_size, layer_in, in_size, w_ih.data_ptr<T>(), in_size,
-                T(0), layer_out + d * H, g.DH());
-      }
-      recurrence_forward_dir<T>(g, int(d), layer_out, w_hh.data_ptr<T>(),
-                                a.has_biases ? bias_sum.data() + d * H : nullptr,
-                                hx.defined() ? hx.data_ptr<T>() + (l * D + d) * g.B * H : nullptr,
-                                a.relu, hn.data_ptr<T>() + (l * D + d) * g.B * H);
+    Team team(workers);
+    team.run([&](Team::Member& m) {
+      project<T>(m, g, proj, layer_out);
+      recurrence_forward_team<T>(m, g, blk, cell, layer_out, dirs, state.data());
     });
     layer_in = layer_out;
     in_size = g.DH();
@@ -675,9 +550,14 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
                      Tensor& dx, Tensor& dhx, std::vector<Tensor>& dweights, const Tensor& dZ) {
   const int64_t L = a.num_layers, D = a.D, H = g.H, DH = g.DH(), rows = g.T * g.B;
   const bool parallel = worth_threads(rows * H * H);
+  const int64_t threads = parallel ? int64_t(at::get_num_threads()) : 1;
+  const ElmanCell cell{a.relu};
+  const Blocks blk = column_blocks(D, H);
+  const int64_t workers = team_size(g, blk);
+  std::vector<T> bptt(size_t(D) * 2 * g.B * H);  // carry and tmp per direction
   Tensor dOut_buf;  // the gradient flowing into the current layer's output
   const T* dOut = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
-  // Per-direction scratch: carry and tmp [B,H] each, plus the gather for dW_hh.
+  // Per-direction scratch: the gather of h0 columns for dW_hh (in the last third).
   std::vector<T> scratch(size_t(D) * 3 * g.B * H);
   for (int64_t l = L - 1; l >= 0; --l) {
     const T* Hs = l == L - 1 ? out.data_ptr<T>() : mid.data_ptr<T>() + l * rows * DH;
@@ -685,17 +565,16 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
     const int64_t I = l == 0 ? x.size(2) : DH;
     T* dz = dZ.data_ptr<T>();
 
-    // 1. BPTT, one direction per thread.
-    run_tasks(D, parallel && D > 1, [&](int64_t d) {
-      T* carry = scratch.data() + d * 3 * g.B * H;
-      T* tmp = carry + g.B * H;
-      if (grad_hn.defined())
-        std::memcpy(carry, grad_hn.data_ptr<T>() + (l * D + d) * g.B * H, sizeof(T) * g.B * H);
-      else
-        std::memset(carry, 0, sizeof(T) * g.B * H);
-      const T* w_hh = weights[(l * D + d) * a.per_dir() + 1].data_ptr<T>();
-      recurrence_backward_dir<T>(g, int(d), dOut, Hs, w_hh, a.relu, dz, carry, tmp);
-      std::memcpy(dhx.data_ptr<T>() + (l * D + d) * g.B * H, carry, sizeof(T) * g.B * H);
+    // 1. BPTT on the team, column blocks of both directions, one barrier per step.
+    BackwardDirs<T> dirs;
+    for (int64_t d = 0; d < D; ++d) {
+      dirs.w_hh[d] = weights[(l * D + d) * a.per_dir() + 1].data_ptr<T>();
+      dirs.dhn[d] = grad_hn.defined() ? grad_hn.data_ptr<T>() + (l * D + d) * g.B * H : nullptr;
+      dirs.dh0[d] = dhx.data_ptr<T>() + (l * D + d) * g.B * H;
+    }
+    Team team(workers);
+    team.run([&](Team::Member& m) {
+      recurrence_backward_team<T>(m, g, blk, cell, dOut, Hs, dz, dirs, bptt.data());
     });
 
     // 2. Weight gradients (reductions over all steps) and the input gradient, as independent
@@ -724,7 +603,7 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
     // A NaN or inf anywhere in this layer's states or gradients: dW_hh the exact way.
     const bool nonfinite = !all_finite(Hs, rows * DH) || !all_finite<T>(dz, rows * DH);
     // Task order is biggest first: dW_hh blocks (K = H columns), dW_ih blocks, dX blocks.
-    run_tasks_balanced(2 * n_w + n_row_blocks, parallel, [&](int64_t task) {
+    run_task_queue(2 * n_w + n_row_blocks, threads, [&](int64_t task) {
       if (task < 2 * n_w) {
         const bool hh = task < n_w;
         const int64_t w = hh ? task : task - n_w;
@@ -959,6 +838,7 @@ Geometry seam_geometry(const Tensor& Z, const Tensor& W_hh, const Tensor& length
   for (int64_t b = 0; b < g.B; ++b)
     TORCH_CHECK(g.lengths[b] >= 1 && g.lengths[b] <= g.T,
                 "fastbirnn cpp backend: lengths must be in [1, T]");
+  check_blas_sizes(g, g.H);
   return g;
 }
 
@@ -969,13 +849,25 @@ Tensor recurrence_forward(const Tensor& Z, const Tensor& W_hh, const Tensor& h0,
   check_tensor(h0, "h0", Z.scalar_type(), {g.D, g.B, g.H});
   Tensor Hs = Z.contiguous().clone();
   Tensor W = W_hh.contiguous(), h = h0.contiguous();
-  Tensor state = at::empty({g.D, g.B, g.H}, Z.options());
+  Tensor scratch = at::empty({g.D * 3, g.B, g.H}, Z.options());  // state (2 per direction), h_n
   AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "fastbirnn_recurrence_forward", [&] {
-    run_tasks(g.D, g.D > 1 && worth_threads(g.T * g.B * g.H * g.H), [&](int64_t d) {
-      recurrence_forward_dir<scalar_t>(g, int(d), Hs.data_ptr<scalar_t>(),
-                                       W.data_ptr<scalar_t>() + d * g.H * g.H, nullptr,
-                                       h.data_ptr<scalar_t>() + d * g.B * g.H, relu,
-                                       state.data_ptr<scalar_t>() + d * g.B * g.H);
+    using T = scalar_t;
+    const Blocks blk = column_blocks(g.D, g.H);
+    const ElmanCell cell{relu};
+    ForwardDirs<T> dirs;
+    std::vector<T> w_t(g.H <= kSmallHidden ? g.D * g.H * g.H : 0);
+    for (int64_t d = 0; d < g.D; ++d) {
+      dirs.w_hh[d] = W.data_ptr<T>() + d * g.H * g.H;
+      if (g.H <= kSmallHidden) {
+        transpose(dirs.w_hh[d], g.H, g.H, w_t.data() + d * g.H * g.H);
+        dirs.w_t[d] = w_t.data() + d * g.H * g.H;
+      }
+      dirs.h0[d] = h.data_ptr<T>() + d * g.B * g.H;
+      dirs.hn[d] = scratch.data_ptr<T>() + (2 * g.D + d) * g.B * g.H;
+    }
+    Team team(team_size(g, blk));
+    team.run([&](Team::Member& m) {
+      recurrence_forward_team<T>(m, g, blk, cell, Hs.data_ptr<T>(), dirs, scratch.data_ptr<T>());
     });
   });
   return Hs;
@@ -989,14 +881,21 @@ std::tuple<Tensor, Tensor> recurrence_backward(const Tensor& dHs, const Tensor& 
   check_tensor(dHs, "dHs", Hs_.scalar_type(), Hs_.sizes());
   Tensor Hs = Hs_.contiguous(), dO = dHs.contiguous(), W = W_hh.contiguous();
   Tensor dZ = at::empty_like(Hs);
-  Tensor dh0 = at::zeros({g.D, g.B, g.H}, Hs.options());
-  Tensor tmp = at::empty({g.D, g.B, g.H}, Hs.options());
+  Tensor dh0 = at::empty({g.D, g.B, g.H}, Hs.options());
+  Tensor scratch = at::empty({g.D * 2, g.B, g.H}, Hs.options());
   AT_DISPATCH_FLOATING_TYPES(Hs.scalar_type(), "fastbirnn_recurrence_backward", [&] {
-    run_tasks(g.D, g.D > 1 && worth_threads(g.T * g.B * g.H * g.H), [&](int64_t d) {
-      recurrence_backward_dir<scalar_t>(
-          g, int(d), dO.data_ptr<scalar_t>(), Hs.data_ptr<scalar_t>(),
-          W.data_ptr<scalar_t>() + d * g.H * g.H, relu, dZ.data_ptr<scalar_t>(),
-          dh0.data_ptr<scalar_t>() + d * g.B * g.H, tmp.data_ptr<scalar_t>() + d * g.B * g.H);
+    using T = scalar_t;
+    const Blocks blk = column_blocks(g.D, g.H);
+    const ElmanCell cell{relu};
+    BackwardDirs<T> dirs;
+    for (int64_t d = 0; d < g.D; ++d) {
+      dirs.w_hh[d] = W.data_ptr<T>() + d * g.H * g.H;
+      dirs.dh0[d] = dh0.data_ptr<T>() + d * g.B * g.H;
+    }
+    Team team(team_size(g, blk));
+    team.run([&](Team::Member& m) {
+      recurrence_backward_team<T>(m, g, blk, cell, dO.data_ptr<T>(), Hs.data_ptr<T>(),
+                                  dZ.data_ptr<T>(), dirs, scratch.data_ptr<T>());
     });
   });
   return {dZ, dh0};

@@ -1,0 +1,278 @@
+// Engine support: BLAS products, small register-blocked GEMMs and vectorised tanh.
+//
+// Everything here is independent of the cell and of threads. BLAS and vector math come from
+// libtorch_cpu itself (MKL and SLEEF are linked into it); weak references, so a build without
+// them falls back to plain loops instead of failing to load.
+#pragma once
+
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
+#define FASTBIRNN_X86 1
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__APPLE__)
+#define FASTBIRNN_WEAK __attribute__((weak))
+#else
+#define FASTBIRNN_WEAK
+#endif
+
+// BLAS and vector math come from libtorch_cpu itself (MKL and SLEEF are linked into it).
+// Weak references: if a build lacks them we fall back to plain loops instead of failing.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) FASTBIRNN_WEAK;
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) FASTBIRNN_WEAK;
+// MKL's C entry point (the lowercase symbol is the Fortran one, taking a pointer).
+int MKL_Set_Num_Threads_Local(int) FASTBIRNN_WEAK;
+#ifdef FASTBIRNN_X86
+__m512 Sleef_tanhf16_u10(__m512) FASTBIRNN_WEAK;
+__m512d Sleef_tanhd8_u10(__m512d) FASTBIRNN_WEAK;
+__m256 Sleef_tanhf8_u10avx2(__m256) FASTBIRNN_WEAK;
+__m256d Sleef_tanhd4_u10avx2(__m256d) FASTBIRNN_WEAK;
+#endif
+}
+
+namespace fastbirnn {
+namespace {
+
+using at::Tensor;
+
+bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// Pins MKL to one thread in this scope; BLAS calls inside parallel regions and the inline
+// (1-thread) path then compute identically.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+template <typename T>
+void blas(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha,
+          const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c,
+          const int* ldc);
+template <>
+void blas<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                 const float* alpha, const float* a, const int* lda, const float* b,
+                 const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void blas<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                  const double* alpha, const double* a, const int* lda, const double* b,
+                  const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C. BLAS is column-major, so this is the
+// column-major product C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  if (have_blas()) {
+    TORCH_CHECK(std::max({M, N, K, lda, ldb, ldc}) <= INT32_MAX,
+                "fastbirnn cpp: tensor too large for 32-bit BLAS");
+    const int m = int(M), n = int(N), k = int(K), la = int(lda), lb = int(ldb), lc = int(ldc);
+    const T one(1);
+    blas<T>(trans_b ? "T" : "N", trans_a ? "T" : "N", &n, &m, &k, &one, B, &lb, A, &la, &beta, C,
+            &lc);
+    return;
+  }
+  // Plain loops: only for a torch built without an exported BLAS; correct, not fast.
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      T acc(0);
+      for (int64_t p = 0; p < K; ++p) {
+        const T a = trans_a ? A[p * lda + i] : A[i * lda + p];
+        const T b = trans_b ? B[j * ldb + p] : B[p * ldb + j];
+        acc += a * b;
+      }
+      C[i * ldc + j] = acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+    }
+  }
+}
+
+// Small products C[M,N] (+)= A[M,K] B[K,N] with B contiguous: a BLAS call costs more than the
+// arithmetic for the tiny hidden sizes here. The axpy form vectorises over N without
+// reordering any sum, so results stay deterministic.
+template <typename T>
+void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
+                      T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict__ c = C + i * ldc;
+    if (beta == T(0)) std::fill(c, c + N, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[i * lda + k];
+      const T* __restrict__ b = B + k * N;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+#ifdef FASTBIRNN_X86
+// The same axpy form for float with N <= 64 on AVX-512: a row of C stays in NV registers for
+// the whole k loop (the portable loops load and store C at every k, at SSE width).
+template <int NV>
+__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t M, int64_t N, int64_t K,
+                                                          const float* A, int64_t lda,
+                                                          const float* B, float beta, float* C,
+                                                          int64_t ldc) {
+  __mmask16 mask[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = std::min<int64_t>(16, N - 16 * v);
+    mask[v] = __mmask16(left >= 16 ? 0xFFFFu : (1u << left) - 1);
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v)
+      acc[v] = beta == 0.f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[v], c + 16 * v);
+    const float* a = A + i * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 ak = _mm512_set1_ps(a[k]);
+      const float* b = B + k * N;
+      for (int v = 0; v < NV; ++v)
+        acc[v] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(mask[v], b + 16 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + 16 * v, mask[v], acc[v]);
+  }
+}
+
+const bool kHaveAvx512 = [] {
+  __builtin_cpu_init();
+  return bool(__builtin_cpu_supports("avx512f"));
+}();
+#endif
+
+template <typename T>
+void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
+                T* C, int64_t ldc) {
+#ifdef FASTBIRNN_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (kHaveAvx512 && N <= 64) {
+      switch ((N + 15) / 16) {
+        case 1: return small_gemm_avx512<1>(M, N, K, A, lda, B, beta, C, ldc);
+        case 2: return small_gemm_avx512<2>(M, N, K, A, lda, B, beta, C, ldc);
+        case 3: return small_gemm_avx512<3>(M, N, K, A, lda, B, beta, C, ldc);
+        case 4: return small_gemm_avx512<4>(M, N, K, A, lda, B, beta, C, ldc);
+      }
+    }
+  }
+#endif
+  small_gemm_loops<T>(M, N, K, A, lda, B, beta, C, ldc);
+}
+
+// Hidden sizes up to this use small_gemm for the per-step products.
+constexpr int64_t kSmallHidden = 64;
+// Input projections over at most this many rows (T*B) skip BLAS when the sizes are small too.
+constexpr int64_t kSmallRows = 256;
+
+// out[c, r] = in[r, c] for a small row-major [R, C] matrix.
+template <typename T>
+void transpose(const T* in, int64_t R, int64_t C, T* out) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) out[c * R + r] = in[r * C + c];
+}
+
+// ---- tanh, vectorised with the same SLEEF routines (1-ulp) that ATen's tanh uses ----------
+
+#ifdef FASTBIRNN_X86
+__attribute__((target("avx512f"))) void tanh_avx512(float* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, Sleef_tanhf16_u10(_mm512_loadu_ps(p + i)));
+  if (i < n) {
+    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(p + i, m, Sleef_tanhf16_u10(_mm512_maskz_loadu_ps(m, p + i)));
+  }
+}
+__attribute__((target("avx512f"))) void tanh_avx512(double* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm512_storeu_pd(p + i, Sleef_tanhd8_u10(_mm512_loadu_pd(p + i)));
+  if (i < n) {
+    const __mmask8 m = __mmask8((1u << (n - i)) - 1);
+    _mm512_mask_storeu_pd(p + i, m, Sleef_tanhd8_u10(_mm512_maskz_loadu_pd(m, p + i)));
+  }
+}
+__attribute__((target("avx2,fma"))) void tanh_avx2(float* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, Sleef_tanhf8_u10avx2(_mm256_loadu_ps(p + i)));
+  if (i < n) {  // the tail goes through the same routine, via a padded copy
+    alignas(32) float tail[8] = {0};
+    std::memcpy(tail, p + i, sizeof(float) * (n - i));
+    _mm256_store_ps(tail, Sleef_tanhf8_u10avx2(_mm256_load_ps(tail)));
+    std::memcpy(p + i, tail, sizeof(float) * (n - i));
+  }
+}
+__attribute__((target("avx2,fma"))) void tanh_avx2(double* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(p + i, Sleef_tanhd4_u10avx2(_mm256_loadu_pd(p + i)));
+  if (i < n) {
+    alignas(32) double tail[4] = {0};
+    std::memcpy(tail, p + i, sizeof(double) * (n - i));
+    _mm256_store_pd(tail, Sleef_tanhd4_u10avx2(_mm256_load_pd(tail)));
+    std::memcpy(p + i, tail, sizeof(double) * (n - i));
+  }
+}
+#endif
+
+enum class TanhImpl { kAvx512, kAvx2, kScalar };
+
+TanhImpl pick_tanh() {
+#ifdef FASTBIRNN_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && Sleef_tanhf16_u10 && Sleef_tanhd8_u10)
+    return TanhImpl::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && Sleef_tanhf8_u10avx2 &&
+      Sleef_tanhd4_u10avx2)
+    return TanhImpl::kAvx2;
+#endif
+  return TanhImpl::kScalar;
+}
+
+const TanhImpl kTanh = pick_tanh();
+
+const char* tanh_impl_name() {
+  switch (kTanh) {
+    case TanhImpl::kAvx512: return "sleef-avx512";
+    case TanhImpl::kAvx2: return "sleef-avx2";
+    default: return "scalar";
+  }
+}
+
+template <typename T>
+void tanh_inplace(T* p, int64_t n) {
+#ifdef FASTBIRNN_X86
+  if (kTanh == TanhImpl::kAvx512) return tanh_avx512(p, n);
+  if (kTanh == TanhImpl::kAvx2) return tanh_avx2(p, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) p[i] = std::tanh(p[i]);
+}
+
+
+}  // namespace
+}  // namespace fastbirnn

@@ -1,0 +1,146 @@
+"""The C++ CPU engine's thread team: results equal nn.RNN's and are bit-identical for any
+thread count (1-4, also above the core count), for every block layout the engine uses
+(one block per direction at H <= 64, 64-column blocks above, a partial last block), and the
+team never deadlocks (concurrent callers, more threads than cores).
+"""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from fastbirnn import FastBiRNN
+
+pytest.importorskip("fastbirnn._C")
+
+THREADS = [1, 2, 3, 4]
+
+# (B, T, I, H, layers, bidirectional, nonlinearity, batch_first, packed, h0)
+CONFIGS = [
+    (5, 9, 7, 48, 1, True, "tanh", False, False, False),  # small H: one block per direction
+    (8, 12, 16, 64, 3, True, "relu", True, True, True),  # 3 layers, packed, h0
+    (6, 10, 12, 96, 2, False, "tanh", False, True, True),  # uni, a 64 + 32 split
+    (9, 7, 20, 200, 1, True, "tanh", True, False, True),  # 4 blocks per direction, partial
+    (16, 20, 32, 256, 2, True, "relu", False, False, False),  # several workers per step
+    (3, 5, 8, 520, 1, False, "tanh", False, True, False),  # 9 blocks of a uni layer
+]
+
+
+def _ids(c):
+    B, T, I, H, L, bi, act, bf, packed, h0 = c
+    return f"B{B}T{T}I{I}H{H}L{L}{'bi' if bi else 'uni'}-{act}{'-bf' if bf else ''}{'-packed' if packed else ''}{'-h0' if h0 else ''}"
+
+
+def _run(model, x, h0, lengths, batch_first, grad=True):
+    inp = x
+    if lengths is not None:
+        inp = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                                enforce_sorted=False)
+    out, h_n = model(inp, h0)
+    if lengths is not None:
+        out = nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first)[0]
+    if not grad:
+        return [out, h_n]
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * weight).sum() + h_n.square().sum()
+    inputs = [x, *model.parameters()] + ([h0] if h0 is not None else [])
+    return [out, h_n, *torch.autograd.grad(loss, inputs)]
+
+
+def _setup(config, dtype, backend="cpp", seed=0):
+    B, T, I, H, L, bi, act, bf, packed, with_h0 = config
+    torch.manual_seed(seed)
+    ref = nn.RNN(I, H, L, nonlinearity=act, batch_first=bf, bidirectional=bi, dtype=dtype)
+    fast = FastBiRNN(I, H, L, nonlinearity=act, batch_first=bf, bidirectional=bi, dtype=dtype,
+                     backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(*((B, T, I) if bf else (T, B, I)), dtype=dtype, requires_grad=True)
+    h0 = (torch.randn(L * (2 if bi else 1), B, H, dtype=dtype, requires_grad=True)
+          if with_h0 else None)
+    lengths = [max(1, T - (3 * b) % T) for b in range(B)] if packed else None
+    return ref, fast, x, h0, lengths, bf
+
+
+def _with_threads(n, fn):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bit_identical_for_1_to_4_threads_and_equal_to_nn_rnn(config, dtype):
+    ref, fast, x, h0, lengths, bf = _setup(config, dtype)
+    results = {n: _with_threads(n, lambda: _run(fast, x, h0, lengths, bf)) for n in THREADS}
+    for n in THREADS[1:]:
+        for i, (a, b) in enumerate(zip(results[1], results[n])):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {n} threads"
+    expected = _run(ref, x, h0, lengths, bf)
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for a, b in zip(results[2], expected):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[4]], ids=_ids)
+def test_inference_bit_identical_across_threads(config):
+    _, fast, x, h0, lengths, bf = _setup(config, torch.float32)
+    with torch.inference_mode():
+        results = [_with_threads(n, lambda: _run(fast, x, h0, lengths, bf, grad=False))
+                   for n in THREADS]
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+
+
+def test_seam_ops_bit_identical_across_threads():
+    # The per-layer seam (training with dropout between layers) runs on the same team.
+    from fastbirnn import _C
+
+    g = torch.Generator().manual_seed(0)
+    T, B, D, H = 9, 5, 2, 200
+    Z = torch.randn(T, B, D, H, generator=g)
+    W = torch.randn(D, H, H, generator=g) / H**0.5
+    h0 = torch.randn(D, B, H, generator=g)
+    lengths = torch.tensor([9, 3, 7, 1, 9])
+    dHs = torch.randn(T, B, D, H, generator=g)
+
+    def both():
+        Hs = _C.recurrence_forward(Z, W, h0, lengths, False)
+        return [Hs, *_C.recurrence_backward(dHs, Hs, W, lengths, False)]
+
+    results = [_with_threads(n, both) for n in THREADS]
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+
+
+def test_concurrent_callers_do_not_deadlock_and_agree():
+    # Several Python threads each start their own team (more workers than cores in all).
+    _, fast, x, h0, lengths, bf = _setup(CONFIGS[4], torch.float32)
+    with torch.no_grad():
+        expected = _run(fast, x, h0, lengths, bf, grad=False)
+    results, errors = [], []
+
+    def worker():
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results.append(_run(fast, x, h0, lengths, bf, grad=False))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a team deadlocked"
+    assert not errors, errors
+    assert len(results) == 9
+    for r in results:
+        for a, b in zip(expected, r):
+            assert torch.equal(a, b)
