@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastbirnn import backends
+from fastbirnn.backends.cpu_rule import CallShape
 from fastbirnn.functional import birnn_forward
 
 
@@ -103,14 +104,40 @@ class FastBiRNN(nn.RNN):
         if _under_function_transform():
             return backends.TORCH  # the fused ops define no forward-mode AD or vmap rule
         if isinstance(input, PackedSequence):
-            batch_size = int(input.batch_sizes[0])
+            batch_size, seq_len = int(input.batch_sizes[0]), len(input.batch_sizes)
         elif data.dim() == 3:
             batch_size = data.size(0 if self.batch_first else 1)
+            seq_len = data.size(1 if self.batch_first else 0)
         elif data.dim() == 2:
-            batch_size = 1
+            batch_size, seq_len = 1, data.size(0)
         else:
             return backends.TORCH  # nn.RNN raises its own error for this input
-        return backends.resolve_auto(data, self.hidden_size, batch_size)
+        training = torch.is_grad_enabled() and (
+            data.requires_grad or any(w.requires_grad for w in self._flat_weights)
+        )
+        threads = torch.get_num_threads()
+        if torch.compiler.is_compiling():
+            return self._resolve_auto(data, batch_size, seq_len, training, threads)
+        # The choice depends only on this signature: cached per module, off the hot path.
+        key = (batch_size, seq_len, data.dtype, data.device, training, threads)
+        cache = self.__dict__.get("_auto_cache")
+        if cache is None:
+            cache = self.__dict__["_auto_cache"] = {}
+        backend = cache.get(key)
+        if backend is None:
+            if len(cache) >= 256:
+                cache.clear()
+            backend = cache[key] = self._resolve_auto(
+                data, batch_size, seq_len, training, threads)
+        return backend
+
+    def _resolve_auto(self, data, batch_size, seq_len, training, threads) -> str:
+        call = CallShape(
+            batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
+            bidirectional=self.bidirectional, dtype=data.dtype, training=training,
+            threads=threads,
+        )
+        return backends.resolve_auto(data, self.hidden_size, batch_size, call)
 
     def forward(self, input, hx: Optional[Tensor] = None):
         backend = self.selected_backend(input)

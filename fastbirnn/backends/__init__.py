@@ -41,6 +41,9 @@ class RecurrenceBackend:
     # Device types on which 'auto' considers it at all (None: every device). Keeps the
     # per-call choice cheap: on CPU, 'auto' never asks a CUDA-only backend.
     auto_devices: Optional[tuple[str, ...]] = None
+    # Optional finer choice from everything 'auto' knows about the call (a
+    # ``cpu_rule.CallShape``); used instead of ``preferred_for`` when the caller gives it.
+    preferred_for_call: Optional[Callable[[torch.Tensor, object], bool]] = None
 
 
 _REGISTRY: dict[str, RecurrenceBackend] = {}
@@ -80,8 +83,12 @@ def available() -> dict[str, Optional[str]]:
     return status
 
 
-def resolve_auto(x: torch.Tensor, hidden_size: int, batch_size: int) -> str:
-    """What ``'auto'`` runs for input ``x``: the first preferred kernel, else ``'torch'``."""
+def resolve_auto(x: torch.Tensor, hidden_size: int, batch_size: int, call=None) -> str:
+    """What ``'auto'`` runs for input ``x``: the first preferred kernel, else ``'torch'``.
+
+    ``call`` (a ``cpu_rule.CallShape``, optional) describes the whole call for backends
+    whose choice depends on more than the hidden and batch sizes.
+    """
     device_type = x.device.type
     for name in _AUTO_ORDER:
         backend = _REGISTRY[name]
@@ -90,9 +97,10 @@ def resolve_auto(x: torch.Tensor, hidden_size: int, batch_size: int) -> str:
         unavailable = backend.unavailable_reason()
         if unavailable is not None:
             _warn_fallback_once(name, unavailable)
-        elif (
-            backend.unsupported_reason(x) is None
-            and backend.preferred_for(x, hidden_size, batch_size)
+        elif backend.unsupported_reason(x) is None and (
+            backend.preferred_for_call(x, call)
+            if call is not None and backend.preferred_for_call is not None
+            else backend.preferred_for(x, hidden_size, batch_size)
         ):
             return name
     return TORCH

@@ -1,4 +1,5 @@
-"""The fused C++ CPU backend, ``'cpp'`` (``csrc/engine.cpp`` with its cell ``csrc/cell_elman.h``, built into ``fastbirnn._C``).
+"""The fused C++ CPU backend, ``'cpp'`` (``csrc/engine.cpp`` and its cells, such as
+``csrc/cell_elman.h``, built into ``fastbirnn._C``).
 
 The whole layer stack runs as one op, ``torch.ops.fastbirnn_cpp.stack``, with its autograd
 node in C++ (one node for all layers and both directions) and fake kernels below, so
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastbirnn import backends
+from fastbirnn.backends import cpu_rule
 
 try:
     from fastbirnn import _C
@@ -45,9 +47,16 @@ def unsupported_reason(x: Tensor) -> Optional[str]:
 
 
 def preferred_for(x: Tensor, hidden_size: int, batch_size: int) -> bool:
-    # Measured faster than nn.RNN on every benchmarked CPU shape, fp32 and fp64 (see the
-    # benchmarks); unsupported inputs never get here.
-    return _HAS_BLAS
+    # Without the rest of the call (layers, directions, training) only a default: a
+    # single-layer bidirectional training step of T = 1, judged by the grid's rule.
+    return _HAS_BLAS and cpu_rule.prefer_cpp(cpu_rule.CallShape(
+        batch_size, 1, hidden_size, 1, True, x.dtype, True, torch.get_num_threads()))
+
+
+def preferred_for_call(x: Tensor, call: "cpu_rule.CallShape") -> bool:
+    # Where the committed CPU grid shows the fused kernel at least as fast as nn.RNN
+    # (fastbirnn/backends/cpu_rule.py); unsupported inputs never get here.
+    return _HAS_BLAS and cpu_rule.prefer_cpp(call)
 
 
 def _forward(Z, W_hh, h0, lengths, nonlinearity):
@@ -130,6 +139,7 @@ backends.register(
         unavailable_reason=unavailable_reason,
         unsupported_reason=unsupported_reason,
         preferred_for=preferred_for,
+        preferred_for_call=preferred_for_call,
         # Without the extension nothing is fused; unavailable_reason says why.
         stack_forward=stack_forward if _C is not None else None,
     ),
