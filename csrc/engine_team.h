@@ -93,7 +93,7 @@ class Team {
     }
   }
 
-  static constexpr int kSpins = 4000;  // ~10-40 µs of pause instructions, then yield
+  static constexpr int kSpins = 1024;  // ~5-20 µs of pause instructions, then yield
   int64_t size_;
   alignas(64) std::atomic<int64_t> arrived_{0};
   alignas(64) std::atomic<bool> failed_{false};

@@ -115,9 +115,10 @@ class FastBiRNN(nn.RNN):
         training = torch.is_grad_enabled() and (
             data.requires_grad or any(w.requires_grad for w in self._flat_weights)
         )
-        threads = torch.get_num_threads()
         if torch.compiler.is_compiling():
-            return self._resolve_auto(data, batch_size, seq_len, training, threads)
+            # Dynamo cannot trace get_num_threads(): the count of the last eager call.
+            return self._resolve_auto(data, batch_size, seq_len, training, _threads_seen[0])
+        threads = _threads_seen[0] = torch.get_num_threads()
         # The choice depends only on this signature: cached per module, off the hot path.
         key = (batch_size, seq_len, data.dtype, data.device, training, threads)
         cache = self.__dict__.get("_auto_cache")
@@ -132,6 +133,10 @@ class FastBiRNN(nn.RNN):
         return backend
 
     def _resolve_auto(self, data, batch_size, seq_len, training, threads) -> str:
+        if not isinstance(batch_size, int) or not isinstance(seq_len, int):
+            # A dynamic size under torch.compile/export: the graph serves every size, so
+            # decide without branching on it (as for one row and one step).
+            batch_size, seq_len = 1, 1
         call = CallShape(
             batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
             bidirectional=self.bidirectional, dtype=data.dtype, training=training,
@@ -140,10 +145,64 @@ class FastBiRNN(nn.RNN):
         return backends.resolve_auto(data, self.hidden_size, batch_size, call)
 
     def forward(self, input, hx: Optional[Tensor] = None):
+        key = self._call_signature(input, hx)
+        if key is not None:
+            entry = self.__dict__.get("_calls", {}).get(key)
+            if entry is not None:  # this signature went through every check before
+                if entry == backends.TORCH:
+                    return super().forward(input, hx)
+                self._update_flat_weights()
+                return entry[0](input, None, None, self._flat_weights, **entry[1])
         backend = self.selected_backend(input)
         if backend == backends.TORCH:
+            if key is not None:
+                self._remember(key, backends.TORCH)
             return super().forward(input, hx)
-        return self._fused_forward(input, hx, backend)
+        result = self._fused_forward(input, hx, backend)
+        stack_forward = backends.get(backend).stack_forward
+        if key is not None and stack_forward is not None:
+            self._remember(key, (stack_forward, self._stack_config()))
+        return result
+
+    def _call_signature(self, input, hx):
+        """A key for the hot path's cache, or None where every check must run again.
+
+        Only the common call is cached: a plain 3-D tensor, no h_0, no autocast, no torch.func
+        transform, not while compiling. The key holds everything the backend choice and the
+        argument checks depend on (shapes, dtypes, devices, grad mode, requires_grad, threads,
+        backend, training); the weights' identity is still checked on every call.
+        """
+        if hx is not None or type(input) is not Tensor or input.dim() != 3:
+            return None
+        if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+            return None
+        if _under_function_transform():
+            return None
+        self._update_flat_weights()
+        weights = self._flat_weights
+        grad = torch.is_grad_enabled()
+        return (
+            self._backend, self.training, self.dropout, self.batch_first, input.shape, input.dtype, input.device, grad,
+            grad and (input.requires_grad or any(w.requires_grad for w in weights)),
+            weights[0].dtype, weights[0].device, len(weights), torch.get_num_threads(),
+        )
+
+    def _remember(self, key, entry) -> None:
+        calls = self.__dict__.setdefault("_calls", {})
+        if len(calls) >= 256:
+            calls.clear()
+        calls[key] = entry
+
+    def _stack_config(self) -> dict:
+        return dict(
+            num_layers=self.num_layers,
+            num_directions=2 if self.bidirectional else 1,
+            bias=self.bias,
+            nonlinearity="relu" if self.mode == "RNN_RELU" else "tanh",
+            dropout=self.dropout,
+            training=self.training,
+            batch_first=self.batch_first,
+        )
 
     def _fused_forward(self, input, hx: Optional[Tensor], backend: str):
         # Input normalisation mirrors nn.RNN.forward, so errors and shapes match it.
@@ -231,21 +290,10 @@ class FastBiRNN(nn.RNN):
         return output, hidden
 
     def _run_layers(self, x, lengths, hx, weights, backend: str, batch_first: bool):
-        return birnn_forward(
-            x,
-            lengths,
-            hx,
-            weights,
-            num_layers=self.num_layers,
-            num_directions=2 if self.bidirectional else 1,
-            bias=self.bias,
-            # nn.RNN runs what its mode says (set at construction), not the attribute.
-            nonlinearity="relu" if self.mode == "RNN_RELU" else "tanh",
-            dropout=self.dropout,
-            training=self.training,
-            backend=backend,
-            batch_first=batch_first,
-        )
+        # nn.RNN runs what its mode says (set at construction), not the attribute.
+        config = self._stack_config()
+        config["batch_first"] = batch_first
+        return birnn_forward(x, lengths, hx, weights, backend=backend, **config)
 
     def _check_same_device_and_dtype(self, data: Tensor, hx: Optional[Tensor]) -> None:
         weight = self._flat_weights[0]
@@ -259,6 +307,9 @@ class FastBiRNN(nn.RNN):
             raise RuntimeError(
                 f"Expected hx dtype {data.dtype} to match the input's, got {hx.dtype}"
             )
+
+
+_threads_seen = [torch.get_num_threads()]
 
 
 def _autocast_dtype(data: Tensor) -> Optional[torch.dtype]:

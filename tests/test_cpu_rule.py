@@ -1,0 +1,196 @@
+"""'auto' on CPU: the rule (fastbirnn/backends/cpu_rule.py), how 'auto' applies it, and the
+hot-path cache of the choice. These test the rule's behaviour and plumbing, not the
+committed grid's numbers (those are benchmarks: benchmarks/cpu_grid.py --check)."""
+
+import importlib.util
+import itertools
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch import nn
+
+from fastbirnn import FastBiRNN
+from fastbirnn.backends import cpu_rule
+from fastbirnn.backends.cpu_rule import CallShape
+
+pytest.importorskip("fastbirnn._C")
+
+
+def shape(**kw):
+    base = dict(batch=32, seq=128, hidden=128, layers=1, bidirectional=True,
+                dtype=torch.float32, training=True, threads=2)
+    base.update(kw)
+    return CallShape(**base)
+
+
+def test_rule_is_a_pure_function_of_the_call():
+    s = shape()
+    assert cpu_rule.prefer_cpp(s) == cpu_rule.prefer_cpp(shape())
+    assert isinstance(cpu_rule.prefer_cpp(s), bool)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 16])
+def test_small_and_medium_problems_are_fused(training, dtype, threads):
+    # Dispatch-bound problems are where the fused kernel wins most: never handed away.
+    for B, H, bi in [(2, 32, True), (1, 128, True), (32, 128, True), (8, 64, False)]:
+        s = shape(batch=B, hidden=H, bidirectional=bi, training=training, dtype=dtype,
+                  threads=threads)
+        assert cpu_rule.prefer_cpp(s), s
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 16])
+def test_rule_is_monotone_in_problem_size(training, threads):
+    # Once nn.RNN is preferred for a per-step size, it stays preferred for larger ones (the
+    # fused kernel's edge is the per-step overhead it saves, which shrinks with the step).
+    for bi, layers, dtype in itertools.product((False, True), (1, 3),
+                                               (torch.float32, torch.float64)):
+        for H in (32, 64, 128, 256, 512, 1024, 2048):
+            picks = [cpu_rule.prefer_cpp(shape(batch=B, hidden=H, bidirectional=bi,
+                                               layers=layers, dtype=dtype, training=training,
+                                               threads=threads))
+                     for B in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
+            first_torch = picks.index(False) if False in picks else len(picks)
+            assert all(not p for p in picks[first_torch:]), (H, picks)
+
+
+def _pair(bidirectional=True, hidden=16):
+    torch.manual_seed(0)
+    ref = nn.RNN(8, hidden, bidirectional=bidirectional)
+    fast = FastBiRNN(8, hidden, bidirectional=bidirectional)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("prefer", [False, True])
+def test_auto_follows_the_rule_and_matches_nn_rnn_either_way(monkeypatch, prefer):
+    seen = []
+
+    def rule(call):
+        seen.append(call)
+        return prefer
+
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", rule)
+    ref, fast = _pair()
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    assert fast.selected_backend(x) == ("cpp" if prefer else "torch")
+    call = seen[-1]
+    assert (call.batch, call.seq, call.hidden, call.layers, call.bidirectional) == (3, 5, 16, 1, True)
+    assert call.dtype == torch.float32 and call.training and call.threads == torch.get_num_threads()
+    out, h = fast(x)
+    expected, h_ref = ref(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(h, h_ref)
+    g = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(expected.sum(), x)[0])
+
+
+def test_rule_sees_inference_training_threads_and_packed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: calls.append(c) or True)
+    _, fast = _pair()
+    x = torch.randn(7, 4, 8)
+    with torch.no_grad():
+        fast.selected_backend(x)
+    assert calls[-1].training is False
+    fast.selected_backend(x)
+    assert calls[-1].training is True  # the weights require grad
+    _, frozen = _pair()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    frozen.selected_backend(x)
+    assert calls[-1].training is False  # frozen weights, input without grad
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fast.selected_backend(x)
+        assert calls[-1].threads == 1
+    finally:
+        torch.set_num_threads(saved)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [7, 5, 2, 1])
+    fast.selected_backend(packed)
+    assert (calls[-1].batch, calls[-1].seq) == (4, 7)
+
+
+def test_choice_is_cached_per_signature_and_redecided_when_it_changes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: calls.append(c) or c.batch < 4)
+    ref, fast = _pair()
+    small, big = torch.randn(5, 2, 8), torch.randn(5, 6, 8)
+    for _ in range(3):
+        torch.testing.assert_close(fast(small)[0], ref(small)[0])
+    assert len(calls) == 1  # decided once for this signature
+    for _ in range(3):
+        torch.testing.assert_close(fast(big)[0], ref(big)[0])  # nn.RNN runs this one
+    assert len(calls) == 2
+    with torch.no_grad():
+        fast(small)
+    assert len(calls) == 3 and calls[-1].training is False
+    fast.double()  # new weight dtype: new signature, checks run again
+    with pytest.raises((RuntimeError, ValueError), match="dtype"):
+        fast(small)  # float input, double weights: nn.RNN's own error, not a stale fast path
+    torch.testing.assert_close(fast(small.double())[0], ref.double()(small.double())[0])
+
+
+def test_hot_path_still_checks_weights_swapped_by_functional_call():
+    ref, fast = _pair()
+    x = torch.randn(5, 2, 8)
+    fast(x)
+    fast(x)  # cached signature
+    params = {k: torch.zeros_like(v) for k, v in fast.named_parameters()}
+    out, _ = torch.func.functional_call(fast, params, (x,))
+    assert torch.count_nonzero(out) == 0
+    torch.testing.assert_close(fast(x)[0], ref(x)[0])
+
+
+def test_cached_module_pickles_and_deep_copies():
+    import copy
+    import pickle
+
+    ref, fast = _pair()
+    x = torch.randn(5, 2, 8)
+    fast(x)
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        torch.testing.assert_close(clone(x)[0], ref(x)[0])
+
+
+def _grid_module():
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_grid.py")
+    spec = importlib.util.spec_from_file_location("cpu_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cpu_grid", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_check_flags_a_rule_that_picks_the_slower_contender(monkeypatch):
+    grid = _grid_module()
+    p = grid.Point(8, 16, 32, 32, 1, True, "fp32", 2)
+    row = {"point": asdict(p), "label": p.label, "cpp_infer_x": 0.8, "cpp_train_x": 1.5}
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: True)
+    problems = grid.check([row])
+    assert len(problems) == 1 and "infer" in problems[0]
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: not c.training)
+    assert len(grid.check([row])) == 2
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: c.training)
+    assert grid.check([row]) == []
+
+
+def test_grid_covers_the_space_it_claims():
+    grid = _grid_module()
+    points = grid.points(2, 4e9)
+    assert {p.bidirectional for p in points} == {False, True}
+    assert {p.layers for p in points} == {1, 2, 3}
+    assert {p.dtype for p in points} == {"fp32", "fp64"}
+    assert {p.threads for p in points} == {1, 2}
+    assert min(p.batch for p in points) == 1 and max(p.batch for p in points) == 256
+    assert min(p.seq for p in points) == 4 and max(p.seq for p in points) == 512
+    assert min(p.hidden for p in points) == 32 and max(p.hidden for p in points) == 1024
+    named = {tuple(n) for n in grid.NAMED}
+    assert all(p.macs <= 4e9 or p.seq == 4
+               or (p.batch, p.seq, p.input, p.hidden, p.bidirectional) in named for p in points)
