@@ -819,6 +819,19 @@ std::tuple<Tensor, Tensor> stack_no_autograd(const Tensor& x, const std::optiona
   return {out, hn};
 }
 
+// The common eager call (no h_0, no lengths) from Python without torch.ops' boxed argument
+// parsing: the same op through the dispatcher, so autograd, profiling and dispatch modes see
+// exactly what torch.ops.fastbirnn_cpp.stack would give them.
+std::tuple<Tensor, Tensor> stack_eager(const Tensor& x, const std::vector<Tensor>& weights,
+                                       int64_t num_layers, bool bidirectional, bool has_biases,
+                                       bool relu, bool batch_first) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastbirnn_cpp::stack", "")
+                       .typed<decltype(stack_autograd)>();
+  return op.call(x, std::nullopt, weights, std::nullopt, num_layers, bidirectional, has_biases,
+                 relu, batch_first);
+}
+
 // ---- the per-layer seam (used when training with dropout between layers) ------------------
 
 // Z or Hs [T,B,D,H] with W_hh [D,H,H], and lengths [B] in [1, T].
@@ -933,6 +946,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastbirnn fused C++ CPU kernels (ops live in torch.ops.fastbirnn_cpp)";
   m.def("recurrence_forward", &fastbirnn::recurrence_forward);
   m.def("recurrence_backward", &fastbirnn::recurrence_backward);
+  m.def("stack_eager", &fastbirnn::stack_eager,
+        "torch.ops.fastbirnn_cpp.stack(x, None, weights, None, ...) without boxed arguments");
   m.def("has_blas", &fastbirnn::have_blas, "Whether an optimised BLAS was found in libtorch");
   m.def("tanh_impl", &fastbirnn::tanh_impl_name, "Which vectorised tanh is in use");
 }

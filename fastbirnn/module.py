@@ -151,7 +151,7 @@ class FastBiRNN(nn.RNN):
             if entry is not None:  # this signature went through every check before
                 if entry == backends.TORCH:
                     return super().forward(input, hx)
-                self._update_flat_weights()
+                # (_call_signature has just checked the weights' identity)
                 return entry[0](input, None, None, self._flat_weights, **entry[1])
         backend = self.selected_backend(input)
         if backend == backends.TORCH:

@@ -90,14 +90,25 @@ def stack_forward(
             num_directions=num_directions, bias=bias, nonlinearity=nonlinearity,
             dropout=dropout, training=training, backend="cpp", batch_first=batch_first,
         )
+    if (
+        hx is None and lengths is None and _stack_eager is not None
+        and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+    ):
+        # The eager hot path: the same op through the dispatcher, minus the boxed Python call.
+        return _stack_eager(
+            x, flat_weights, num_layers, num_directions == 2, bias, nonlinearity == "relu",
+            batch_first,
+        )
     return _stack(
         x, hx, flat_weights, lengths, num_layers, num_directions == 2, bias,
         nonlinearity == "relu", batch_first,
     )
 
 
+_stack_eager = None
 if _C is not None:
     _stack = torch.ops.fastbirnn_cpp.stack.default
+    _stack_eager = getattr(_C, "stack_eager", None)
 
     @torch.library.register_fake("fastbirnn_cpp::stack")
     def _stack_fake(x, hx, weights, lengths, num_layers, bidirectional, has_biases, relu,

@@ -38,15 +38,34 @@ class CallShape:
         return (2 if self.bidirectional else 1) * self.batch * self.hidden * self.hidden
 
 
-# Thresholds of the rule (see prefer_cpp); their derivation is in the grid's README.
-# Per-step work (multiply-adds per worker thread) above which nn.RNN's per-step GEMM is as fast
-# as the fused step for inference; the fused kernel is kept below it.
-INFER_STEP_MACS_PER_THREAD = 1 << 62
-TRAIN_STEP_MACS_PER_THREAD = 1 << 62
+# The rule's thresholds, in multiply-adds per worker per recurrence step (see workers()).
+# Below them the fused kernel's saving (nn.RNN's per-step dispatch, its separate bias and
+# tanh passes, one direction after the other) is a clear win in the grid. Above them every
+# step is a large GEMM for both; over long sequences the kernel still wins (its input
+# projection and BPTT/weight-gradient GEMMs run over all steps at once), but short ones
+# (T < SHORT) are a few large GEMMs either way, the measured ratios scatter around 1.0, and
+# 'auto' keeps nn.RNN. fp64 training steps lost above the lower threshold at any length
+# (the large dgemm weight gradients), so they go to nn.RNN there.
+INFER_LIMIT = 1 << 23  # 8.4 M
+TRAIN_LIMIT = 1 << 26  # 67 M
+TRAIN_LIMIT_FP64 = 1 << 23
+SHORT = 16
+
+# The engine's fixed column blocks (csrc/engine.cpp, kBlockWidth and kSmallHidden).
+_BLOCK_WIDTH = 64
+_SMALL_HIDDEN = 64
+
+
+def workers(s: CallShape) -> int:
+    """How many threads the fused kernel's recurrence can use for this call."""
+    per_dir = 1 if s.hidden <= _SMALL_HIDDEN else -(-s.hidden // _BLOCK_WIDTH)
+    return max(1, min(s.threads, (2 if s.bidirectional else 1) * per_dir))
 
 
 def prefer_cpp(s: CallShape) -> bool:
-    """True where the grid shows the fused kernel at least as fast as nn.RNN."""
-    per_thread = s.step_macs / max(1, min(s.threads, 2 * s.hidden // 64 or 1))
-    limit = TRAIN_STEP_MACS_PER_THREAD if s.training else INFER_STEP_MACS_PER_THREAD
-    return per_thread < limit
+    """True where the grid shows the fused kernel faster than nn.RNN (False: nn.RNN)."""
+    per_worker = s.step_macs / workers(s)
+    if s.training and s.dtype == torch.float64:
+        return per_worker < TRAIN_LIMIT_FP64
+    limit = TRAIN_LIMIT if s.training else INFER_LIMIT
+    return per_worker < limit or s.seq >= SHORT
