@@ -229,18 +229,40 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| point | infer cpp x | infer auto x | train cpp x | train auto x | auto picks |",
-             "|---|---|---|---|---|---|"]
+    """Markdown table: measured ratios, and what 'auto' gets under the current rule."""
+    lines = ["Ratios are nn.RNN time / fastbirnn time (medians, same run). 'auto (run)' is what "
+             "'auto' measured with the rule of the run's commit; 'rule' is the contender the "
+             "current rule picks and 'auto (rule)' its measured ratio.", "",
+             "| point | infer cpp x | infer auto (run) | train cpp x | train auto (run) | "
+             "rule infer/train | infer auto (rule) | train auto (rule) | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        p = Point(**r["point"])
+        picks = "/".join("cpp" if cpu_rule.prefer_cpp(p.call(m == "train")) else "torch"
+                         for m in ("infer", "train"))
         lines.append(
             f"| {r['label']} | {r['cpp_infer_x']:.2f} | {r['auto_infer_x']:.2f} | "
-            f"{r['cpp_train_x']:.2f} | {r['auto_train_x']:.2f} | "
-            f"{r['auto_backend']['infer']}/{r['auto_backend']['train']} |")
-    worst = {m: min(rows, key=lambda r: r[f"auto_{m}_x"]) for m in ("infer", "train")}
+            f"{r['cpp_train_x']:.2f} | {r['auto_train_x']:.2f} | {picks} | "
+            f"{rule_ratio(r, 'infer'):.2f} | {rule_ratio(r, 'train'):.2f} | "
+            f"{r.get('loadavg', ['?'])[0]} |")
     lines.append("")
-    for m, r in worst.items():
-        lines.append(f"worst measured auto {m}: {r[f'auto_{m}_x']:.2f}x at {r['label']}")
+    for m in ("infer", "train"):
+        worst = min(rows, key=lambda r: rule_ratio(r, m))
+        lines.append(f"- worst {m} under the rule: {rule_ratio(worst, m):.2f}x at {worst['label']}")
+    problems = check(rows)
+    lines.append(f"- points where the rule picks the slower contender by > {NOISE:.0%}: "
+                 f"{len(problems)}")
+    lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)
+
+
+def report(doc: dict, out: str) -> None:
+    info = doc["machine"]
+    title = (f"fastbirnn CPU grid: {info.get('cpu')}, {info.get('cpu_count')} cores, torch "
+             f"{info.get('torch')}, load {info.get('loadavg')} -> {info.get('loadavg_end')}")
+    plot(doc["rows"], os.path.join(out, "grid.png"), title)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary(doc["rows"]) + "\n")
 
 
 def main(argv=None) -> int:
@@ -251,7 +273,14 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per point (after 3 rounds)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N points (smoke test)")
     ap.add_argument("--check", metavar="JSON", help="evaluate the rule on a committed grid")
+    ap.add_argument("--report", metavar="JSON",
+                    help="redraw the plot and summary of a grid (into --out) without timing")
     args = ap.parse_args(argv)
+
+    if args.report:
+        with open(args.report) as f:
+            report(json.load(f), args.out)
+        return 0
 
     if args.check:
         with open(args.check) as f:
@@ -287,11 +316,7 @@ def main(argv=None) -> int:
     doc["seconds"] = round(time.time() - start, 1)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
-    title = (f"fastbirnn CPU grid: {info.get('cpu')}, {info.get('cpu_count')} cores, torch "
-             f"{info.get('torch')}, load {info.get('loadavg')}")
-    plot(doc["rows"], os.path.join(args.out, "grid.png"), title)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(summary(doc["rows"]) + "\n")
+    report(doc, args.out)
     problems = check(doc["rows"])
     print("\n".join(problems) or "rule: faster contender at every point")
     return 0

@@ -39,17 +39,20 @@ class CallShape:
 
 
 # The rule's thresholds, in multiply-adds per worker per recurrence step (see workers()).
-# Below them the fused kernel's saving (nn.RNN's per-step dispatch, its separate bias and
-# tanh passes, one direction after the other) is a clear win in the grid. Above them every
-# step is a large GEMM for both; over long sequences the kernel still wins (its input
-# projection and BPTT/weight-gradient GEMMs run over all steps at once), but short ones
-# (T < SHORT) are a few large GEMMs either way, the measured ratios scatter around 1.0, and
-# 'auto' keeps nn.RNN. fp64 training steps lost above the lower threshold at any length
-# (the large dgemm weight gradients), so they go to nn.RNN there.
-INFER_LIMIT = 1 << 23  # 8.4 M
-TRAIN_LIMIT = 1 << 26  # 67 M
-TRAIN_LIMIT_FP64 = 1 << 23
+# fp32: the fused kernel won wherever the sequence is long enough to amortise it. nn.RNN
+# gets: short sequences (T < SHORT) with large steps (a few large GEMMs either way; lost
+# narrowly at 2 threads), and inference where the kernel runs on one worker (one direction
+# of H <= 64 is one block) on a machine with more threads, with a step big enough for
+# nn.RNN's GEMM to use them.
+# fp64: the kernel's per-block dgemm calls lost at H > 512 in inference (small M, each call
+# repacks its block of W_hh), its portable small-H loops lost on one worker at B >= 128 in
+# training, and large training steps lost (the dgemm weight gradients): nn.RNN there.
+UNDERUSED_LIMIT = 1 << 18  # 262 k
 SHORT = 16
+SHORT_LIMIT = 1 << 24  # 16.8 M
+TRAIN_LIMIT_FP64 = 1 << 23  # 8.4 M
+FP64_INFER_MAX_HIDDEN = 512
+FP64_SMALL_HIDDEN_MAX_BATCH = 128
 
 # The engine's fixed column blocks (csrc/engine.cpp, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
@@ -64,8 +67,16 @@ def workers(s: CallShape) -> int:
 
 def prefer_cpp(s: CallShape) -> bool:
     """True where the grid shows the fused kernel faster than nn.RNN (False: nn.RNN)."""
-    per_worker = s.step_macs / workers(s)
-    if s.training and s.dtype == torch.float64:
+    team = workers(s)
+    per_worker = s.step_macs / team
+    if s.dtype == torch.float64:
+        if not s.training:
+            return s.hidden <= FP64_INFER_MAX_HIDDEN
+        if s.hidden <= _SMALL_HIDDEN and s.batch >= FP64_SMALL_HIDDEN_MAX_BATCH and team == 1:
+            return False
         return per_worker < TRAIN_LIMIT_FP64
-    limit = TRAIN_LIMIT if s.training else INFER_LIMIT
-    return per_worker < limit or s.seq >= SHORT
+    if not s.training and team == 1 < s.threads and per_worker >= UNDERUSED_LIMIT:
+        return False
+    if s.seq < SHORT:
+        return per_worker < SHORT_LIMIT
+    return True
