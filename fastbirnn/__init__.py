@@ -1,9 +1,10 @@
-"""fastbirnn: a fused bidirectional Elman RNN, a drop-in for ``torch.nn.RNN``."""
+"""fastbirnn: fused bidirectional RNNs, drop-ins for ``torch.nn.RNN``, ``nn.LSTM`` and ``nn.GRU``."""
 
 from fastbirnn import backends
+from fastbirnn.gated import FastBiGRU, FastBiLSTM
 from fastbirnn.module import FastBiRNN
 
-__all__ = ["FastBiRNN", "available_backends"]
+__all__ = ["FastBiRNN", "FastBiLSTM", "FastBiGRU", "available_backends"]
 __version__ = "0.1.0"
 
 

@@ -105,3 +105,82 @@ def hidden_weight_grad(dZ: Tensor, Hs: Tensor, h0: Tensor, lengths: Tensor) -> T
     dz = dZ.permute(2, 3, 0, 1).reshape(D, H, T * B)
     hp = h_prev.permute(2, 0, 1, 3).reshape(D, T * B, H)
     return torch.bmm(dz, hp)
+
+
+# ---- gated cells: the layer stack in plain PyTorch ops (autograd differentiates it) -------
+
+
+def lstm_step(xz: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh, w_hr):
+    """One LSTM step, nn.LSTM's gate order (input, forget, cell, output) and equations."""
+    h, c = state
+    gates = xz + torch.nn.functional.linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    if w_hr is not None:  # proj_size > 0: the state h is projected
+        h = h @ w_hr.T
+    return h, c
+
+
+def gru_step(xz: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh, w_hr):
+    """One GRU step, nn.GRU's gate order (reset, update, new); b_hn stays inside r * (...)."""
+    (h,) = state
+    x_r, x_z, x_n = xz.chunk(3, dim=1)
+    h_r, h_z, h_n = torch.nn.functional.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return ((1 - z) * n + z * h,)
+
+
+def _gated_stack(step, num_states, x, lengths, states, flat_weights, *, num_layers,
+                 num_directions, bias, dropout, training, batch_first=False, proj_size=0):
+    """The layer stack of a gated cell: per_layer_forward's contract with a tuple of states.
+
+    x [T,B,I] (or [B,T,I] with batch_first); states: tuple of [L*D,B,*] or None (zeros).
+    Returns output [T,B,D*P] (zero past each row's length) and the final states tuple.
+    """
+    if batch_first:
+        x = x.transpose(0, 1)
+    T, B, _ = x.shape
+    D = num_directions
+    per_direction = (4 if bias else 2) + (1 if proj_size else 0)
+    H = flat_weights[1].size(1) if not proj_size else flat_weights[per_direction - 1].size(1)
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
+    layer_input = x
+    finals: list[list[Tensor]] = []
+    for layer in range(num_layers):
+        outputs = []
+        for d in range(D):
+            index = layer * D + d
+            w = flat_weights[index * per_direction :][:per_direction]
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+            w_hr = w[-1] if proj_size else None
+            if states is None:  # zeros: h is [B, P] (projected) or [B, H]; LSTM's c is [B, H]
+                state = (x.new_zeros(B, w_hh.size(1)), x.new_zeros(B, H))[:num_states]
+            else:
+                state = tuple(s[index] for s in states)
+            projected = torch.nn.functional.linear(layer_input, w_ih, b_ih)
+            hs = [None] * T
+            for t in time_order(d, T):
+                active = (t < lengths).unsqueeze(1)
+                new = step(projected[t], state, w_hh, b_hh, w_hr)
+                state = tuple(torch.where(active, n, s) for n, s in zip(new, state))
+                hs[t] = torch.where(active, new[0], torch.zeros_like(new[0]))
+            outputs.append(torch.stack(hs))
+            finals.append(list(state))
+        layer_input = torch.cat(outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = torch.nn.functional.dropout(layer_input, dropout, training=True)
+    output = layer_input.transpose(0, 1) if batch_first else layer_input
+    return output, tuple(torch.stack(parts) for parts in zip(*finals))
+
+
+def lstm_stack(x, lengths, states, flat_weights, **config):
+    return _gated_stack(lstm_step, 2, x, lengths, states, flat_weights, **config)
+
+
+def gru_stack(x, lengths, states, flat_weights, **config):
+    return _gated_stack(gru_step, 1, x, lengths, states, flat_weights, **config)

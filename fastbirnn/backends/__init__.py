@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -44,6 +44,14 @@ class RecurrenceBackend:
     # Optional finer choice from everything 'auto' knows about the call (a
     # ``cpu_rule.CallShape``); used instead of ``preferred_for`` when the caller gives it.
     preferred_for_call: Optional[Callable[[torch.Tensor, object], bool]] = None
+    # The gated cells it runs ('lstm', 'gru'), each as a function of the layer stack with
+    # per_layer_forward's arguments, but a tuple of states for hx (None: zeros) and no
+    # nonlinearity, returning (output, final states tuple). The Elman cell ('rnn') is what
+    # forward/backward/stack_forward run: every backend has it.
+    cell_stacks: Mapping[str, Callable] = field(default_factory=dict)
+
+    def supports(self, cell: str) -> bool:
+        return cell == "rnn" or cell in self.cell_stacks
 
 
 _REGISTRY: dict[str, RecurrenceBackend] = {}
@@ -65,10 +73,16 @@ def get(name: str) -> RecurrenceBackend:
     return _REGISTRY[name]
 
 
-def check_name(name: str) -> None:
-    """Raise for an unknown backend, or a named one that cannot run on this install."""
+def check_name(name: str, cell: str = "rnn") -> None:
+    """Raise for an unknown backend, one without this cell, or one that cannot run here."""
     if not isinstance(name, str) or name not in names():
         raise ValueError(f"Unknown backend {name!r}. Select from {', '.join(map(repr, names()))}.")
+    if name in _REGISTRY and not _REGISTRY[name].supports(cell):
+        with_cell = [n for n in names() if n not in _REGISTRY or _REGISTRY[n].supports(cell)]
+        raise ValueError(
+            f"fastbirnn backend {name!r} has no {cell.upper()} cell yet. Select from "
+            f"{', '.join(map(repr, with_cell))}."
+        )
     if name in _REGISTRY:
         reason = _REGISTRY[name].unavailable_reason()
         if reason is not None:
@@ -83,16 +97,21 @@ def available() -> dict[str, Optional[str]]:
     return status
 
 
-def resolve_auto(x: torch.Tensor, hidden_size: int, batch_size: int, call=None) -> str:
+def resolve_auto(
+    x: torch.Tensor, hidden_size: int, batch_size: int, call=None, cell: str = "rnn"
+) -> str:
     """What ``'auto'`` runs for input ``x``: the first preferred kernel, else ``'torch'``.
 
     ``call`` (a ``cpu_rule.CallShape``, optional) describes the whole call for backends
-    whose choice depends on more than the hidden and batch sizes.
+    whose choice depends on more than the hidden and batch sizes; only backends that have
+    the ``cell`` are considered.
     """
     device_type = x.device.type
     for name in _AUTO_ORDER:
         backend = _REGISTRY[name]
         if backend.auto_devices is not None and device_type not in backend.auto_devices:
+            continue
+        if not backend.supports(cell):
             continue
         unavailable = backend.unavailable_reason()
         if unavailable is not None:
@@ -149,6 +168,7 @@ def _register_builtin() -> None:
             backward=reference.recurrence_backward,
             unavailable_reason=lambda: None,
             unsupported_reason=reference_unsupported,
+            cell_stacks={"lstm": reference.lstm_stack, "gru": reference.gru_stack},
         )
     )
 

@@ -1,0 +1,256 @@
+"""FastBiLSTM and FastBiGRU against nn.LSTM and nn.GRU: the FastBiRNN contract for gated cells.
+
+Parity of outputs, final states (h_n, and c_n for the LSTM) and every gradient over the input
+forms; the same errors as the nn class; module behaviour (state_dict both ways, pickle, repr);
+dropout; autocast; which backends have the cells. The property-based tests over the whole
+configuration space are in test_properties.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN, backends
+from parity import tolerances
+
+CELLS = {"lstm": (FastBiLSTM, nn.LSTM), "gru": (FastBiGRU, nn.GRU)}
+# 'auto' runs the nn class until a fused gated cell is measured faster; 'reference' is the spec.
+BACKENDS = ["reference", "auto", "torch"]
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:LSTM with projections is not supported with oneDNN"  # nn.LSTM's own notice
+)
+
+
+def make_pair(cell, backend, dtype=torch.float64, **kwargs):
+    fast_class, nn_class = CELLS[cell]
+    kwargs.setdefault("bidirectional", True)
+    torch.manual_seed(0)
+    expected = nn_class(dtype=dtype, **kwargs)
+    fast = fast_class(dtype=dtype, backend=backend, **kwargs)
+    fast.load_state_dict(expected.state_dict(), strict=True)
+    return expected, fast
+
+
+def states_for(cell, num_states_shape, dtype, proj_size=0, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    *lead, hidden = num_states_shape
+    h = torch.randn(*lead, proj_size or hidden, generator=g, dtype=dtype)
+    if cell == "lstm":
+        return (h, torch.randn(*lead, hidden, generator=g, dtype=dtype))
+    return h
+
+
+def _leaves(hx):
+    return [] if hx is None else list(hx) if isinstance(hx, tuple) else [hx]
+
+
+def forward_backward(module, x, hx, layout, lengths, batch_first):
+    x = x.detach().clone().requires_grad_()
+    if hx is not None:
+        hx = tuple(s.detach().clone().requires_grad_() for s in _leaves(hx))
+        hx = hx if len(hx) > 1 else hx[0]
+    if layout.startswith("packed"):
+        packed = pack_padded_sequence(
+            x, lengths, batch_first=batch_first, enforce_sorted=layout == "packed"
+        )
+        out, final = module(packed, hx)
+        out = pad_packed_sequence(out, batch_first=batch_first)[0]
+    else:
+        out, final = module(x, hx)
+    final = _leaves(final)
+    g = torch.Generator().manual_seed(9)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    for state in final:
+        loss = loss + (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
+    grads = torch.autograd.grad(loss, [x, *_leaves(hx), *module.parameters()])
+    return out, final, grads
+
+
+CASES = [
+    dict(),
+    dict(layout="packed"),
+    dict(layout="packed_unsorted", batch_first=True),
+    dict(layout="unbatched"),
+    dict(num_layers=3, with_hx=False),
+    dict(bidirectional=False, num_layers=2),
+    dict(bias=False, batch_first=True),
+    dict(num_layers=2, layout="packed_unsorted", with_hx=False),
+    dict(proj_size=2, num_layers=2),  # LSTM only
+    dict(proj_size=3, layout="packed_unsorted"),  # LSTM only
+]
+
+
+def _case_id(case: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in case.items()) or "default"
+
+
+CELL_CASES = [
+    pytest.param(cell, case, id=f"{cell}-{_case_id(case)}")
+    for cell in CELLS
+    for case in CASES
+    if cell == "lstm" or "proj_size" not in case  # proj_size is nn.LSTM's
+]
+
+
+@pytest.mark.parametrize("cell,case", CELL_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_parity(cell, backend, case, dtype):
+    case = dict(case)
+    layout = case.pop("layout", "padded")
+    with_hx = case.pop("with_hx", True)
+    kwargs = {**dict(input_size=4, hidden_size=5, num_layers=1, bidirectional=True), **case}
+    expected_module, fast = make_pair(cell, backend, dtype, **kwargs)
+    T, B = 6, 3
+    D = 2 if kwargs["bidirectional"] else 1
+    batch_first = kwargs.get("batch_first", False)
+    g = torch.Generator().manual_seed(1)
+    if layout == "unbatched":
+        x = torch.randn(T, 4, generator=g, dtype=dtype)
+        state_shape = (kwargs["num_layers"] * D, 5)
+    else:
+        x = torch.randn(*((B, T) if batch_first else (T, B)), 4, generator=g, dtype=dtype)
+        state_shape = (kwargs["num_layers"] * D, B, 5)
+    hx = states_for(cell, state_shape, dtype, kwargs.get("proj_size", 0)) if with_hx else None
+    lengths = [6, 2, 4] if layout == "packed_unsorted" else [6, 4, 2]
+    actual = forward_backward(fast, x, hx, layout, lengths, batch_first)
+    expected = forward_backward(expected_module, x, hx, layout, lengths, batch_first)
+    torch.testing.assert_close(actual, expected, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_auto_runs_the_nn_class_until_a_fused_cell_exists(cell):
+    _, fast = make_pair(cell, "auto", input_size=4, hidden_size=5)
+    assert fast.selected_backend(torch.randn(3, 2, 4, dtype=torch.float64)) == "torch"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_backends_without_the_cell_are_refused_at_construction(cell, backend):
+    fast_class, _ = CELLS[cell]
+    with pytest.raises(ValueError, match=f"no {cell.upper()} cell yet.*'reference'"):
+        fast_class(4, 5, backend=backend)
+    module = fast_class(4, 5)
+    with pytest.raises(ValueError, match="cell yet"):
+        module.backend = backend
+    assert module.backend == "auto"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_contract(cell):
+    fast_class, nn_class = CELLS[cell]
+    fast = fast_class(4, 5, num_layers=2)
+    assert isinstance(fast, nn_class) and fast.bidirectional
+    # state_dict both ways, strict.
+    plain = nn_class(4, 5, num_layers=2, bidirectional=True)
+    plain.load_state_dict(fast.state_dict(), strict=True)
+    fast.load_state_dict(plain.state_dict(), strict=True)
+    # Copies keep the backend.
+    fast.backend = "reference"
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert clone.backend == "reference"
+        x = torch.randn(3, 2, 4)
+        torch.testing.assert_close(clone(x), fast(x))
+    assert repr(fast).startswith(f"{fast_class.__name__}(4, 5, num_layers=2")
+    assert "backend='reference'" in repr(fast)
+
+
+def test_same_initialisation_as_the_nn_class():
+    for cell, (fast_class, nn_class) in CELLS.items():
+        torch.manual_seed(0)
+        fast = fast_class(4, 5, num_layers=2)
+        torch.manual_seed(0)
+        plain = nn_class(4, 5, num_layers=2, bidirectional=True)
+        for (name, a), (_, b) in zip(fast.named_parameters(), plain.named_parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{cell} {name}")
+
+
+def _bad_calls(cell):
+    h = lambda *shape: torch.randn(*shape)  # noqa: E731
+    state = (lambda *s: (h(*s), h(*s))) if cell == "lstm" else h
+    return {
+        "4d_input": (h(2, 3, 4, 5), None),
+        "1d_input": (h(4), None),
+        "wrong_input_size": (h(3, 2, 7), None),
+        "hx_wrong_batch": (h(3, 2, 4), state(2, 5, 5)),
+        "hx_wrong_hidden": (h(3, 2, 4), state(2, 2, 6)),
+        "hx_2d_for_batched": (h(3, 2, 4), state(2, 5)),
+        "hx_3d_for_unbatched": (h(3, 4), state(2, 1, 5)),
+        "hx_float64": (h(3, 2, 4), tuple(s.double() for s in state(2, 2, 5))
+                       if cell == "lstm" else state(2, 2, 5).double()),
+    }
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_input_raises_what_the_nn_class_raises(cell, backend):
+    fast_class, nn_class = CELLS[cell]
+    fast = fast_class(4, 5, backend=backend)
+    plain = nn_class(4, 5, bidirectional=True)
+    for name, (x, hx) in _bad_calls(cell).items():
+        with pytest.raises(Exception) as expected:
+            plain(x, hx)
+        with pytest.raises(expected.type) as actual:
+            fast(x, hx)
+        if name != "hx_float64":  # nn's words there come from its kernels (oneDNN, matmul)
+            assert str(actual.value) == str(expected.value), name
+
+
+def test_lstm_cell_state_shape_errors():
+    fast, plain = FastBiLSTM(4, 5, backend="reference"), nn.LSTM(4, 5, bidirectional=True)
+    x, hx = torch.randn(3, 2, 4), (torch.randn(2, 2, 5), torch.randn(2, 2, 6))
+    with pytest.raises(RuntimeError) as expected:
+        plain(x, hx)
+    with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+        fast(x, hx)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_training_dropout_matches_nn_class_for_the_same_seed(cell):
+    expected_module, fast = make_pair(cell, "reference", input_size=4, hidden_size=5,
+                                      num_layers=3, dropout=0.5, bidirectional=True)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    results = []
+    for module in (expected_module, fast):
+        module.train()
+        torch.manual_seed(123)
+        results.append(forward_backward(module, x, None, "padded", None, False))
+    torch.testing.assert_close(results[1], results[0])
+    fast.eval()
+    assert not torch.allclose(fast(x)[0], results[1][0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_modes(cell, mode):
+    expected_module, fast = make_pair(cell, "reference", input_size=4, hidden_size=5,
+                                      num_layers=3)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    with getattr(torch, mode)():
+        torch.testing.assert_close(fast(x), expected_module(x))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_cpu_autocast_follows_the_nn_class(cell, backend):
+    expected_module, fast = make_pair(cell, backend, torch.float32, input_size=4, hidden_size=5)
+    x = torch.randn(6, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, expected = fast(x), expected_module(x)
+    assert actual[0].dtype == expected[0].dtype
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_registry_reports_the_cells():
+    assert backends.get("reference").supports("lstm") and backends.get("reference").supports("gru")
+    assert not backends.get("cpp").supports("lstm")
+    assert all(backends.get(name).supports("rnn") for name in ("reference", "cpp"))
+    assert FastBiRNN.cell == "rnn" and FastBiLSTM.cell == "lstm" and FastBiGRU.cell == "gru"
