@@ -254,3 +254,25 @@ def test_registry_reports_the_cells():
     assert not backends.get("cpp").supports("lstm")
     assert all(backends.get(name).supports("rnn") for name in ("reference", "cpp"))
     assert FastBiRNN.cell == "rnn" and FastBiLSTM.cell == "lstm" and FastBiGRU.cell == "gru"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights")  # nn's, on export
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's imports
+def test_compile_fullgraph_and_export(cell):
+    fast_class, _ = CELLS[cell]
+    torch.manual_seed(0)
+    module = fast_class(4, 5, batch_first=True, backend="reference")
+    x = torch.randn(2, 3, 4)
+    with torch._dynamo.config.patch(allow_rnn=True):  # Dynamo's rule for nn.RNNBase subclasses
+        compiled = torch.compile(module, fullgraph=True)
+        xc = x.clone().requires_grad_()
+        out = compiled(xc)
+        out[0].sum().backward()
+        xe = x.clone().requires_grad_()
+        expected = module(xe)
+        expected[0].sum().backward()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(xc.grad, xe.grad)
+        exported = torch.export.export(module, (x,))
+    torch.testing.assert_close(exported.module()(x), module(x))
