@@ -64,4 +64,4 @@ TILINGS = st.fixed_dictionaries({
 )
 def test_triton_multicta_matches_nn_rnn(config, tiling):
     with _multicta(tiling):
-        props.check_against_nn_rnn(config, "triton")
+        props.check_against_nn(config, "triton")
