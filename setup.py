@@ -122,7 +122,8 @@ if sources:
             cached = None
             if use_cache:
                 cached = os.path.join(CACHE_DIR, _cache_key(ext), os.path.basename(target))
-                if os.path.isfile(cached) and not self.force:
+                # Not gated on self.force: setuptools sets it for every editable install.
+                if os.path.isfile(cached):
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.copy2(cached, target)
                     _say(f"\r  fastbirnn: reusing the C++ CPU kernel built before ({cached})")
