@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from typing import Optional
 
@@ -67,33 +68,64 @@ def _backend_label(row: dict) -> str:
 
 HEADER = ("shape", "dtype", "backend", "fwd ms", "train ms", "train tok/s", "fwd x", "train x",
           "peak MB")
+DISTURBED_HEADER = "disturbed by"
+
+
+def _cells(r: dict) -> list[str]:
+    return [
+        r["shape"], r["dtype"], _backend_label(r), _fmt_ms(r["fwd_ms"]),
+        _fmt_ms(r["train_ms"]), _fmt_rate(r["tokens_per_s_train"]),
+        f"{r['speedup_fwd']:.2f}", f"{r['speedup_train']:.2f}",
+        _fmt_mb(r.get("peak_train_bytes")),
+    ]
+
+
+def disturbed_rows(rows: list[dict]) -> list[dict]:
+    """Measured rows whose times or ratios other work on the machine disturbed."""
+    return [r for r in rows if "skipped" not in r and r.get("disturbed_by")]
+
+
+def disturbance_note(rows: list[dict]) -> Optional[str]:
+    """A warning naming how many rows were disturbed, or None when none was."""
+    bad = disturbed_rows(rows)
+    if not bad:
+        return None
+    measured = sum("skipped" not in r for r in rows)
+    return textwrap.fill(
+        f"WARNING: {len(bad)} of {measured} rows were disturbed while measured, so their "
+            "times and ratios are not trustworthy (nn.RNN's multithreaded per-step ops suffer "
+            "most): rerun on an idle machine. "
+            f"'{DISTURBED_HEADER}': others = cores that other processes kept busy meanwhile "
+            f"(limit {bm.OTHER_CORES_LIMIT} beyond idle ones); spread = interquartile range "
+            f"of the repeats over their median (limit {bm.SPREAD_LIMIT:.0%}), of this row or "
+            "of nn.RNN's (the ratios' other side).", width=100)
 
 
 def table(rows: list[dict]) -> str:
-    """A plain-text table, one line per measured contender, skipped ones as notes below."""
-    lines = []
+    """A plain-text table, one line per measured contender, skipped ones as notes below.
+
+    Rows disturbed by other work on the machine say why in a last column.
+    """
+    measured = [r for r in rows if "skipped" not in r]
+    show_disturbed = bool(disturbed_rows(rows))
+    header = HEADER + ((DISTURBED_HEADER,) if show_disturbed else ())
+    lines = [_cells(r) + ([", ".join(r.get("disturbed_by") or [])] if show_disturbed else [])
+             for r in measured]
     notes = []
     for r in rows:
         if "skipped" in r:
             note = f"{r['backend']}: {r['skipped']}"
             if note not in notes:
                 notes.append(note)
-            continue
-        lines.append((
-            r["shape"], r["dtype"], _backend_label(r), _fmt_ms(r["fwd_ms"]),
-            _fmt_ms(r["train_ms"]), _fmt_rate(r["tokens_per_s_train"]),
-            f"{r['speedup_fwd']:.2f}", f"{r['speedup_train']:.2f}",
-            _fmt_mb(r.get("peak_train_bytes")),
-        ))
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
-              for i, h in enumerate(HEADER)]
-    left = {0, 1, 2}
+              for i, h in enumerate(header)]
+    left = {0, 1, 2, len(HEADER)}
 
     def fmt(cells):
         return "  ".join(c.ljust(w) if i in left else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    out = [fmt(HEADER), fmt(["-" * w for w in widths])]
+    out = [fmt(header), fmt(["-" * w for w in widths])]
     prev = None
     for l in lines:
         if prev is not None and l[:2] != prev:
@@ -105,21 +137,22 @@ def table(rows: list[dict]) -> str:
         out.append("not run: " + "; ".join(notes))
     out.append("fwd x / train x: speedup over nn.RNN (its time / this time), median of "
                "interleaved runs; train = forward + backward; peak MB: training step")
+    note = disturbance_note(rows)
+    if note:
+        out.append(note)
     return "\n".join(out)
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The same table in Markdown, for the README."""
-    out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    show_disturbed = bool(disturbed_rows(rows))
+    header = HEADER + ((DISTURBED_HEADER,) if show_disturbed else ())
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "skipped" in r:
             continue
-        out.append("| " + " | ".join((
-            r["shape"], r["dtype"], _backend_label(r), _fmt_ms(r["fwd_ms"]),
-            _fmt_ms(r["train_ms"]), _fmt_rate(r["tokens_per_s_train"]),
-            f"{r['speedup_fwd']:.2f}", f"{r['speedup_train']:.2f}",
-            _fmt_mb(r.get("peak_train_bytes")),
-        )) + " |")
+        cells = _cells(r) + ([", ".join(r.get("disturbed_by") or [])] if show_disturbed else [])
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -221,7 +254,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--preset", default="quick", choices=sorted(bm.PRESETS),
                    help="tiny (seconds), quick (default, <1 min on CPU), cpu (sweeps, minutes), "
-                        "gpu (issue 5/8 grid, fp32 TF32 on/off and bf16)")
+                        "gpu (CUDA: batch {1,8,32,128} x hidden {128..1024}, T=256, in fp32 "
+                        "with TF32 on and off, and bf16)")
     p.add_argument("--backends", default=None,
                    help="comma-separated FastBiRNN backends (default: auto and every registered "
                         "one, skipping those that cannot run here)")
@@ -230,8 +264,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", action="append", default=[], metavar="B,T,I,H[,L]",
                    help="run this shape instead of the preset (repeatable)")
     p.add_argument("--out", default=None, help=f"folder for {JSON_NAME} and {PNG_NAME}")
-    p.add_argument("--min-rounds", type=int, default=None)
-    p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument("--min-rounds", type=int, default=None,
+                   help="timed rounds per case at least, whatever the budget (each round times "
+                        "every contender once; default set by the preset)")
+    p.add_argument("--max-rounds", type=int, default=None,
+                   help="timed rounds per case at most (default set by the preset)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed rounds per case (after the minimum rounds)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
@@ -309,11 +346,6 @@ def main(argv=None) -> int:
     info = bm.machine_info(device)
     log(f"fastbirnn bench: {len(cases)} case(s), preset {args.preset!r}, device {device}")
     log(f"  {bm.describe_machine(info)}")
-    load = info.get("loadavg")
-    if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
-        log(f"  note: the machine is busy (load average {load[0]:.1f} on {os.cpu_count()} "
-            "cores): times and ratios are unreliable (nn.RNN's multithreaded per-step ops "
-            "suffer most); measure results on an idle machine")
     doc = {
         "schema": SCHEMA,
         "machine": info,
@@ -321,6 +353,8 @@ def main(argv=None) -> int:
             "preset": args.preset, "device": str(device), "backends": backends,
             "min_rounds": min_rounds, "max_rounds": max_rounds, "budget_s": budget,
             "memory": not args.no_memory, "cases": [c.as_dict() for c in cases],
+            "disturbance_limits": {"other_cores": bm.OTHER_CORES_LIMIT,
+                                   "spread": bm.SPREAD_LIMIT},
             "argv": sys.argv[1:] if argv is None else list(argv),
         },
         "results": [],
@@ -353,8 +387,10 @@ def main(argv=None) -> int:
             f"{bm.BASELINE if r['backend'] == bm.BASELINE else _backend_label(r)} "
             + ("skip" if "skipped" in r else f"{r['speedup_train']:.2f}x")
             for r in rows if "skipped" not in r or r["backend"] == "auto")
+        disturbed = len(disturbed_rows(rows))
         log(f"[{i + 1}/{len(cases)}] {case.shape} {case.dtype}: {time.perf_counter() - t0:.1f}s"
-            f" (train speedup: {summary}); elapsed {elapsed:.0f}s, ~{eta:.0f}s left")
+            f" (train speedup: {summary}); elapsed {elapsed:.0f}s, ~{eta:.0f}s left"
+            + (f"; DISTURBED ({disturbed} rows)" if disturbed else ""))
     doc["complete"] = not doc.get("interrupted", False)
     doc["wall_s"] = time.perf_counter() - start
     if json_path:

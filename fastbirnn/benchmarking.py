@@ -377,6 +377,86 @@ def measure_interleaved(
     return timings
 
 
+# ------------------------------------------------------------------------- disturbance
+
+# A case is disturbed when other processes used more than this many cores on average beyond
+# the ones this process leaves idle (cpu_count - torch threads). An idle machine's daemons
+# take a few hundredths of a core.
+OTHER_CORES_LIMIT = 0.2
+# A contender's repeats are too spread out when their interquartile range exceeds this
+# fraction of their median. On an idle 2-core VM the worst seen was 0.34 (the tutorial shape,
+# ~30 us calls); a steady run of a large shape stays under 0.05.
+SPREAD_LIMIT = 0.5
+
+
+def _machine_busy_seconds() -> Optional[float]:
+    """CPU seconds all processes have used since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy;
+    # steal is time a hypervisor gave another guest while this one wanted to run.
+    ticks = [int(v) for v in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class OtherCpuMeter:
+    """How many cores other processes kept busy, on average, since it was created."""
+
+    def __init__(self) -> None:
+        self._machine = _machine_busy_seconds()
+        self._own = time.process_time()  # all of this process's threads
+        self._wall = time.perf_counter()
+
+    def cores(self) -> Optional[float]:
+        """Average cores used by other processes, or None where it cannot be measured."""
+        machine = _machine_busy_seconds()
+        wall = time.perf_counter() - self._wall
+        if machine is None or self._machine is None or wall <= 0:
+            return None
+        other = (machine - self._machine) - (time.process_time() - self._own)
+        return max(0.0, other / wall)
+
+
+def relative_spread(samples: list[float]) -> float:
+    """Interquartile range of the samples over their median (0 for fewer than 2)."""
+    if len(samples) < 2:
+        return 0.0
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    median = statistics.median(samples)
+    return (q[2] - q[0]) / median if median > 0 else 0.0
+
+
+def disturbance(
+    samples: dict[str, list[float]],
+    baseline_samples: Optional[dict[str, list[float]]],
+    other_cores: Optional[float],
+    spare_cores: float = 0.0,
+) -> list[str]:
+    """Why a row's times or ratios cannot be trusted; empty when nothing disturbed them.
+
+    ``samples``: the row's repeat times per mode ('fwd', 'train'). ``baseline_samples``:
+    nn.RNN's, since a ratio is wrong when either side is (None for nn.RNN's own row).
+    ``other_cores``: what :class:`OtherCpuMeter` measured over the case (None: unknown).
+    ``spare_cores``: cores this process does not use (cpu_count - torch threads), which
+    others may use freely.
+    """
+    reasons = []
+    if other_cores is not None and other_cores > spare_cores + OTHER_CORES_LIMIT:
+        reasons.append(f"others {other_cores:.2f} cores")
+    for who, by_mode in (("", samples), (f"{BASELINE} ", baseline_samples or {})):
+        spreads = {mode: relative_spread(values) for mode, values in by_mode.items()}
+        wide = [f"{mode} {spread:.0%}" for mode, spread in spreads.items() if spread > SPREAD_LIMIT]
+        if wide:
+            reasons.append(f"{who}spread {' '.join(wide)}")
+    return reasons
+
+
 # ------------------------------------------------------------------------------ memory
 
 
@@ -470,15 +550,19 @@ def run_case(
         for name in names:
             fns[(name, "fwd")] = forward_step(models[name], x)
             fns[(name, "train")] = train_step(models[name], x, grad_out)
+        meter = OtherCpuMeter()
         timings = measure_interleaved(
             fns, device, warmup=warmup, min_rounds=min_rounds, max_rounds=max_rounds,
             budget_s=budget_s,
         )
+        other_cores = meter.cores()
         peaks = {n: peak_train_memory(fns[(n, "train")], device) if memory else None
                  for n in names}
         resolved = {n: resolved_backend(models[n], x) for n in names}
     base_fwd = timings[(BASELINE, "fwd")].median
     base_train = timings[(BASELINE, "train")].median
+    base_samples = {m: timings[(BASELINE, m)].samples for m in ("fwd", "train")}
+    spare_cores = max(0, (os.cpu_count() or 1) - torch.get_num_threads())
     for name, reason in entries:
         row: dict = {
             "case": case.as_dict(), "id": case.id, "shape": case.shape, "dtype": case.dtype,
@@ -503,6 +587,13 @@ def run_case(
             speedup_fwd=base_fwd / fwd.median,
             speedup_train=base_train / train.median,
             peak_train_bytes=peaks[name],
+            other_cpu_cores=None if other_cores is None else round(other_cores, 3),
+            fwd_spread=relative_spread(fwd.samples),
+            train_spread=relative_spread(train.samples),
+            disturbed_by=disturbance(
+                {"fwd": fwd.samples, "train": train.samples},
+                None if name == BASELINE else base_samples, other_cores, spare_cores,
+            ),
         )
         rows.append(row)
     del models, fns, x, grad_out
