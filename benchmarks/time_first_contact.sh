@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Times the README's quick start as a new user runs it: a fresh clone, a new venv, pip's cache
-# as it is. Prints one line per step with the load average at its end (the machine may be
-# shared: note it next to any time you quote). The commands are read from README.md itself.
+# as it is. Prints one line per step: wall time, CPU time and the load average at its end (the
+# machine may be shared: note the load next to any time you quote). The commands are read
+# from README.md itself.
 #
 #   benchmarks/time_first_contact.sh [both|alone] [REPO]
 #     both:  command 1, then command 2 (which reuses the C++ build of command 1)
@@ -19,14 +20,17 @@ command2=$(grep -m1 '^pip install --no-build-isolation -e ".\[test' "$readme")
 install2=${command2% && python -m pytest}
 [ "$install2" != "$command2" ] || { echo "command 2 does not end in && python -m pytest" >&2; exit 1; }
 
-step() {  # step LABEL COMMAND: run COMMAND in the clone, print its wall time and load
-    local label=$1 start end
-    start=$(date +%s.%N)
-    (cd "$work/clone" && { [ ! -f .venv/bin/activate ] || . .venv/bin/activate; } && eval "$2") \
-        >>"$log" 2>&1
-    end=$(date +%s.%N)
-    printf '%-34s %6.1f s   load average %s\n' "$label" "$(echo "$end - $start" | bc)" \
-        "$(cut -d' ' -f1-3 /proc/loadavg)"
+step() {  # step LABEL COMMAND: run COMMAND in the clone; print wall time, CPU time, load
+    local label=$1 times real user sys
+    times=$( { TIMEFORMAT='%R %U %S'; time (
+        cd "$work/clone" && { [ ! -f .venv/bin/activate ] || . .venv/bin/activate; } &&
+        # In a pseudo-terminal, as a user sees it (the build's progress goes to the terminal).
+        if command -v script >/dev/null; then script -qec "$2" /dev/null; else eval "$2"; fi
+    ) >>"$log" 2>&1; } 2>&1 )
+    read -r real user sys <<<"$times"
+    # CPU time (user + sys, children included) is what a busy machine does not inflate.
+    printf '%-34s %6.1f s wall %6.1f s CPU   load average %s\n' "$label" "$real" \
+        "$(echo "$user + $sys" | bc)" "$(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
 echo "$(date -u +%FT%TZ)  $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"

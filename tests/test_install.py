@@ -1,0 +1,42 @@
+"""What a plain install pulls in, and what a missing optional dependency says."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastbirnn
+from fastbirnn import FastBiRNN, backends
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _starts_with(requirements, name):
+    return [r for r in requirements if r.replace(" ", "").lower().startswith(name)]
+
+
+def test_a_cpu_install_pulls_no_triton():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    # ~1 GB that a CPU-only machine cannot run; CUDA builds of torch bring their own.
+    assert not _starts_with(project["dependencies"], "triton")
+    assert not _starts_with(extras["bench"], "triton")
+    # The test command installs it: CI runs the kernels through the Triton interpreter.
+    assert _starts_with(extras["test"], "triton")
+
+
+def test_backend_triton_without_the_package_says_how_to_get_it(monkeypatch):
+    check = backends.get("triton").unavailable_reason
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now fails
+    for name in [m for m in sys.modules if m.startswith("fastbirnn.triton")]:
+        monkeypatch.delitem(sys.modules, name)
+    getattr(check, "cache_clear", lambda: None)()
+    try:
+        assert "pip install triton" in fastbirnn.available_backends()["triton"]
+        with pytest.raises(RuntimeError, match="pip install triton"):
+            FastBiRNN(4, 8, backend="triton")(torch.randn(3, 2, 4))
+    finally:
+        monkeypatch.undo()
+        getattr(check, "cache_clear", lambda: None)()  # later tests see the real triton again
