@@ -22,11 +22,12 @@ install2=${command2% && python -m pytest}
 
 step() {  # step LABEL COMMAND: run COMMAND in the clone; print wall time, CPU time, load
     local label=$1 times real user sys
-    times=$( { TIMEFORMAT='%R %U %S'; time (
+    # (The redirections sit inside the timed subshell: outside it, bash loses the timing.)
+    times=$( { TIMEFORMAT='%R %U %S'; time ( {
         cd "$work/clone" && { [ ! -f .venv/bin/activate ] || . .venv/bin/activate; } &&
         # In a pseudo-terminal, as a user sees it (the build's progress goes to the terminal).
         if command -v script >/dev/null; then script -qec "$2" /dev/null; else eval "$2"; fi
-    ) >>"$log" 2>&1; } 2>&1 )
+    } >>"$log" 2>&1 </dev/null ); } 2>&1 )
     read -r real user sys <<<"$times"
     # CPU time (user + sys, children included) is what a busy machine does not inflate.
     printf '%-34s %6.1f s wall %6.1f s CPU   load average %s\n' "$label" "$real" \
