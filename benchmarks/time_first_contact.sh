@@ -6,7 +6,8 @@
 #
 #   benchmarks/time_first_contact.sh [both|alone] [REPO]
 #     both:  command 1, then command 2 (which reuses the C++ build of command 1)
-#     alone: command 2 only, on its own fresh clone (it must do all of its own setup)
+#     alone: on its own fresh clone, torch as CI installs it (command 1's first step), then
+#            command 2: no build to reuse, so it must compile
 set -euo pipefail
 mode=${1:-both}
 repo=$(cd "${2:-$(dirname "$0")/..}" && pwd)
@@ -23,11 +24,14 @@ install2=${command2% && python -m pytest}
 step() {  # step LABEL COMMAND: run COMMAND in the clone; print wall time, CPU time, load
     local label=$1 times real user sys
     # (The redirections sit inside the timed subshell: outside it, bash loses the timing.)
-    times=$( { TIMEFORMAT='%R %U %S'; time ( {
+    if ! times=$( { TIMEFORMAT='%R %U %S'; time ( {
         cd "$work/clone" && { [ ! -f .venv/bin/activate ] || . .venv/bin/activate; } &&
         # In a pseudo-terminal, as a user sees it (the build's progress goes to the terminal).
         if command -v script >/dev/null; then script -qec "$2" /dev/null; else eval "$2"; fi
-    } >>"$log" 2>&1 </dev/null ); } 2>&1 )
+    } >>"$log" 2>&1 </dev/null ); } 2>&1 ); then
+        echo "$label: FAILED (see $log)"
+        exit 1
+    fi
     read -r real user sys <<<"$times"
     # CPU time (user + sys, children included) is what a busy machine does not inflate.
     printf '%-34s %6.1f s wall %6.1f s CPU   load average %s\n' "$label" "$real" \
@@ -45,6 +49,8 @@ if [ "$mode" = both ]; then
         step "  ${part:0:32}" "$part"
     done <<<"${command1// && /$'\n'}"
     printf '%-34s %6.1f s\n' "command 1 in all" "$(echo "$(date +%s.%N) - $start1" | bc)"
+else
+    step "  ${command1%% && *}" "${command1%% && *}"
 fi
 step "command 2 until pytest starts" "$install2"
 step "command 2: python -m pytest" "python -m pytest"
