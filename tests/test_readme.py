@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 TEST_COMMAND = 'pip install --no-build-isolation -e ".[test,examples,onnx]"'
+# The output of benchmarks/time_first_contact.sh that the quick start quotes.
+FIRST_CONTACT = ROOT / "benchmarks" / "results" / "first_contact.txt"
 
 
 def test_readme_has_runnable_examples():
@@ -26,3 +28,12 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     install, _, test = readme_line.partition(" && ")
     assert install in ci and f"&& {test}" in ci
+
+
+def test_quick_start_times_are_the_committed_measurement():
+    section = README[README.index("## Quick start"):README.index("## Using it")]
+    quoted = re.findall(r"\b\d+\.\d s\b", section)
+    assert len(quoted) >= 3, "the quick start states the measured times of both commands"
+    measured = FIRST_CONTACT.read_text()
+    for time in quoted:
+        assert time in measured, f"{time} is not in {FIRST_CONTACT.name}"
