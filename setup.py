@@ -27,6 +27,7 @@ import sys
 import sysconfig
 import threading
 import time
+import warnings
 
 from setuptools import setup
 
@@ -111,6 +112,12 @@ def _cache_key(ext):
     )).encode())
     return digest.hexdigest()[:16]
 
+
+# pip >= 25 shows a build's warnings to the user. These two say nothing about this project:
+# torch warns that NumPy is missing (it is optional; command 1 installs none), and setuptools
+# explains how editable installs work after every one.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+warnings.filterwarnings("ignore", message="Editable installation")
 
 if sources:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
