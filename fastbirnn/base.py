@@ -101,16 +101,10 @@ class FusedRNNMixin:
         threads = _threads_seen[0] = torch.get_num_threads()
         # The choice depends only on this signature: cached per module, off the hot path.
         key = (batch_size, seq_len, data.dtype, data.device, training, threads)
-        cache = self.__dict__.get("_auto_cache")
-        if cache is None:
-            cache = self.__dict__["_auto_cache"] = {}
-        backend = cache.get(key)
+        backend = self.__dict__.get("_auto_cache", {}).get(key)
         if backend is None:
-            if len(cache) >= 256:
-                cache.clear()
-            backend = cache[key] = self._resolve_auto(
-                data, batch_size, seq_len, training, threads
-            )
+            backend = self._resolve_auto(data, batch_size, seq_len, training, threads)
+            self._remember("_auto_cache", key, backend)
         return backend
 
     def _resolve_auto(self, data, batch_size, seq_len, training, threads) -> str:
@@ -138,12 +132,12 @@ class FusedRNNMixin:
         backend = self.selected_backend(input)
         if backend == backends.TORCH:
             if key is not None:
-                self._remember(key, backends.TORCH)
+                self._remember("_calls", key, backends.TORCH)
             return super().forward(input, hx)
         result = self._fused_forward(input, hx, backend)
         entry = self._hot_path_entry(backend)
         if key is not None and entry is not None:
-            self._remember(key, entry)
+            self._remember("_calls", key, entry)
         return result
 
     # ---- the hot path: a call signature that passed every check before ----------------------
@@ -177,11 +171,12 @@ class FusedRNNMixin:
         to on ``backend``, or None (then every call takes the full path)."""
         return None
 
-    def _remember(self, key, entry) -> None:
-        calls = self.__dict__.setdefault("_calls", {})
-        if len(calls) >= 256:
-            calls.clear()
-        calls[key] = entry
+    def _remember(self, cache_name: str, key, value) -> None:
+        """Store in one of the module's memo dicts, emptied at 256 entries (bounded)."""
+        cache = self.__dict__.setdefault(cache_name, {})
+        if len(cache) >= 256:
+            cache.clear()
+        cache[key] = value
 
     # ---- the fused path -------------------------------------------------------------------
 

@@ -142,7 +142,7 @@ def configs(draw, max_work: int, max_layers=5, max_seq=64, max_batch=70, max_hid
 def _inputs(config: Config, call: int):
     g = torch.Generator().manual_seed(1000 + call)
     D = 2 if config.bidirectional else 1
-    L, B, T, H = config.num_layers, config.batch, config.seq_len, config.hidden_size
+    L, B, T = config.num_layers, config.batch, config.seq_len
     batch_shape = () if config.layout == "unbatched" else (B,)
     if config.layout == "unbatched":
         x = torch.randn(T, config.input_size, generator=g, dtype=config.dtype)
