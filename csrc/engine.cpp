@@ -331,6 +331,17 @@ void check_lengths(const Tensor& lengths, int64_t B) {
               lengths.sizes());
 }
 
+// check_lengths, then every entry in [1, T]; the values, from a contiguous copy kept in
+// lengths_c for as long as the pointer is used.
+const int64_t* checked_lengths(const Tensor& lengths, int64_t B, int64_t T, Tensor& lengths_c) {
+  check_lengths(lengths, B);
+  lengths_c = lengths.contiguous();
+  const int64_t* L = lengths_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(L[b] >= 1 && L[b] <= T, "fastbirnn cpp backend: lengths must be in [1, T]");
+  return L;
+}
+
 void check_inputs(const Tensor& x, const std::optional<Tensor>& hx, at::TensorList weights,
                   const std::optional<Tensor>& lengths, const StackArgs& a) {
   TORCH_CHECK(x.device().is_cpu(), "fastbirnn cpp backend: expected CPU tensors, got ", x.device());
@@ -378,14 +389,7 @@ Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths, const S
   g.st = a.batch_first ? 1 : g.B;
   g.sb = a.batch_first ? g.T : 1;
   g.lengths = nullptr;
-  if (lengths && lengths->defined()) {
-    lengths_cpu = lengths->contiguous();
-    check_lengths(lengths_cpu, g.B);
-    const int64_t* L = lengths_cpu.data_ptr<int64_t>();
-    for (int64_t b = 0; b < g.B; ++b)
-      TORCH_CHECK(L[b] >= 1 && L[b] <= g.T, "fastbirnn cpp backend: lengths must be in [1, T]");
-    g.lengths = L;
-  }
+  if (lengths && lengths->defined()) g.lengths = checked_lengths(*lengths, g.B, g.T, lengths_cpu);
   check_blas_sizes(g, x.size(2));
   return g;
 }
@@ -845,12 +849,7 @@ Geometry seam_geometry(const Tensor& Z, const Tensor& W_hh, const Tensor& length
   Geometry g{Z.size(0), Z.size(1), Z.size(2), Z.size(3), Z.size(1), 1, nullptr};
   check_tensor(Z, "Z", Z.scalar_type(), Z.sizes());
   check_tensor(W_hh, "W_hh", Z.scalar_type(), {g.D, g.H, g.H});
-  check_lengths(lengths, g.B);
-  lengths_c = lengths.contiguous();
-  g.lengths = lengths_c.data_ptr<int64_t>();
-  for (int64_t b = 0; b < g.B; ++b)
-    TORCH_CHECK(g.lengths[b] >= 1 && g.lengths[b] <= g.T,
-                "fastbirnn cpp backend: lengths must be in [1, T]");
+  g.lengths = checked_lengths(lengths, g.B, g.T, lengths_c);
   check_blas_sizes(g, g.H);
   return g;
 }
