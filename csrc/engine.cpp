@@ -144,6 +144,22 @@ constexpr int64_t kMinStepWork = int64_t(1) << 14;
 
 // Workers for the recurrence: up to torch.get_num_threads(), at most one per block, fewer when
 // the per-step work is too small to pay for the barrier. Changes speed only, never results.
+// Whether the per-step block products run on small_gemm, from W_hh blocks packed once per
+// layer (register tiles at every H where the CPU has them; plain loops below kSmallHidden),
+// or on BLAS calls (which repack their operands at every step).
+bool packed_blocks(int64_t H) { return H <= kSmallHidden || have_gemm_tiles(); }
+
+// Packs block [j0, j0 + w) of W_hh [H, H] as the [H, w] panel small_gemm reads
+// (panel[k * w + n] = W_hh[j0 + n, k]); the panels of a direction tile its [H * H] buffer.
+template <typename T>
+void pack_block(const T* w_hh, int64_t H, int64_t j0, int64_t w, T* packed) {
+  T* panel = packed + j0 * H;
+  for (int64_t n = 0; n < w; ++n) {
+    const T* row = w_hh + (j0 + n) * H;
+    for (int64_t k = 0; k < H; ++k) panel[k * w + n] = row[k];
+  }
+}
+
 int64_t team_size(const Geometry& g, const Blocks& blk) {
   const int64_t per_step = g.D * g.B * g.H * g.H;
   if (!worth_threads(per_step * g.T)) return 1;
@@ -160,7 +176,7 @@ int64_t row_blocks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>
 template <typename T>
 struct ForwardDirs {
   const T* w_hh[2] = {nullptr, nullptr};  // [H,H]
-  const T* w_t[2] = {nullptr, nullptr};   // W_hh^T, small H only (small_gemm's layout)
+  T* w_packed[2] = {nullptr, nullptr};    // [H*H] scratch for packed W_hh blocks, or null
   const T* bias[2] = {nullptr, nullptr};  // b_ih + b_hh [H], or null
   const T* h0[2] = {nullptr, nullptr};    // [B,H], or null for zeros
   T* hn[2] = {nullptr, nullptr};          // [B,H] results
@@ -178,6 +194,8 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;
     const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    // Each worker packs its own blocks: they stay in its core's cache for every step.
+    if (p.w_packed[d]) pack_block(p.w_hh[d], H, j0, w, p.w_packed[d]);
     T* s0 = buffer(d, 0);
     for (int64_t b = 0; b < B; ++b) {
       if (p.h0[d])
@@ -196,8 +214,8 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       T* next = buffer(d, s + 1);
       T* C = Hs + t * g.st * g.DH() + d * H + j0;
       const int64_t bound = g.active_bound(t);
-      if (p.w_t[d])
-        small_gemm<T>(bound, w, H, prev, H, p.w_t[d], T(1), C, ld);  // one block: w == H
+      if (p.w_packed[d])
+        small_gemm<T>(bound, w, H, prev, H, p.w_packed[d] + j0 * H, w, T(1), C, ld);
       else
         gemm<T>(false, true, bound, w, H, prev, H, p.w_hh[d] + j0 * H, H, T(1), C, ld);
       const T* bias = p.bias[d] ? p.bias[d] + j0 : nullptr;
@@ -266,8 +284,8 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
         const bool all_active = g.all_active_below(tp, bound);
         T* target = all_active ? carry : tmp;
         const T* dzp = dZ + tp * g.st * g.DH() + d * H;
-        if (H <= kSmallHidden)
-          small_gemm<T>(bound, w, H, dzp, ld, p.w_hh[d] + j0, T(0), target + j0, H);
+        if (packed_blocks(H))  // W_hh's columns [j0, j0 + w) are already a [H, w] panel
+          small_gemm<T>(bound, w, H, dzp, ld, p.w_hh[d] + j0, H, T(0), target + j0, H);
         else
           gemm<T>(false, false, bound, w, H, dzp, ld, p.w_hh[d] + j0, H, T(0), target + j0, H);
         if (!all_active)
@@ -453,7 +471,7 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out)
     const int64_t d = task % g.D, blk = task / g.D;
     const int64_t r0 = p.rows * blk / p.blocks, r1 = p.rows * (blk + 1) / p.blocks;
     if (p.w_ih_t[d])  // tiny: register-blocked loops beat a BLAS call's fixed cost
-      small_gemm<T>(r1 - r0, H, p.I, p.X + r0 * p.I, p.I, p.w_ih_t[d], T(0),
+      small_gemm<T>(r1 - r0, H, p.I, p.X + r0 * p.I, p.I, p.w_ih_t[d], H, T(0),
                     out + r0 * g.DH() + d * H, g.DH());
     else
       gemm<T>(false, true, r1 - r0, H, p.I, p.X + r0 * p.I, p.I, p.w_ih[d], p.I, T(0),
@@ -475,8 +493,8 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
   int64_t in_size = x.size(2);
   std::vector<T> bias_sum(a.has_biases ? D * H : 0);
   std::vector<T> state(size_t(D) * 2 * B * H);
-  // Transposed weights for the small paths (at most 2 * 64 * 64 each), on the stack.
-  alignas(64) T w_t[2][kSmallHidden * kSmallHidden];
+  // Packed W_hh blocks (filled by the workers), and W_ih^T for the tiny projection.
+  const Tensor packed = packed_blocks(H) ? at::empty({D, H, H}, x.options()) : Tensor();
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out;
@@ -501,10 +519,7 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
         proj.w_ih_t[d] = w_ih_t[d];
       }
       dirs.w_hh[d] = weights[base + 1].data_ptr<T>();
-      if (H <= kSmallHidden) {
-        transpose(dirs.w_hh[d], H, H, w_t[d]);
-        dirs.w_t[d] = w_t[d];
-      }
+      if (packed.defined()) dirs.w_packed[d] = packed.data_ptr<T>() + d * H * H;
       if (a.has_biases) {
         const T* b_ih = weights[base + 2].data_ptr<T>();
         const T* b_hh = weights[base + 3].data_ptr<T>();
@@ -867,13 +882,10 @@ Tensor recurrence_forward(const Tensor& Z, const Tensor& W_hh, const Tensor& h0,
     const Blocks blk = column_blocks(g.D, g.H);
     const ElmanCell cell{relu};
     ForwardDirs<T> dirs;
-    std::vector<T> w_t(g.H <= kSmallHidden ? g.D * g.H * g.H : 0);
+    const Tensor packed = packed_blocks(g.H) ? at::empty_like(W) : Tensor();
     for (int64_t d = 0; d < g.D; ++d) {
       dirs.w_hh[d] = W.data_ptr<T>() + d * g.H * g.H;
-      if (g.H <= kSmallHidden) {
-        transpose(dirs.w_hh[d], g.H, g.H, w_t.data() + d * g.H * g.H);
-        dirs.w_t[d] = w_t.data() + d * g.H * g.H;
-      }
+      if (packed.defined()) dirs.w_packed[d] = packed.data_ptr<T>() + d * g.H * g.H;
       dirs.h0[d] = h.data_ptr<T>() + d * g.B * g.H;
       dirs.hn[d] = scratch.data_ptr<T>() + (2 * g.D + d) * g.B * g.H;
     }

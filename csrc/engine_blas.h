@@ -117,50 +117,133 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   }
 }
 
-// Small products C[M,N] (+)= A[M,K] B[K,N] with B contiguous: a BLAS call costs more than the
-// arithmetic for the tiny hidden sizes here. The axpy form vectorises over N without
-// reordering any sum, so results stay deterministic.
+// Small products C[M,N] (+)= A[M,K] B[K,N], B row-major with leading dimension ldb: a BLAS
+// call costs more than the arithmetic for the per-step block products here (M = batch rows,
+// N = one column block, K = H), and a BLAS call repacks its operands every time while these
+// read the engine's packed blocks directly. Every element of C is summed in the same order
+// (C, then k = 0..K-1, one fused multiply-add each) whatever M, N, the tile or the thread, so
+// results are deterministic.
 template <typename T>
-void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
-                      T* C, int64_t ldc) {
+void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                      int64_t ldb, T beta, T* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) {
     T* __restrict__ c = C + i * ldc;
     if (beta == T(0)) std::fill(c, c + N, T(0));
     for (int64_t k = 0; k < K; ++k) {
       const T a = A[i * lda + k];
-      const T* __restrict__ b = B + k * N;
+      const T* __restrict__ b = B + k * ldb;
       for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
     }
   }
 }
 
 #ifdef FASTBIRNN_X86
-// The same axpy form for float with N <= 64 on AVX-512: a row of C stays in NV registers for
-// the whole k loop (the portable loops load and store C at every k, at SSE width).
-template <int NV>
-__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t M, int64_t N, int64_t K,
-                                                          const float* A, int64_t lda,
-                                                          const float* B, float beta, float* C,
-                                                          int64_t ldc) {
-  __mmask16 mask[NV];
-  for (int v = 0; v < NV; ++v) {
-    const int64_t left = std::min<int64_t>(16, N - 16 * v);
-    mask[v] = __mmask16(left >= 16 ? 0xFFFFu : (1u << left) - 1);
+// AVX-512 register tiles: MR rows of C by NV vectors, held in registers for the whole k loop.
+// Each k loads NV vectors of B once for MR rows (the one-row form loaded B for every row and
+// was load-bound); MR * NV <= 24 leaves registers for B and the broadcast.
+template <typename T>
+struct Avx512;
+template <>
+struct Avx512<float> {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxVectors = 4;  // N <= 64
+  __attribute__((target("avx512f"))) static Vec zero() { return _mm512_setzero_ps(); }
+  __attribute__((target("avx512f"))) static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target("avx512f"))) static Vec load(Mask m, const float* p) {
+    return _mm512_maskz_loadu_ps(m, p);
   }
-  for (int64_t i = 0; i < M; ++i) {
-    float* c = C + i * ldc;
-    __m512 acc[NV];
+  __attribute__((target("avx512f"))) static void store(float* p, Mask m, Vec v) {
+    _mm512_mask_storeu_ps(p, m, v);
+  }
+  __attribute__((target("avx512f"))) static Vec broadcast(float a) { return _mm512_set1_ps(a); }
+  __attribute__((target("avx512f"))) static Vec fma(Vec a, Vec b, Vec c) {
+    return _mm512_fmadd_ps(a, b, c);
+  }
+};
+template <>
+struct Avx512<double> {
+  using Vec = __m512d;
+  using Mask = __mmask8;
+  static constexpr int kLanes = 8;
+  static constexpr int kMaxVectors = 8;  // N <= 64
+  __attribute__((target("avx512f"))) static Vec zero() { return _mm512_setzero_pd(); }
+  __attribute__((target("avx512f"))) static Vec load(const double* p) { return _mm512_loadu_pd(p); }
+  __attribute__((target("avx512f"))) static Vec load(Mask m, const double* p) {
+    return _mm512_maskz_loadu_pd(m, p);
+  }
+  __attribute__((target("avx512f"))) static void store(double* p, Mask m, Vec v) {
+    _mm512_mask_storeu_pd(p, m, v);
+  }
+  __attribute__((target("avx512f"))) static Vec broadcast(double a) { return _mm512_set1_pd(a); }
+  __attribute__((target("avx512f"))) static Vec fma(Vec a, Vec b, Vec c) {
+    return _mm512_fmadd_pd(a, b, c);
+  }
+};
+
+template <typename T, int NV, int MR>
+__attribute__((target("avx512f"))) void gemm_tile_avx512(
+    int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
+    const typename Avx512<T>::Mask* mask, T* C, int64_t ldc) {
+  using V = Avx512<T>;
+  // Fully unrolled small loops: the accumulators must be registers, not an array in memory.
+  typename V::Vec acc[MR][NV];
+  const typename V::Mask last_mask = mask[NV - 1];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
-      acc[v] = beta == 0.f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[v], c + 16 * v);
-    const float* a = A + i * lda;
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 ak = _mm512_set1_ps(a[k]);
-      const float* b = B + k * N;
-      for (int v = 0; v < NV; ++v)
-        acc[v] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(mask[v], b + 16 * v), acc[v]);
+      acc[r][v] = accumulate ? V::load(mask[v], C + r * ldc + v * V::kLanes) : V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    typename V::Vec b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)  // only the last vector can be partial
+      b[v] = v + 1 < NV ? V::load(B + k * ldb + v * V::kLanes)
+                        : V::load(last_mask, B + k * ldb + v * V::kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const typename V::Vec a = V::broadcast(A[r * lda + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, b[v], acc[r][v]);
     }
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + 16 * v, mask[v], acc[v]);
   }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) V::store(C + r * ldc + v * V::kLanes, mask[v], acc[r][v]);
+}
+
+// The last rows (fewer than a full tile): one tile of exactly that many.
+template <typename T, int NV, int R>
+__attribute__((target("avx512f"))) void gemm_last_rows_avx512(
+    int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
+    const typename Avx512<T>::Mask* mask, T* C, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R) return gemm_tile_avx512<T, NV, R>(K, A, lda, B, ldb, accumulate, mask, C, ldc);
+    gemm_last_rows_avx512<T, NV, R - 1>(rows, K, A, lda, B, ldb, accumulate, mask, C, ldc);
+  }
+}
+
+// All rows of C for NV vectors per row: full tiles of MR rows, then one tile for the rest.
+template <typename T, int NV>
+__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t M, int64_t N, int64_t K,
+                                                          const T* A, int64_t lda, const T* B,
+                                                          int64_t ldb, T beta, T* C,
+                                                          int64_t ldc) {
+  using V = Avx512<T>;
+  constexpr int MR = 24 / NV < 6 ? 24 / NV : 6;
+  typename V::Mask mask[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = std::min<int64_t>(V::kLanes, N - v * V::kLanes);
+    mask[v] = typename V::Mask(left >= V::kLanes ? ~0u : (1u << left) - 1);
+  }
+  const bool accumulate = beta != T(0);
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR)
+    gemm_tile_avx512<T, NV, MR>(K, A + i * lda, lda, B, ldb, accumulate, mask, C + i * ldc, ldc);
+  gemm_last_rows_avx512<T, NV, MR - 1>(M - i, K, A + i * lda, lda, B, ldb, accumulate, mask,
+                                       C + i * ldc, ldc);
 }
 
 const bool kHaveAvx512 = [] {
@@ -169,22 +252,39 @@ const bool kHaveAvx512 = [] {
 }();
 #endif
 
-template <typename T>
-void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, T beta,
-                T* C, int64_t ldc) {
+// Whether small_gemm has register tiles for N <= kBlockWidth columns on this CPU, so the
+// engine's per-step block products use it at every hidden size instead of BLAS.
+inline bool have_gemm_tiles() {
 #ifdef FASTBIRNN_X86
-  if constexpr (std::is_same_v<T, float>) {
-    if (kHaveAvx512 && N <= 64) {
-      switch ((N + 15) / 16) {
-        case 1: return small_gemm_avx512<1>(M, N, K, A, lda, B, beta, C, ldc);
-        case 2: return small_gemm_avx512<2>(M, N, K, A, lda, B, beta, C, ldc);
-        case 3: return small_gemm_avx512<3>(M, N, K, A, lda, B, beta, C, ldc);
-        case 4: return small_gemm_avx512<4>(M, N, K, A, lda, B, beta, C, ldc);
-      }
-    }
-  }
+  return kHaveAvx512;
+#else
+  return false;
 #endif
-  small_gemm_loops<T>(M, N, K, A, lda, B, beta, C, ldc);
+}
+
+#ifdef FASTBIRNN_X86
+// small_gemm_avx512 for the number of vectors N needs, up to the type's maximum.
+template <typename T, int NV = 1>
+void small_gemm_dispatch(int vectors, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                         const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if constexpr (NV <= Avx512<T>::kMaxVectors) {
+    if (vectors == NV) return small_gemm_avx512<T, NV>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+    small_gemm_dispatch<T, NV + 1>(vectors, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+#endif
+
+template <typename T>
+void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+#ifdef FASTBIRNN_X86
+  using V = Avx512<T>;
+  if (kHaveAvx512 && N <= V::kLanes * V::kMaxVectors)
+    return small_gemm_dispatch<T>(int((N + V::kLanes - 1) / V::kLanes), M, N, K, A, lda, B, ldb,
+                                  beta, C, ldc);
+#endif
+  small_gemm_loops<T>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
 // Hidden sizes up to this use small_gemm for the per-step products.
