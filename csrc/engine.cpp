@@ -459,9 +459,14 @@ struct Projection {
   const T* X;
   int64_t I, rows;
   const T* w_ih[2];
-  const T* w_ih_t[2];  // W_ih^T for the tiny path, else null
+  const T* w_ih_t[2];  // W_ih^T [I, H] (register tiles / the tiny loops), or null for BLAS
   int64_t blocks;      // row blocks per direction
+  bool tiny;           // small_gemm on W_ih^T (H, I <= kSmallHidden, rows <= kSmallRows)
 };
+
+// Projections over at least this many rows run on register tiles from W_ih^T (the one-off
+// transpose costs about as much as the tiles save on a few hundred rows).
+constexpr int64_t kPackedProjectionRows = 512;
 
 template <typename T>
 void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out) {
@@ -470,12 +475,14 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out)
     if (!m.owns(task)) continue;
     const int64_t d = task % g.D, blk = task / g.D;
     const int64_t r0 = p.rows * blk / p.blocks, r1 = p.rows * (blk + 1) / p.blocks;
-    if (p.w_ih_t[d])  // tiny: register-blocked loops beat a BLAS call's fixed cost
-      small_gemm<T>(r1 - r0, H, p.I, p.X + r0 * p.I, p.I, p.w_ih_t[d], H, T(0),
-                    out + r0 * g.DH() + d * H, g.DH());
+    const T* x = p.X + r0 * p.I;
+    T* z = out + r0 * g.DH() + d * H;
+    if (p.tiny)  // register-blocked loops beat a BLAS call's fixed cost
+      small_gemm<T>(r1 - r0, H, p.I, x, p.I, p.w_ih_t[d], H, T(0), z, g.DH());
+    else if (p.w_ih_t[d])
+      gemm<T>(false, false, r1 - r0, H, p.I, x, p.I, p.w_ih_t[d], H, T(0), z, g.DH());
     else
-      gemm<T>(false, true, r1 - r0, H, p.I, p.X + r0 * p.I, p.I, p.w_ih[d], p.I, T(0),
-              out + r0 * g.DH() + d * H, g.DH());
+      gemm<T>(false, true, r1 - r0, H, p.I, x, p.I, p.w_ih[d], p.I, T(0), z, g.DH());
   }
 }
 
@@ -493,9 +500,11 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
   int64_t in_size = x.size(2);
   std::vector<T> bias_sum(a.has_biases ? D * H : 0);
   std::vector<T> state(size_t(D) * 2 * B * H);
-  // Packed W_hh blocks (filled by the workers), and W_ih^T for the tiny projection.
+  // Packed W_hh blocks (filled by the workers); W_ih^T for the tiny projection (on the stack)
+  // and for long ones (w_ih_packed).
   const Tensor packed = packed_blocks(H) ? at::empty({D, H, H}, x.options()) : Tensor();
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
+  Tensor w_ih_packed;
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out;
     if (l == L - 1) {
@@ -508,15 +517,19 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
       layer_out = buffer.data_ptr<T>();
     }
     const bool tiny_projection = H <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows;
+    const bool packed_projection = !tiny_projection && have_gemm_tiles() &&
+                                   rows >= kPackedProjectionRows;
+    if (packed_projection) w_ih_packed = at::empty({D, in_size, H}, x.options());
     Projection<T> proj{layer_in, in_size, rows, {nullptr, nullptr}, {nullptr, nullptr},
-                       tiny_projection ? 1 : row_blocks(rows)};
+                       tiny_projection ? 1 : row_blocks(rows), tiny_projection};
     ForwardDirs<T> dirs;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir();
       proj.w_ih[d] = weights[base].data_ptr<T>();
-      if (tiny_projection) {
-        transpose(proj.w_ih[d], H, in_size, w_ih_t[d]);
-        proj.w_ih_t[d] = w_ih_t[d];
+      if (tiny_projection || packed_projection) {
+        T* w_t = tiny_projection ? w_ih_t[d] : w_ih_packed.data_ptr<T>() + d * in_size * H;
+        transpose(proj.w_ih[d], H, in_size, w_t);
+        proj.w_ih_t[d] = w_t;
       }
       dirs.w_hh[d] = weights[base + 1].data_ptr<T>();
       if (packed.defined()) dirs.w_packed[d] = packed.data_ptr<T>() + d * H * H;

@@ -86,7 +86,7 @@ void blas<double>(const char* ta, const char* tb, const int* m, const int* n, co
 // Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C. BLAS is column-major, so this is the
 // column-major product C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
@@ -220,7 +220,8 @@ __attribute__((target("avx512f"))) void gemm_last_rows_avx512(
     int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
     const typename Avx512<T>::Mask* mask, T* C, int64_t ldc) {
   if constexpr (R > 0) {
-    if (rows == R) return gemm_tile_avx512<T, NV, R>(K, A, lda, B, ldb, accumulate, mask, C, ldc);
+    if (rows == R)
+      return gemm_tile_avx512<T, NV, R>(K, A, lda, B, ldb, accumulate, mask, C, ldc);
     gemm_last_rows_avx512<T, NV, R - 1>(rows, K, A, lda, B, ldb, accumulate, mask, C, ldc);
   }
 }
@@ -287,16 +288,49 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
   small_gemm_loops<T>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
+// Columns per register-tile panel (the engine's block width), and the K chunk of a long
+// product: a [kTileK, 64] panel of B (64 KiB in fp32) stays in L2 while every row tile of C
+// passes over it.
+constexpr int64_t kTileN = 64;
+constexpr int64_t kTileK = 256;
+
+// A product with K in chunks (C holds the partial sums in between, so each element is still
+// summed in k order), each chunk over panels of kTileN columns. beta is 0 or 1.
+template <typename T>
+void tiled_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                int64_t ldb, T beta, T* C, int64_t ldc) {
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK)
+    for (int64_t n0 = 0; n0 < N; n0 += kTileN)
+      small_gemm<T>(M, std::min(kTileN, N - n0), std::min(kTileK, K - k0), A + k0, lda,
+                    B + k0 * ldb + n0, ldb, k0 == 0 ? beta : T(1), C + n0, ldc);
+}
+
+// Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C (beta 0 or 1): on register tiles where
+// the CPU has them and neither operand is transposed (10-15 % faster than single-threaded
+// BLAS at the engine's shapes), else BLAS (which keeps the long-K weight gradients, A^T B,
+// where it is faster).
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (!trans_a && !trans_b && have_gemm_tiles() && K > 0)
+    return tiled_gemm<T>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  blas_gemm<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
 // Hidden sizes up to this use small_gemm for the per-step products.
 constexpr int64_t kSmallHidden = 64;
 // Input projections over at most this many rows (T*B) skip BLAS when the sizes are small too.
 constexpr int64_t kSmallRows = 256;
 
-// out[c, r] = in[r, c] for a small row-major [R, C] matrix.
+// out[c, r] = in[r, c] for a row-major [R, C] matrix, in 32 x 32 tiles so that large ones
+// do not miss the cache on every strided write.
 template <typename T>
 void transpose(const T* in, int64_t R, int64_t C, T* out) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) out[c * R + r] = in[r * C + c];
+  constexpr int64_t kTile = 32;
+  for (int64_t r0 = 0; r0 < R; r0 += kTile)
+    for (int64_t c0 = 0; c0 < C; c0 += kTile)
+      for (int64_t r = r0; r < std::min(R, r0 + kTile); ++r)
+        for (int64_t c = c0; c < std::min(C, c0 + kTile); ++c) out[c * R + r] = in[r * C + c];
 }
 
 // ---- tanh, vectorised with the same SLEEF routines (1-ulp) that ATen's tanh uses ----------

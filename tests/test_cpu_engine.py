@@ -24,6 +24,9 @@ CONFIGS = [
     (9, 7, 20, 200, 1, True, "tanh", True, False, True),  # 4 blocks per direction, partial
     (16, 20, 32, 256, 2, True, "relu", False, False, False),  # several workers per step
     (3, 5, 8, 520, 1, False, "tanh", False, True, False),  # 9 blocks of a uni layer
+    # rows >= 512: the projection on register tiles from W_ih^T; I and D*H > 256: products
+    # summed over K in chunks; a 64 + 64 + 22 split
+    (32, 17, 300, 150, 2, True, "tanh", False, True, True),
 ]
 
 
