@@ -1,6 +1,7 @@
-"""Compare FastBiRNN's backends with torch.nn.RNN: a table, a JSON file and a plot.
+"""Compare fastbirnn's backends with the nn class of a cell: a table, a JSON file and a plot.
 
     python -m fastbirnn.bench                      # quick preset on the best device
+    python -m fastbirnn.bench --cell lstm          # FastBiLSTM vs nn.LSTM (gru: FastBiGRU vs nn.GRU)
     python -m fastbirnn.bench --preset cpu --out benchmarks/results/cpu
     python -m fastbirnn.bench --preset gpu --out $OUT
     python -m fastbirnn.bench --replot results.json --out DIR   # redraw table + plot
@@ -66,14 +67,25 @@ def _backend_label(row: dict) -> str:
     return name
 
 
-HEADER = ("shape", "dtype", "backend", "fwd ms", "train ms", "train tok/s", "fwd x", "train x",
+HEADER = ("cell", "shape", "dtype", "backend", "fwd ms", "train ms", "train tok/s", "fwd x", "train x",
           "peak MB")
 DISTURBED_HEADER = "disturbed by"
 
 
+def row_cell(r: dict) -> str:
+    """The cell a result row measured ('rnn' for rows written before cells were recorded)."""
+    return r.get("cell") or (r.get("case") or {}).get("cell") or "rnn"
+
+
+def baselines_of(rows: list[dict]) -> str:
+    """'nn.RNN', or 'nn.LSTM / nn.GRU' etc.: the baselines the rows' ratios are over."""
+    names = dict.fromkeys(bm.baseline_name(row_cell(r)) for r in rows)
+    return " / ".join(names) or bm.BASELINE
+
+
 def _cells(r: dict) -> list[str]:
     return [
-        r["shape"], r["dtype"], _backend_label(r), _fmt_ms(r["fwd_ms"]),
+        row_cell(r), r["shape"], r["dtype"], _backend_label(r), _fmt_ms(r["fwd_ms"]),
         _fmt_ms(r["train_ms"]), _fmt_rate(r["tokens_per_s_train"]),
         f"{r['speedup_fwd']:.2f}", f"{r['speedup_train']:.2f}",
         _fmt_mb(r.get("peak_train_bytes")),
@@ -93,12 +105,12 @@ def disturbance_note(rows: list[dict]) -> Optional[str]:
     measured = sum("skipped" not in r for r in rows)
     return textwrap.fill(
         f"WARNING: {len(bad)} of {measured} rows were disturbed while measured, so their "
-            "times and ratios are not trustworthy (nn.RNN's multithreaded per-step ops suffer "
-            "most): rerun on an idle machine. "
+            f"times and ratios are not trustworthy ({baselines_of(rows)}'s multithreaded "
+            "per-step ops suffer most): rerun on an idle machine. "
             f"'{DISTURBED_HEADER}': others = cores that other processes kept busy meanwhile "
             f"(limit {bm.OTHER_CORES_LIMIT} beyond idle ones); spread = interquartile range "
             f"of the repeats over their median (limit {bm.SPREAD_LIMIT:.0%}), of this row or "
-            "of nn.RNN's (the ratios' other side).", width=100)
+            f"of {baselines_of(rows)}'s (the ratios' other side).", width=100)
 
 
 def table(rows: list[dict]) -> str:
@@ -119,7 +131,7 @@ def table(rows: list[dict]) -> str:
                 notes.append(note)
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
               for i, h in enumerate(header)]
-    left = {0, 1, 2, len(HEADER)}
+    left = {0, 1, 2, 3, len(HEADER)}
 
     def fmt(cells):
         return "  ".join(c.ljust(w) if i in left else c.rjust(w)
@@ -128,15 +140,16 @@ def table(rows: list[dict]) -> str:
     out = [fmt(header), fmt(["-" * w for w in widths])]
     prev = None
     for l in lines:
-        if prev is not None and l[:2] != prev:
+        if prev is not None and l[:3] != prev:
             out.append("")
         out.append(fmt(l))
-        prev = l[:2]
+        prev = l[:3]
     if notes:
         out.append("")
         out.append("not run: " + "; ".join(notes))
-    out.append("fwd x / train x: speedup over nn.RNN (its time / this time), median of "
-               "interleaved runs; train = forward + backward; peak MB: training step")
+    out.append(f"fwd x / train x: speedup over {baselines_of(measured)} (its time / this "
+               "time), median of interleaved runs; train = forward + backward; "
+               "peak MB: training step; auto->X: what 'auto' ran (torch: the nn class)")
     note = disturbance_note(rows)
     if note:
         out.append(note)
@@ -206,13 +219,14 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best", ncol=2)
-    axes[0].set_ylabel("speedup over nn.RNN (log scale)")
+    axes[0].set_ylabel(f"speedup over {baselines_of(measured)} (log scale)")
 
 
 def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
-    """Speedup over nn.RNN vs batch size and vs hidden size (PNG). Returns why not, or None.
+    """Speedup over the nn class vs batch size and vs hidden size (PNG). Returns why not, or None.
 
-    One row of two panels per precision and mode (training step, forward).
+    One row of two panels per precision and mode (training step, forward); the title names
+    the cell(s).
     """
     try:
         import matplotlib
@@ -222,7 +236,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
         import matplotlib.ticker
     except ImportError as error:
         return f"matplotlib not available ({error})"
-    measured = [r for r in rows if "skipped" not in r and r["backend"] != bm.BASELINE]
+    measured = [r for r in rows if "skipped" not in r and not bm.is_baseline(r["backend"])]
     backends = list(dict.fromkeys(r["backend"] for r in measured))
     dtypes = sorted({r["dtype"] for r in measured}, key=list(bm.DTYPES).index) or ["fp32"]
     panels = [(d, m) for d in dtypes for m in ("train", "fwd")]
@@ -231,8 +245,8 @@ def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
     for row_axes, (dtype, mode) in zip(grid, panels):
         _plot_row(row_axes, [r for r in measured if r["dtype"] == dtype], dtype, mode,
                   backends, matplotlib)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    cells = ", ".join(dict.fromkeys(row_cell(r) for r in rows)) or "rnn"
+    fig.suptitle(f"cell: {cells}" + (f"; {title}" if title else ""), fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
@@ -248,17 +262,23 @@ def _write_json(path: str, doc: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="fastbirnn-bench",
-        description="Time FastBiRNN's backends against torch.nn.RNN (same weights, same input; "
-                    "interleaved runs, medians) and write a table, JSON and a PNG plot.",
+        description="Time fastbirnn's backends against the nn class of a cell (FastBiRNN vs "
+                    "nn.RNN, FastBiLSTM vs nn.LSTM, FastBiGRU vs nn.GRU; same weights, same "
+                    "input; interleaved runs, medians) and write a table, JSON and a PNG plot.",
     )
+    p.add_argument("--cell", default="rnn", choices=list(bm.CELLS),
+                   help="rnn (default: FastBiRNN vs nn.RNN), lstm (FastBiLSTM vs nn.LSTM) or "
+                        "gru (FastBiGRU vs nn.GRU)")
+    p.add_argument("--nonlinearity", default="tanh", choices=("tanh", "relu"),
+                   help="the Elman cell's activation (--cell rnn only; default tanh)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--preset", default="quick", choices=sorted(bm.PRESETS),
                    help="tiny (seconds), quick (default, <1 min on CPU), cpu (sweeps, minutes), "
                         "gpu (CUDA: batch {1,8,32,128} x hidden {128..1024}, T=256, in fp32 "
                         "with TF32 on and off, and bf16)")
     p.add_argument("--backends", default=None,
-                   help="comma-separated FastBiRNN backends (default: auto and every registered "
-                        "one, skipping those that cannot run here)")
+                   help="comma-separated fastbirnn backends (default: auto and every registered "
+                        "one, skipping those that cannot run here or lack the cell)")
     p.add_argument("--dtype", default=None,
                    help="comma-separated precisions to keep from the preset (fp32, tf32, bf16, fp16)")
     p.add_argument("--shape", action="append", default=[], metavar="B,T,I,H[,L]",
@@ -289,10 +309,11 @@ def _cases(args, device) -> list[bm.Case]:
             if len(dims) not in (4, 5):
                 raise SystemExit(f"--shape wants B,T,I,H[,L], got {s!r}")
             for d in dtypes or ["fp32"]:
-                cases.append(bm.Case(*dims[:4], layers=dims[4] if len(dims) == 5 else 1, dtype=d))
+                cases.append(bm.Case(*dims[:4], layers=dims[4] if len(dims) == 5 else 1, dtype=d,
+                                     nonlinearity=args.nonlinearity, cell=args.cell))
         return cases
     try:
-        cases = bm.preset_cases(args.preset, device)
+        cases = bm.preset_cases(args.preset, device, args.cell, args.nonlinearity)
     except ValueError as error:
         raise SystemExit(str(error))
     if dtypes:
@@ -329,6 +350,16 @@ def main(argv=None) -> int:
             doc = json.load(f)
         return _report(doc["results"], args.out, doc["machine"], args.markdown, log)
 
+    if args.cell != "rnn" and args.nonlinearity != "tanh":
+        raise SystemExit(f"--nonlinearity is an Elman RNN option (--cell rnn); the "
+                         f"{args.cell.upper()} cell has fixed gates")
+    backends = args.backends.split(",") if args.backends else None
+    lacking = [bm.missing_cell_reason(b, args.cell) for b in backends or []]
+    lacking = [reason for reason in lacking if reason]
+    if lacking:
+        raise SystemExit(f"fastbirnn bench --cell {args.cell}: " + "; ".join(lacking)
+                         + ". Leave it out of --backends (or drop --backends: 'auto' always "
+                         f"runs, on {bm.baseline_name(args.cell)} where no kernel has the cell).")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = bm.default_device() if args.device == "auto" else torch.device(args.device)
@@ -337,19 +368,21 @@ def main(argv=None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     cases = _cases(args, device)
-    backends = args.backends.split(",") if args.backends else None
     min_rounds, max_rounds, budget = EFFORT.get(args.preset, EFFORT["quick"])
     min_rounds = args.min_rounds or min_rounds
     max_rounds = max(args.max_rounds or max_rounds, min_rounds)
     budget = budget if args.budget is None else args.budget
 
     info = bm.machine_info(device)
-    log(f"fastbirnn bench: {len(cases)} case(s), preset {args.preset!r}, device {device}")
+    log(f"fastbirnn bench: cell {args.cell} ({bm.CELLS[args.cell].fast_class.__name__} vs "
+        f"{bm.baseline_name(args.cell)}), {len(cases)} case(s), preset {args.preset!r}, "
+        f"device {device}")
     log(f"  {bm.describe_machine(info)}")
     doc = {
         "schema": SCHEMA,
         "machine": info,
         "config": {
+            "cell": args.cell, "nonlinearity": args.nonlinearity,
             "preset": args.preset, "device": str(device), "backends": backends,
             "min_rounds": min_rounds, "max_rounds": max_rounds, "budget_s": budget,
             "memory": not args.no_memory, "cases": [c.as_dict() for c in cases],
@@ -384,7 +417,7 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - start
         eta = elapsed / (i + 1) * (len(cases) - i - 1)
         summary = ", ".join(
-            f"{bm.BASELINE if r['backend'] == bm.BASELINE else _backend_label(r)} "
+            f"{r['backend'] if bm.is_baseline(r['backend']) else _backend_label(r)} "
             + ("skip" if "skipped" in r else f"{r['speedup_train']:.2f}x")
             for r in rows if "skipped" not in r or r["backend"] == "auto")
         disturbed = len(disturbed_rows(rows))

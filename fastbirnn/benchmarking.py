@@ -6,8 +6,10 @@ inputs and steps and skip the same backends for the same reasons.
 
 How things are measured (see ``benchmarks/README.md``):
 
-- Every contender is a ``FastBiRNN`` with one ``backend`` or the baseline ``torch.nn.RNN``,
-  all holding the same weights, fed the same input.
+- Every contender is a fastbirnn module of the case's cell (``FastBiRNN``, ``FastBiLSTM`` or
+  ``FastBiGRU``) with one ``backend``, or the baseline nn class of that cell (``torch.nn.RNN``,
+  ``nn.LSTM``, ``nn.GRU``), all holding the same weights, fed the same input. The three cells
+  share every line of this module: only :data:`CELLS` differs.
 - *forward*: one call under ``torch.no_grad()``. *train*: ``zero_grad(set_to_none=True)``,
   forward, ``backward`` of the output with a fixed random gradient (the input requires grad,
   as it does inside a network, so dX is computed too). No optimizer step.
@@ -36,16 +38,44 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 import fastbirnn
-from fastbirnn import FastBiRNN
+from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN
+from fastbirnn.base import FusedRNNMixin
 
-BASELINE = "nn.RNN"
+
+@dataclass(frozen=True)
+class Cell:
+    """A benchmarked cell: its nn class (the baseline), its fastbirnn drop-in, their label."""
+
+    baseline: str  # the baseline contender's name in tables and JSON
+    nn_class: type
+    fast_class: type
+
+
+CELLS: dict[str, Cell] = {
+    "rnn": Cell("nn.RNN", nn.RNN, FastBiRNN),
+    "lstm": Cell("nn.LSTM", nn.LSTM, FastBiLSTM),
+    "gru": Cell("nn.GRU", nn.GRU, FastBiGRU),
+}
+
+# The Elman cell's baseline; ``baseline_name(cell)`` for any cell.
+BASELINE = CELLS["rnn"].baseline
+BASELINES = frozenset(c.baseline for c in CELLS.values())
+
+
+def baseline_name(cell: str = "rnn") -> str:
+    """The baseline contender of ``cell``: 'nn.RNN', 'nn.LSTM' or 'nn.GRU'."""
+    return CELLS[cell].baseline
+
+
+def is_baseline(name: str) -> bool:
+    return name in BASELINES
 
 # label -> (dtype, TF32 allowed). TF32 only matters for fp32 on CUDA (cuBLAS, cuDNN, tl.dot).
 DTYPES: dict[str, tuple[torch.dtype, Optional[bool]]] = {
@@ -58,7 +88,7 @@ DTYPES: dict[str, tuple[torch.dtype, Optional[bool]]] = {
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked configuration: (B, T, I, H), layers, precision."""
+    """One benchmarked configuration: (B, T, I, H), layers, precision, cell."""
 
     batch: int
     seq: int
@@ -67,10 +97,22 @@ class Case:
     layers: int = 1
     dtype: str = "fp32"
     nonlinearity: str = "tanh"
+    cell: str = "rnn"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown cell {self.cell!r}; one of {', '.join(CELLS)}")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"unknown nonlinearity {self.nonlinearity!r}; tanh or relu")
+        if self.cell != "rnn" and self.nonlinearity != "tanh":
+            raise ValueError(f"nonlinearity is an Elman RNN option: the {self.cell.upper()} "
+                             "cell has fixed gates")
+
+    @property
+    def baseline(self) -> str:
+        return baseline_name(self.cell)
 
     @property
     def tokens(self) -> int:
@@ -88,11 +130,14 @@ class Case:
             s += f"-l{self.layers}"
         if self.nonlinearity != "tanh":
             s += f"-{self.nonlinearity}"
-        return f"{s}-{self.dtype}"
+        s = f"{s}-{self.dtype}"
+        return s if self.cell == "rnn" else f"{self.cell}-{s}"
 
     def with_dtype(self, dtype: str) -> "Case":
-        return Case(self.batch, self.seq, self.input, self.hidden, self.layers, dtype,
-                    self.nonlinearity)
+        return replace(self, dtype=dtype)
+
+    def with_cell(self, cell: str, nonlinearity: str = "tanh") -> "Case":
+        return replace(self, cell=cell, nonlinearity=nonlinearity)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,7 +189,10 @@ PRESETS: dict[str, dict[str, list[Case]]] = {
 }
 
 
-def preset_cases(preset: str, device: torch.device | str) -> list[Case]:
+def preset_cases(
+    preset: str, device: torch.device | str, cell: str = "rnn", nonlinearity: str = "tanh"
+) -> list[Case]:
+    """The preset's shapes for ``device``, as cases of ``cell`` (the same shapes for every cell)."""
     kind = torch.device(device).type
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
@@ -154,7 +202,7 @@ def preset_cases(preset: str, device: torch.device | str) -> list[Case]:
             f"preset {preset!r} is for {' / '.join(by_device)}, not {kind}; "
             f"presets for {kind}: {', '.join(p for p, d in PRESETS.items() if kind in d)}"
         )
-    return list(by_device[kind])
+    return [c.with_cell(cell, nonlinearity) for c in by_device[kind]]
 
 
 def default_device() -> torch.device:
@@ -180,11 +228,14 @@ def candidate_backends() -> list[str]:
 def skip_reason(backend: str, case: Case, device: torch.device | str) -> Optional[str]:
     """Why ``backend`` is not benchmarked for ``case`` on ``device``, or None."""
     device = torch.device(device)
-    if backend in (BASELINE, "auto"):
+    if is_baseline(backend) or backend == "auto":
         return None
     status = fastbirnn.available_backends()
     if backend not in status:
         return f"unknown backend {backend!r}"
+    reason = missing_cell_reason(backend, case.cell)
+    if reason is not None:
+        return reason
     if status[backend] is not None:
         return f"unavailable: {status[backend]}"
     if backend == "triton" and device.type != "cuda":
@@ -200,34 +251,54 @@ def skip_reason(backend: str, case: Case, device: torch.device | str) -> Optiona
     return None if reason is None else f"unsupported: {reason}"
 
 
+def missing_cell_reason(backend: str, cell: str) -> Optional[str]:
+    """Why the fastbirnn ``backend`` cannot run ``cell`` at all (it has no such cell), or None.
+
+    'auto' always can (it resolves to the nn class where no kernel has the cell), and so
+    can 'torch' (the nn class itself).
+    """
+    from fastbirnn import backends
+
+    if backend in ("auto", backends.TORCH) or backend not in backends.names():
+        return None
+    if backends.get(backend).supports(cell):
+        return None
+    have = [n for n in backends.names()
+            if n in ("auto", backends.TORCH) or backends.get(n).supports(cell)]
+    return (f"backend {backend!r} has no {cell.upper()} cell yet (backends with it: "
+            f"{', '.join(have)})")
+
+
 def contenders(
     case: Case, device: torch.device | str, backends: Optional[list[str]] = None
 ) -> list[tuple[str, Optional[str]]]:
-    """[(name, skip reason or None)], the baseline first."""
-    names = candidate_backends() if backends is None else [b for b in backends if b != BASELINE]
-    return [(BASELINE, None)] + [(n, skip_reason(n, case, device)) for n in names]
+    """[(name, skip reason or None)], the baseline (the cell's nn class) first."""
+    names = candidate_backends() if backends is None else [
+        b for b in backends if not is_baseline(b)]
+    return [(case.baseline, None)] + [(n, skip_reason(n, case, device)) for n in names]
 
 
 # ------------------------------------------------------------------------ models, steps
 
 
 def build_models(case: Case, device, names: list[str], seed: int = 0) -> dict[str, nn.Module]:
-    """The baseline nn.RNN and one FastBiRNN per backend name, all with the same weights."""
+    """The baseline nn class of the case's cell and one fastbirnn module per backend name,
+    all with the same weights (any baseline name in ``names`` is the baseline)."""
     dtype = DTYPES[case.dtype][0]
+    cell = CELLS[case.cell]
+    kwargs = {"num_layers": case.layers}
+    if case.cell == "rnn":
+        kwargs["nonlinearity"] = case.nonlinearity
     torch.manual_seed(seed)
-    base = nn.RNN(
-        case.input, case.hidden, num_layers=case.layers, nonlinearity=case.nonlinearity,
-        bidirectional=True,
-    ).to(device=device, dtype=dtype)
+    base = cell.nn_class(case.input, case.hidden, bidirectional=True, **kwargs).to(
+        device=device, dtype=dtype)
     models: dict[str, nn.Module] = {}
     for name in names:
-        if name == BASELINE:
+        if is_baseline(name):
             models[name] = base
             continue
-        m = FastBiRNN(
-            case.input, case.hidden, num_layers=case.layers, nonlinearity=case.nonlinearity,
-            device=device, dtype=dtype, backend=name,
-        )
+        m = cell.fast_class(case.input, case.hidden, device=device, dtype=dtype, backend=name,
+                            **kwargs)
         m.load_state_dict(base.state_dict())
         models[name] = m
     return models
@@ -243,8 +314,8 @@ def make_inputs(case: Case, device, seed: int = 1) -> tuple[torch.Tensor, torch.
 
 
 def resolved_backend(model: nn.Module, x: torch.Tensor) -> str:
-    """What actually runs: 'torch' for nn.RNN, the backend 'auto' resolves to, etc."""
-    if isinstance(model, FastBiRNN):
+    """What actually runs: 'torch' for the nn class, the backend 'auto' resolves to, etc."""
+    if isinstance(model, FusedRNNMixin):
         return model.selected_backend(x)
     return "torch"
 
@@ -437,11 +508,13 @@ def disturbance(
     baseline_samples: Optional[dict[str, list[float]]],
     other_cores: Optional[float],
     spare_cores: float = 0.0,
+    baseline: str = BASELINE,
 ) -> list[str]:
     """Why a row's times or ratios cannot be trusted; empty when nothing disturbed them.
 
     ``samples``: the row's repeat times per mode ('fwd', 'train'). ``baseline_samples``:
-    nn.RNN's, since a ratio is wrong when either side is (None for nn.RNN's own row).
+    the baseline's (``baseline``: nn.RNN, nn.LSTM or nn.GRU), since a ratio is wrong when
+    either side is (None for the baseline's own row).
     ``other_cores``: what :class:`OtherCpuMeter` measured over the case (None: unknown).
     ``spare_cores``: cores this process does not use (cpu_count - torch threads), which
     others may use freely.
@@ -449,7 +522,7 @@ def disturbance(
     reasons = []
     if other_cores is not None and other_cores > spare_cores + OTHER_CORES_LIMIT:
         reasons.append(f"others {other_cores:.2f} cores")
-    for who, by_mode in (("", samples), (f"{BASELINE} ", baseline_samples or {})):
+    for who, by_mode in (("", samples), (f"{baseline} ", baseline_samples or {})):
         spreads = {mode: relative_spread(values) for mode, values in by_mode.items()}
         wide = [f"{mode} {spread:.0%}" for mode, spread in spreads.items() if spread > SPREAD_LIMIT]
         if wide:
@@ -559,14 +632,15 @@ def run_case(
         peaks = {n: peak_train_memory(fns[(n, "train")], device) if memory else None
                  for n in names}
         resolved = {n: resolved_backend(models[n], x) for n in names}
-    base_fwd = timings[(BASELINE, "fwd")].median
-    base_train = timings[(BASELINE, "train")].median
-    base_samples = {m: timings[(BASELINE, m)].samples for m in ("fwd", "train")}
+    base_name = case.baseline
+    base_fwd = timings[(base_name, "fwd")].median
+    base_train = timings[(base_name, "train")].median
+    base_samples = {m: timings[(base_name, m)].samples for m in ("fwd", "train")}
     spare_cores = max(0, (os.cpu_count() or 1) - torch.get_num_threads())
     for name, reason in entries:
         row: dict = {
             "case": case.as_dict(), "id": case.id, "shape": case.shape, "dtype": case.dtype,
-            "backend": name, "device": device.type,
+            "backend": name, "device": device.type, "cell": case.cell,
         }
         if reason is not None:
             row["skipped"] = reason
@@ -592,7 +666,8 @@ def run_case(
             train_spread=relative_spread(train.samples),
             disturbed_by=disturbance(
                 {"fwd": fwd.samples, "train": train.samples},
-                None if name == BASELINE else base_samples, other_cores, spare_cores,
+                None if name == base_name else base_samples, other_cores, spare_cores,
+                baseline=base_name,
             ),
         )
         rows.append(row)
