@@ -3,6 +3,10 @@
     pytest benchmarks/ --benchmark-only                      # CPU: the design's three shapes
     pytest benchmarks/ --benchmark-only --bench-preset cpu   # plus batch / hidden sweeps
     pytest benchmarks/ --benchmark-only --bench-device cuda  # CUDA: the 'gpu' grid
+    pytest benchmarks/ --benchmark-only --bench-cell lstm    # one cell (default: rnn,lstm,gru)
+
+Every case runs for each cell: FastBiRNN / FastBiLSTM / FastBiGRU per backend against
+nn.RNN / nn.LSTM / nn.GRU. A backend without the cell is skipped with that reason.
 
 The suite is kept out of the default test run (pyproject's testpaths = ["tests"]).
 Shapes, contenders and skip reasons come from fastbirnn.benchmarking, shared with the CLI.
@@ -24,6 +28,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-preset", default=None,
                     help=f"shape preset from fastbirnn.benchmarking.PRESETS ({', '.join(bm.PRESETS)}); "
                          "default: quick on CPU, gpu on CUDA")
+    group.addoption("--bench-cell", default=",".join(bm.CELLS),
+                    help=f"comma-separated cells ({', '.join(bm.CELLS)}); default all three")
     group.addoption("--bench-dtype", default=None,
                     help="comma-separated precisions to keep (fp32, tf32, bf16, fp16)")
     group.addoption("--bench-backends", default=None,
@@ -48,8 +54,13 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     device = _device(config)
     preset = config.getoption("--bench-preset") or DEFAULT_PRESET.get(device.type, "quick")
+    cells = config.getoption("--bench-cell").split(",")
+    unknown = [c for c in cells if c not in bm.CELLS]
+    if unknown:
+        raise pytest.UsageError(f"--bench-cell: unknown {', '.join(unknown)}; "
+                                f"one of {', '.join(bm.CELLS)}")
     try:
-        cases = bm.preset_cases(preset, device)
+        cases = [case for cell in cells for case in bm.preset_cases(preset, device, cell)]
     except ValueError as error:
         raise pytest.UsageError(str(error))
     dtypes = config.getoption("--bench-dtype")

@@ -1,7 +1,10 @@
-"""FastBiRNN per backend vs torch.nn.RNN (same weights), inference and training step.
+"""Each cell's fastbirnn module per backend vs its nn class (FastBiRNN vs nn.RNN, FastBiLSTM
+vs nn.LSTM, FastBiGRU vs nn.GRU; same weights), inference and training step.
 
 Run with ``pytest benchmarks/ --benchmark-only`` (options in ``benchmarks/conftest.py``).
-Groups are per shape, precision and mode, so each group compares the contenders directly.
+Groups are per cell, shape, precision and mode, so each group compares the contenders
+directly. Cases and contenders come from ``conftest.py``; a backend without the cell is
+skipped there with the reason.
 """
 
 import pytest
@@ -12,7 +15,7 @@ from fastbirnn import benchmarking as bm
 @pytest.mark.parametrize("mode", ["fwd", "train"])
 def test_rnn(benchmark, request, bench_device, case, contender, mode):
     device = bench_device
-    benchmark.group = f"{case.shape} {case.dtype} {mode}"
+    benchmark.group = f"{case.cell} {case.shape} {case.dtype} {mode}"
     with bm.precision(case.dtype):
         models = bm.build_models(case, device, [contender])
         model = models[contender]
@@ -24,6 +27,7 @@ def test_rnn(benchmark, request, bench_device, case, contender, mode):
         step = bm.synchronized(step, device)
         benchmark.extra_info.update(
             config=case.as_dict(),
+            cell=case.cell,
             shape=case.shape,
             dtype=case.dtype,
             mode=mode,
