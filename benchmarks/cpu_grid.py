@@ -1,40 +1,55 @@
-"""The CPU benchmark grid behind ``'auto'``'s rule (fastbirnn/backends/cpu_rule.py).
+"""The CPU benchmark grids behind ``'auto'``'s rule (fastbirnn/backends/cpu_rule.py), per cell.
 
-One command reproduces it (JSON, plot and a summary under ``--out``):
+One command reproduces each (JSON, plot and a summary under ``--out``, by default the cell's
+folder ``benchmarks/results/cpu-grid`` for rnn, ``cpu-grid-lstm``, ``cpu-grid-gru``):
 
-    python benchmarks/cpu_grid.py --out benchmarks/results/cpu-grid
+    python benchmarks/cpu_grid.py --out benchmarks/results/cpu-grid --max-macs 1e9 --budget 0.3
+    python benchmarks/cpu_grid.py --cell lstm     # -> benchmarks/results/cpu-grid-lstm/
+    python benchmarks/cpu_grid.py --cell gru      # -> benchmarks/results/cpu-grid-gru/
 
-Each point times nn.RNN, the fused kernel (``backend='cpp'``) and ``backend='auto'`` with the
-same weights, interleaved in one process (medians of rounds), for inference (``no_grad``)
-and a training step (forward + backward), at 1 thread and at all threads.
+Each point times the cell's nn class (nn.RNN, nn.LSTM, nn.GRU), the fused kernel
+(``backend='cpp'``, when it has the cell) and ``backend='auto'`` with the same weights,
+interleaved in one process (medians of rounds), for inference (``no_grad``) and a training
+step (forward + backward). The run time is estimated before starting; ``grid.json`` is
+rewritten after every point and ``--resume`` continues a disturbed run where it stopped.
 
-The space: unidirectional and bidirectional, B 1-256, T 4-512, H 32-1024, 1-3 layers, fp32
-and fp64. The full product is ~2,000 points and days of CPU time on 2 cores, so the grid is a
-covering sample: every (B, T, H) of B {1, 8, 64, 256} x T {4, 64, 512} x H {32, 128, 512,
-1024}, each at both thread counts and both directions, with the layer count (1-3) and the
-dtype (one point in four fp64) rotated over the points, plus the issue's named shapes. Points
-whose forward exceeds ``--max-macs`` multiply-adds are shortened in T (kept in B and H) so a
-run takes minutes; the rule extrapolates past them (there every step is a large GEMM).
+The Elman (rnn) space: unidirectional and bidirectional, B 1-256, T 4-512, H 32-1024, 1-3
+layers, fp32 and fp64, at 1 thread and at all threads. The full product is ~2,000 points and
+days of CPU time on 2 cores, so the grid is a covering sample: every (B, T, H) of B {1, 8, 64,
+256} x T {4, 64, 512} x H {32, 128, 512, 1024}, each at both thread counts and both
+directions, with the layer count (1-3) and the dtype (one point in four fp64) rotated over
+the points, plus the issue's named shapes. Points whose forward exceeds ``--max-macs``
+multiply-adds are shortened in T (kept in B and H) so a run takes minutes; the rule
+extrapolates past them (there every step is a large GEMM).
+
+The gated (lstm, gru) space, smaller since each point costs 2-5x an Elman one: every (B, T,
+H) of B {1, 8, 32, 128} x T {16, 128} x H {64, 128, 256, 512}, uni- and bidirectional, one
+layer, fp32, at all threads; plus a few fp64 and 2-layer points and the tutorial's shape.
 
 ``--check FILE`` re-evaluates the current rule on a committed grid without timing anything:
 it lists every point where the rule picks the slower contender by more than the noise
-allowance.
+allowance (with the cell in the rule's ``CallShape``), and every point where it would pick
+a kernel the grid has no timing of.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
-from torch import nn
 
-from fastbirnn import FastBiRNN
+import fastbirnn
+from fastbirnn import backends
+from fastbirnn import benchmarking as bm
 from fastbirnn.backends import cpu_rule
 from fastbirnn.benchmarking import machine_info, measure_interleaved
 
@@ -43,6 +58,34 @@ SEQ = (4, 64, 512)
 HIDDEN = (32, 128, 512, 1024)
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 NOISE = 0.03  # the noise allowance of the target "auto >= 1.0x"
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # gate blocks per cell: its GEMMs' width in units of H
+
+# The gated cells' preset (see the module doc).
+GATED_BATCH = (1, 8, 32, 128)
+GATED_SEQ = (16, 128)
+GATED_HIDDEN = (64, 128, 256, 512)
+GATED_EXTRA = [  # (B, T, I, H, layers, bidirectional, dtype)
+    (2, 4, 16, 32, 1, True, "fp32"),  # the tutorial's
+    (1, 128, 64, 64, 1, True, "fp64"),
+    (8, 128, 128, 128, 1, True, "fp64"),
+    (32, 16, 256, 256, 1, False, "fp64"),
+    (128, 128, 512, 512, 1, True, "fp64"),
+    (1, 128, 512, 512, 2, True, "fp32"),
+    (8, 128, 128, 128, 2, True, "fp32"),
+    (32, 128, 256, 256, 2, False, "fp32"),
+    (128, 16, 64, 64, 2, True, "fp32"),
+]
+MICRO = [  # the --preset micro smoke test: seconds
+    (2, 4, 16, 32, 1, True, "fp32"),
+    (2, 4, 16, 32, 1, False, "fp64"),
+]
+
+RESULTS = "benchmarks/results"
+
+
+def default_out(cell: str) -> str:
+    """The cell's committed folder: cpu-grid (rnn), cpu-grid-lstm, cpu-grid-gru."""
+    return os.path.join(RESULTS, "cpu-grid" if cell == "rnn" else f"cpu-grid-{cell}")
 
 
 @dataclass(frozen=True)
@@ -55,27 +98,42 @@ class Point:
     bidirectional: bool
     dtype: str
     threads: int
+    cell: str = "rnn"  # grids written before cells were recorded are Elman grids
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     @property
     def macs(self) -> int:
         """Multiply-adds of one forward (projection and recurrence, all layers)."""
-        D = 2 if self.bidirectional else 1
+        D = self.directions
         first = self.input * self.hidden + self.hidden * self.hidden
         rest = D * self.hidden * self.hidden + self.hidden * self.hidden
-        return D * self.seq * self.batch * (first + (self.layers - 1) * rest)
+        return GATES[self.cell] * D * self.seq * self.batch * (first + (self.layers - 1) * rest)
+
+    @property
+    def step_macs(self) -> int:
+        """Multiply-adds of one recurrence step, both directions (G*D*B*H^2)."""
+        return GATES[self.cell] * self.directions * self.batch * self.hidden * self.hidden
 
     def call(self, training: bool) -> cpu_rule.CallShape:
-        return cpu_rule.CallShape(
+        """The rule's view of this point; the cell goes in when ``CallShape`` has the field."""
+        kwargs = dict(
             batch=self.batch, seq=self.seq, hidden=self.hidden, layers=self.layers,
             bidirectional=self.bidirectional, dtype=DTYPES[self.dtype], training=training,
             threads=self.threads,
         )
+        if "cell" in {f.name for f in dataclasses.fields(cpu_rule.CallShape)}:
+            kwargs["cell"] = self.cell
+        return cpu_rule.CallShape(**kwargs)
 
     @property
     def label(self) -> str:
         d = "bi" if self.bidirectional else "uni"
-        return (f"B{self.batch} T{self.seq} I{self.input} H{self.hidden} L{self.layers} {d} "
-                f"{self.dtype} {self.threads}t")
+        s = (f"B{self.batch} T{self.seq} I{self.input} H{self.hidden} L{self.layers} {d} "
+             f"{self.dtype} {self.threads}t")
+        return s if self.cell == "rnn" else f"{self.cell} {s}"
 
 
 NAMED = [  # (B, T, I, H, bidirectional): the issue's shapes
@@ -89,6 +147,7 @@ NAMED = [  # (B, T, I, H, bidirectional): the issue's shapes
 
 
 def points(all_threads: int, max_macs: float, thread_counts=None) -> list[Point]:
+    """The Elman grid (see the module doc)."""
     thread_counts = thread_counts or sorted({1, all_threads})
     out: list[Point] = []
     seen = set()
@@ -114,88 +173,209 @@ def points(all_threads: int, max_macs: float, thread_counts=None) -> list[Point]
     return out
 
 
-def _models(p: Point):
+def gated_points(cell: str, thread_counts, max_macs: float) -> list[Point]:
+    """The LSTM / GRU grid (see the module doc); T halved (down to 16) above ``max_macs``."""
+    shapes = [(B, T, H, H, 1, bi, "fp32") for B in GATED_BATCH for T in GATED_SEQ
+              for H in GATED_HIDDEN for bi in (True, False)] + GATED_EXTRA
+    out: list[Point] = []
+    for threads in thread_counts:
+        for B, T, I, H, layers, bi, dtype in shapes:
+            p = Point(B, T, I, H, layers, bi, dtype, threads, cell)
+            while p.macs > max_macs and p.seq > min(GATED_SEQ):
+                p = dataclasses.replace(p, seq=max(min(GATED_SEQ), p.seq // 2))
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def micro_points(cell: str, thread_counts) -> list[Point]:
+    return [Point(B, T, I, H, L, bi, dtype, threads, cell)
+            for threads in thread_counts for B, T, I, H, L, bi, dtype in MICRO]
+
+
+def preset_points(preset: str, cell: str, all_threads: int, thread_counts, max_macs: float):
+    if preset == "micro":
+        return micro_points(cell, thread_counts)
+    if cell == "rnn":
+        return points(all_threads, max_macs, thread_counts)
+    return gated_points(cell, thread_counts, max_macs)
+
+
+# ------------------------------------------------------------------------- run-time estimate
+
+# A rough model of one call of the nn class, fitted to the committed Elman grid's 1-thread
+# medians (benchmarks/results/cpu-grid/grid.json, fp32): a fixed cost per step and direction
+# plus the multiply-adds at a GEMM rate; the gated cells' nn classes took these multiples of
+# nn.RNN's time at the same shape (a few 1-thread points on a 2-core EPYC VM). Only for the
+# estimate printed before a run, never for a result.
+_STEP_S = {"infer": 6.6e-6, "train": 42e-6}
+_MACS_PER_S = {"infer": 34e9, "train": 12.4e9}  # per thread, fp32; fp64 at half
+_CELL_FACTOR = {"rnn": {"infer": 1.0, "train": 1.0}, "lstm": {"infer": 2.3, "train": 3.0},
+                "gru": {"infer": 4.0, "train": 4.5}}
+
+
+def estimate_call_s(p: Point, mode: str) -> float:
+    rate = _MACS_PER_S[mode] * (0.5 if p.dtype == "fp64" else 1.0) * (0.9 * p.threads
+                                                                        if p.threads > 1 else 1)
+    rnn = dataclasses.replace(p, cell="rnn")
+    seconds = _STEP_S[mode] * p.seq * p.layers * p.directions + rnn.macs / rate
+    return seconds * _CELL_FACTOR[p.cell][mode]
+
+
+def estimate_point_s(p: Point, budget_s: float, contenders: int = 3) -> float:
+    """Seconds measure() takes for ``p``, by the model above and measure_interleaved's loop."""
+    calls = [estimate_call_s(p, m) for m in ("infer", "train")] * contenders
+    round_s = sum(max(SAMPLE_S, c) for c in calls)
+    rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(budget_s / round_s) + 1))
+    return 0.05 + 2 * sum(calls) + rounds * round_s  # build, warm-up + estimate, rounds
+
+
+# -------------------------------------------------------------------------- measuring
+
+MIN_ROUNDS, MAX_ROUNDS, SAMPLE_S = 3, 9, 0.01
+
+
+def cpp_reason(cell: str) -> Optional[str]:
+    """Why the fused C++ kernel is not measured for ``cell`` here, or None."""
+    return bm.missing_cell_reason("cpp", cell) or (
+        None if fastbirnn.available_backends().get("cpp") is None
+        else f"cpp unavailable: {fastbirnn.available_backends().get('cpp')}")
+
+
+def cpp_has_cell(cell: str) -> bool:
+    """Whether the cpp backend has the cell at all (what lets 'auto' pick it)."""
+    return "cpp" in backends.names() and backends.get("cpp").supports(cell)
+
+
+def _models(p: Point, names: list[str]):
     dtype = DTYPES[p.dtype]
+    cell = bm.CELLS[p.cell]
     torch.manual_seed(0)
-    ref = nn.RNN(p.input, p.hidden, p.layers, bidirectional=p.bidirectional, dtype=dtype)
+    ref = cell.nn_class(p.input, p.hidden, p.layers, bidirectional=p.bidirectional, dtype=dtype)
     models = {"torch": ref}
-    for name in ("cpp", "auto"):
-        m = FastBiRNN(p.input, p.hidden, p.layers, bidirectional=p.bidirectional, dtype=dtype,
-                      backend=name)
+    for name in names:
+        m = cell.fast_class(p.input, p.hidden, p.layers, bidirectional=p.bidirectional,
+                            dtype=dtype, backend=name)
         m.load_state_dict(ref.state_dict())
         models[name] = m
     g = torch.Generator().manual_seed(1)
     x = torch.randn(p.seq, p.batch, p.input, generator=g).to(dtype).requires_grad_(True)
-    D = 2 if p.bidirectional else 1
-    grad_out = torch.randn(p.seq, p.batch, D * p.hidden, generator=g).to(dtype)
+    grad_out = torch.randn(p.seq, p.batch, p.directions * p.hidden, generator=g).to(dtype)
     return models, x, grad_out
 
 
-def _forward(model, x):
-    def step():
-        with torch.no_grad():
-            model(x)
-    return step
-
-
-def _train(model, x, grad_out):
-    def step():
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-        out, _ = model(x)
-        out.backward(grad_out)
-    return step
-
-
 def measure(p: Point, budget_s: float) -> dict:
+    skipped = {"cpp": cpp_reason(p.cell)}
+    names = [n for n in ("cpp", "auto") if skipped.get(n) is None]
     saved = torch.get_num_threads()
     torch.set_num_threads(p.threads)
     try:
-        models, x, grad_out = _models(p)
+        models, x, grad_out = _models(p, names)
         fns = {}
         for name, m in models.items():
-            fns[(name, "infer")] = _forward(m, x)
-            fns[(name, "train")] = _train(m, x, grad_out)
-        t = measure_interleaved(fns, "cpu", warmup=1, min_rounds=3, max_rounds=9,
-                                budget_s=budget_s, target_sample_s=0.01)
+            fns[(name, "infer")] = bm.forward_step(m, x)
+            fns[(name, "train")] = bm.train_step(m, x, grad_out)
+        t = measure_interleaved(fns, "cpu", warmup=1, min_rounds=MIN_ROUNDS,
+                                max_rounds=MAX_ROUNDS, budget_s=budget_s,
+                                target_sample_s=SAMPLE_S)
         with torch.no_grad():
             auto_infer = models["auto"].selected_backend(x)
         auto_train = models["auto"].selected_backend(x)
     finally:
         torch.set_num_threads(saved)
-    row = {"point": asdict(p), "label": p.label, "macs": p.macs,
+    row = {"point": asdict(p), "label": p.label, "cell": p.cell,
+           "baseline": bm.baseline_name(p.cell), "macs": p.macs,
            "auto_backend": {"infer": auto_infer, "train": auto_train}}
+    if any(skipped.values()):
+        row["skipped"] = {k: v for k, v in skipped.items() if v}
     for mode in ("infer", "train"):
         base = t[("torch", mode)].median
         for name in ("torch", "cpp", "auto"):
-            row[f"{name}_{mode}_ms"] = t[(name, mode)].median * 1e3
-            row[f"{name}_{mode}_samples_ms"] = [s * 1e3 for s in t[(name, mode)].samples]
-        row[f"cpp_{mode}_x"] = base / t[("cpp", mode)].median
-        row[f"auto_{mode}_x"] = base / t[("auto", mode)].median
+            timing = t.get((name, mode))
+            row[f"{name}_{mode}_ms"] = None if timing is None else timing.median * 1e3
+            row[f"{name}_{mode}_samples_ms"] = (
+                None if timing is None else [s * 1e3 for s in timing.samples])
+        for name in ("cpp", "auto"):
+            timing = t.get((name, mode))
+            row[f"{name}_{mode}_x"] = None if timing is None else base / timing.median
     del models, fns, x, grad_out
     gc.collect()
     return row
 
 
+# --------------------------------------------------------------------- the rule, checked
+
+
+def rule_picks_cpp(p: Point, training: bool) -> bool:
+    """What 'auto' runs under the current rule: the kernel only where it has the cell."""
+    return cpp_has_cell(p.cell) and cpu_rule.prefer_cpp(p.call(training))
+
+
 def check(rows: list[dict]) -> list[str]:
-    """Points where the current rule picks the slower contender (beyond the noise)."""
+    """Points where the current rule picks the slower contender (beyond the noise), or picks
+    the kernel where the grid has no timing of it (measured before it had the cell)."""
     problems = []
     for row in rows:
         p = Point(**row["point"])
+        base = bm.baseline_name(p.cell)
         for mode in ("infer", "train"):
-            fused = cpu_rule.prefer_cpp(p.call(mode == "train"))
-            ratio = row[f"cpp_{mode}_x"]
+            fused = rule_picks_cpp(p, mode == "train")
+            ratio = row.get(f"cpp_{mode}_x")
+            if ratio is None:
+                if fused:
+                    problems.append(f"{p.label} {mode}: rule picks cpp, but the grid has no cpp "
+                                    "timing here: measure the grid again")
+                continue
             if fused and ratio < 1 - NOISE:
                 problems.append(f"{p.label} {mode}: rule picks cpp at {ratio:.2f}x")
             elif not fused and ratio > 1 + NOISE:
-                problems.append(f"{p.label} {mode}: rule picks nn.RNN, cpp would be {ratio:.2f}x")
+                problems.append(f"{p.label} {mode}: rule picks {base}, cpp would be {ratio:.2f}x")
     return problems
 
 
 def rule_ratio(row: dict, mode: str) -> float:
-    """The ratio 'auto' gets under the current rule, from the measured medians."""
+    """The ratio 'auto' gets under the current rule, from the measured medians (nan: the rule
+    picks a kernel the grid did not time)."""
     p = Point(**row["point"])
-    return row[f"cpp_{mode}_x"] if cpu_rule.prefer_cpp(p.call(mode == "train")) else 1.0
+    if not rule_picks_cpp(p, mode == "train"):
+        return 1.0
+    ratio = row.get(f"cpp_{mode}_x")
+    return math.nan if ratio is None else ratio
+
+
+def slow_auto(rows: list[dict]) -> list[str]:
+    """Points where 'auto' itself measured slower than the nn class beyond the noise (its
+    wrapper's cost where it runs the nn class, or noise: the run's own ratio)."""
+    out = []
+    for row in rows:
+        for mode in ("infer", "train"):
+            ratio = row.get(f"auto_{mode}_x")
+            if ratio is not None and ratio < 1 - NOISE:
+                out.append(f"{row['label']} {mode}: auto measured {ratio:.2f}x "
+                           f"(ran {row['auto_backend'][mode]})")
+    return out
+
+
+def _worst(rows: list[dict], mode: str) -> str:
+    known = [r for r in rows if not math.isnan(rule_ratio(r, mode))]
+    if not known:
+        return f"worst {mode} under the rule: -"
+    worst = min(known, key=lambda r: rule_ratio(r, mode))
+    return f"worst {mode} under the rule: {rule_ratio(worst, mode):.2f}x at {worst['label']}"
+
+
+def rows_cell(rows: list[dict]) -> str:
+    cells = {Point(**r["point"]).cell for r in rows} or {"rnn"}
+    if len(cells) > 1:
+        raise SystemExit(f"a grid holds one cell; this one mixes {', '.join(sorted(cells))}")
+    return cells.pop()
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _fmt_x(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -204,23 +384,27 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    base = bm.baseline_name(rows_cell(rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, mode in zip(axes, ("infer", "train")):
         for threads in sorted({r["point"]["threads"] for r in rows}):
             sel = [r for r in rows if r["point"]["threads"] == threads]
-            per_step = [Point(**r["point"]).call(False).step_macs for r in sel]
-            ax.scatter(per_step, [r[f"cpp_{mode}_x"] for r in sel], s=14, alpha=0.7,
-                       label=f"cpp, {threads} thread{'s' if threads > 1 else ''}")
+            per_step = [Point(**r["point"]).step_macs for r in sel]
+            with_cpp = [(s, r[f"cpp_{mode}_x"]) for s, r in zip(per_step, sel)
+                        if r.get(f"cpp_{mode}_x") is not None]
+            if with_cpp:
+                ax.scatter(*zip(*with_cpp), s=14, alpha=0.7,
+                           label=f"cpp, {threads} thread{'s' if threads > 1 else ''}")
             ax.scatter(per_step, [r[f"auto_{mode}_x"] for r in sel], s=22, marker="x",
                        alpha=0.8, label=f"auto (measured), {threads}t")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(1.0 - NOISE, color="k", lw=0.5, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("multiply-adds per recurrence step (D*B*H^2)")
+        ax.set_xlabel("multiply-adds per recurrence step (G*D*B*H^2, G gate blocks)")
         ax.set_title("inference (no_grad)" if mode == "infer" else "training step")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("speed-up over nn.RNN (same run, medians)")
+    axes[0].set_ylabel(f"speed-up over {base} (same run, medians)")
     axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -230,48 +414,112 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def summary(rows: list[dict]) -> str:
     """Markdown table: measured ratios, and what 'auto' gets under the current rule."""
-    lines = ["Ratios are nn.RNN time / fastbirnn time (medians, same run). 'auto (run)' is what "
-             "'auto' measured with the rule of the run's commit; 'rule' is the contender the "
-             "current rule picks and 'auto (rule)' its measured ratio.", "",
+    cell = rows_cell(rows)
+    base = bm.baseline_name(cell)
+    lines = [f"Cell: {cell}. Ratios are {base} time / fastbirnn time (medians, same run). "
+             "'auto (run)' is what 'auto' measured with the rule of the run's commit; 'rule' is "
+             "the contender the current rule picks and 'auto (rule)' its measured ratio "
+             "('-': the cpp kernel had no such cell when measured).", "",
              "| point | infer cpp x | infer auto (run) | train cpp x | train auto (run) | "
              "rule infer/train | infer auto (rule) | train auto (rule) | load |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = Point(**r["point"])
-        picks = "/".join("cpp" if cpu_rule.prefer_cpp(p.call(m == "train")) else "torch"
+        picks = "/".join("cpp" if rule_picks_cpp(p, m == "train") else "torch"
                          for m in ("infer", "train"))
         lines.append(
-            f"| {r['label']} | {r['cpp_infer_x']:.2f} | {r['auto_infer_x']:.2f} | "
-            f"{r['cpp_train_x']:.2f} | {r['auto_train_x']:.2f} | {picks} | "
-            f"{rule_ratio(r, 'infer'):.2f} | {rule_ratio(r, 'train'):.2f} | "
+            f"| {r['label']} | {_fmt_x(r.get('cpp_infer_x'))} | {_fmt_x(r['auto_infer_x'])} | "
+            f"{_fmt_x(r.get('cpp_train_x'))} | {_fmt_x(r['auto_train_x'])} | {picks} | "
+            f"{_fmt_x(rule_ratio(r, 'infer'))} | {_fmt_x(rule_ratio(r, 'train'))} | "
             f"{r.get('loadavg', ['?'])[0]} |")
     lines.append("")
     for m in ("infer", "train"):
-        worst = min(rows, key=lambda r: rule_ratio(r, m))
-        lines.append(f"- worst {m} under the rule: {rule_ratio(worst, m):.2f}x at {worst['label']}")
+        lines.append(f"- {_worst(rows, m)}")
     problems = check(rows)
     lines.append(f"- points where the rule picks the slower contender by > {NOISE:.0%}: "
                  f"{len(problems)}")
     lines += [f"  - {p}" for p in problems]
+    slow = slow_auto(rows)
+    lines.append(f"- points where 'auto' measured slower than {base} by > {NOISE:.0%} in this "
+                 f"run (noise, or the wrapper's cost): {len(slow)}")
+    lines += [f"  - {s}" for s in slow]
     return "\n".join(lines)
 
 
 def report(doc: dict, out: str) -> None:
     info = doc["machine"]
-    title = (f"fastbirnn CPU grid: {info.get('cpu')}, {info.get('cpu_count')} cores, torch "
-             f"{info.get('torch')}, load {info.get('loadavg')} -> {info.get('loadavg_end')}")
+    cell = rows_cell(doc["rows"])
+    title = (f"fastbirnn CPU grid, cell {cell} ({bm.CELLS[cell].fast_class.__name__} vs "
+             f"{bm.baseline_name(cell)}): {info.get('cpu')}, {info.get('cpu_count')} cores, "
+             f"torch {info.get('torch')}, load {info.get('loadavg')} -> {info.get('loadavg_end')}")
+    os.makedirs(out, exist_ok=True)
     plot(doc["rows"], os.path.join(out, "grid.png"), title)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary(doc["rows"]) + "\n")
 
 
+# -------------------------------------------------------------------------------- run
+
+
+def _write(path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)  # a killed run leaves the previous complete file, never half a one
+
+
+def _key(point: dict) -> str:
+    return json.dumps(dict(asdict(Point(**point))), sort_keys=True)
+
+
+def _start(args, path: str, grid: list[Point], cell: str) -> dict:
+    """A new document, or the partial one of an earlier run with ``--resume``."""
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    if old is not None and not args.resume and not args.fresh and old.get("complete") is False:
+        raise SystemExit(
+            f"{path} holds a partial grid ({len(old['rows'])} points measured): --resume to "
+            "continue it, --fresh to start over")
+    info = machine_info("cpu")
+    command = " ".join(["python", *sys.argv])
+    if args.resume and old is not None:
+        old_cell = rows_cell(old["rows"]) if old["rows"] else old.get("cell", cell)
+        if old_cell != cell:
+            raise SystemExit(f"--resume: {path} is a grid of another cell, not {cell}")
+        if old["machine"].get("cpu") != info.get("cpu"):
+            print(f"warning: resuming a grid of {old['machine'].get('cpu')!r} on "
+                  f"{info.get('cpu')!r}", file=sys.stderr)
+        old.setdefault("resumed", []).append({"machine": info, "command": command})
+        old["complete"] = False
+        return old
+    return {"machine": info, "command": command, "cell": cell, "complete": False, "rows": []}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/cpu-grid")
-    ap.add_argument("--threads", default="1,all", help="comma list of counts or 'all'")
-    ap.add_argument("--max-macs", type=float, default=4e9)
-    ap.add_argument("--budget", type=float, default=1.0, help="seconds per point (after 3 rounds)")
+    ap.add_argument("--cell", default=None, choices=list(bm.CELLS),
+                    help="rnn (default), lstm or gru: the nn class and fastbirnn module timed")
+    ap.add_argument("--out", default=None,
+                    help="folder for grid.json, grid.png, summary.md (default: the cell's, "
+                         f"{default_out('rnn')}, {default_out('lstm')}, {default_out('gru')})")
+    ap.add_argument("--preset", default="full", choices=("full", "micro"),
+                    help="full: the cell's grid (module doc); micro: two tiny points (a smoke test)")
+    ap.add_argument("--threads", default=None,
+                    help="comma list of counts or 'all' (default: 1,all for rnn, all for gated)")
+    ap.add_argument("--max-macs", type=float, default=None,
+                    help="shorten T of points above this many forward multiply-adds "
+                         "(default 4e9 for rnn; 1e11 for gated cells, which keeps all their T)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of rounds per point after the first 3 (default 1.0)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N points (smoke test)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the partial grid.json in --out: measure only missing points")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over even where --out holds a partial grid")
+    ap.add_argument("--estimate", action="store_true",
+                    help="print the points and the estimated run time, time nothing")
     ap.add_argument("--check", metavar="JSON", help="evaluate the rule on a committed grid")
     ap.add_argument("--report", metavar="JSON",
                     help="redraw the plot and summary of a grid (into --out) without timing")
@@ -279,46 +527,87 @@ def main(argv=None) -> int:
 
     if args.report:
         with open(args.report) as f:
-            report(json.load(f), args.out)
+            doc = json.load(f)
+        report(doc, args.out or default_out(rows_cell(doc["rows"])))
         return 0
 
     if args.check:
         with open(args.check) as f:
             rows = json.load(f)["rows"]
+        cell = rows_cell(rows)
+        if args.cell and args.cell != cell:
+            raise SystemExit(f"--check {args.check}: a grid of cell {cell}, not {args.cell}")
         problems = check(rows)
-        print("\n".join(problems) or "the rule picks the faster contender at every point")
+        print(f"cell {cell}, {len(rows)} points: "
+              + ("\n".join(problems) or "the rule picks the faster contender at every point"))
         for mode in ("infer", "train"):
-            worst = min(rows, key=lambda r: rule_ratio(r, mode))
-            print(f"worst {mode} under the rule: {rule_ratio(worst, mode):.2f}x at {worst['label']}")
+            print(_worst(rows, mode))
+        slow = slow_auto(rows)
+        if slow:
+            print(f"note: 'auto' measured slower than {bm.baseline_name(cell)} by > "
+                  f"{NOISE:.0%} at {len(slow)} point(s) in that run (noise or the wrapper's "
+                  "cost; see summary.md)")
         return 1 if problems else 0
 
+    cell = args.cell or "rnn"
+    gated = cell != "rnn"
+    out = args.out or default_out(cell)
+    max_macs = args.max_macs if args.max_macs is not None else (1e11 if gated else 4e9)
+    budget = args.budget if args.budget is not None else 1.0
     all_threads = os.cpu_count() or 1
-    counts = sorted({all_threads if c == "all" else int(c) for c in args.threads.split(",")})
-    grid = points(all_threads, args.max_macs, counts)
+    thread_spec = args.threads or ("all" if gated else "1,all")
+    counts = sorted({all_threads if c == "all" else int(c) for c in thread_spec.split(",")})
+    grid = preset_points(args.preset, cell, all_threads, counts, max_macs)
     if args.limit:
         grid = grid[: args.limit]
-    os.makedirs(args.out, exist_ok=True)
-    info = machine_info("cpu")
-    doc = {"machine": info, "command": " ".join(["python", *sys.argv]), "rows": []}
-    path = os.path.join(args.out, "grid.json")
+    contenders = 3 if cpp_reason(cell) is None else 2
+    estimates = {p: estimate_point_s(p, budget, contenders) for p in grid}
+    why_not_cpp = cpp_reason(cell)
+
+    if args.estimate:
+        for p in grid:
+            print(f"{p.label}: ~{estimates[p]:.1f}s")
+    path = os.path.join(out, "grid.json")
+    if not args.estimate:
+        os.makedirs(out, exist_ok=True)
+        doc = _start(args, path, grid, cell)
+        done = {_key(r["point"]) for r in doc["rows"]}
+    else:
+        done = set()
+    todo = [p for p in grid if _key(asdict(p)) not in done]
+    total = sum(estimates[p] for p in todo)
+    print(f"cpu grid, cell {cell} ({bm.CELLS[cell].fast_class.__name__} vs "
+          f"{bm.baseline_name(cell)}): {len(todo)} points to measure"
+          + (f" ({len(grid) - len(todo)} already in {path})" if len(todo) < len(grid) else "")
+          + f", threads {counts}, budget {budget}s/point, max {max_macs:.0e} MACs; "
+          f"estimated {total / 60:.1f} min on {all_threads} idle cores (a model; a loaded "
+          "machine takes longer)" + (f"; not measured: {why_not_cpp}" if why_not_cpp else ""),
+          flush=True)
+    if args.estimate:
+        return 0
+
     start = time.time()
-    for i, p in enumerate(grid):
-        row = measure(p, args.budget)
+    spent_estimate = 0.0
+    for i, p in enumerate(todo):
+        row = measure(p, budget)
         row["loadavg"] = [round(v, 2) for v in os.getloadavg()]
         doc["rows"].append(row)
-        print(f"[{i + 1}/{len(grid)} {time.time() - start:.0f}s load {row['loadavg'][0]}] "
-              f"{p.label}: infer cpp {row['cpp_infer_x']:.2f}x auto {row['auto_infer_x']:.2f}x"
-              f" | train cpp {row['cpp_train_x']:.2f}x auto {row['auto_train_x']:.2f}x",
-              flush=True)
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1)
+        _write(path, doc)  # partial results survive; --resume continues from here
+        spent_estimate += estimates[p]
+        elapsed = time.time() - start
+        left = (total - spent_estimate) * elapsed / max(spent_estimate, 1e-9)
+        print(f"[{i + 1}/{len(todo)} {elapsed:.0f}s, ~{left:.0f}s left, load "
+              f"{row['loadavg'][0]}] {p.label}: infer cpp {_fmt_x(row['cpp_infer_x'])}x auto "
+              f"{_fmt_x(row['auto_infer_x'])}x | train cpp {_fmt_x(row['cpp_train_x'])}x auto "
+              f"{_fmt_x(row['auto_train_x'])}x", flush=True)
     doc["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    doc["seconds"] = round(time.time() - start, 1)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-    report(doc, args.out)
+    doc["seconds"] = round(time.time() - start + doc.get("seconds", 0.0), 1)
+    doc["complete"] = len(doc["rows"]) >= len(grid) and not args.limit
+    _write(path, doc)
+    report(doc, out)
     problems = check(doc["rows"])
     print("\n".join(problems) or "rule: faster contender at every point")
+    print(f"wrote {path}, grid.png, summary.md")
     return 0
 
 
