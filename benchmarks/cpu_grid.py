@@ -472,7 +472,7 @@ def _key(point: dict) -> str:
     return json.dumps(dict(asdict(Point(**point))), sort_keys=True)
 
 
-def _start(args, path: str, grid: list[Point], cell: str) -> dict:
+def _start(args, path: str, cell: str, command: str) -> dict:
     """A new document, or the partial one of an earlier run with ``--resume``."""
     old = None
     if os.path.exists(path):
@@ -483,7 +483,6 @@ def _start(args, path: str, grid: list[Point], cell: str) -> dict:
             f"{path} holds a partial grid ({len(old['rows'])} points measured): --resume to "
             "continue it, --fresh to start over")
     info = machine_info("cpu")
-    command = " ".join(["python", *sys.argv])
     if args.resume and old is not None:
         old_cell = rows_cell(old["rows"]) if old["rows"] else old.get("cell", cell)
         if old_cell != cell:
@@ -570,7 +569,9 @@ def main(argv=None) -> int:
     path = os.path.join(out, "grid.json")
     if not args.estimate:
         os.makedirs(out, exist_ok=True)
-        doc = _start(args, path, grid, cell)
+        command = " ".join(["python", "benchmarks/cpu_grid.py",
+                            *(sys.argv[1:] if argv is None else argv)])
+        doc = _start(args, path, cell, command)
         done = {_key(r["point"]) for r in doc["rows"]}
     else:
         done = set()

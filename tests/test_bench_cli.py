@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark CLI (python -m fastbirnn.bench) on its tiny preset.
+"""Smoke tests of the benchmark CLI (python -m fastbirnn.bench) on its tiny preset, for each
+cell, and of the pytest-benchmark suite's parametrisation.
 
 Timings are never asserted (machines are noisy): only that the table, the JSON and the plot
 are produced and that every ratio is a finite positive number.
@@ -6,12 +7,15 @@ are produced and that every ratio is a finite positive number.
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
+import fastbirnn
 from fastbirnn import bench
 from fastbirnn import benchmarking as bm
 
@@ -118,3 +122,144 @@ def test_other_cpu_meter_sees_another_process():
                     "while time.process_time() - t < 0.5: pass"], check=True)
     other_cpu_s = meter.cores() * (time.perf_counter() - start)
     assert other_cpu_s >= 0.4
+
+
+# ------------------------------------------------------------------ the three cells, CLI
+
+GATED = {"lstm": "nn.LSTM", "gru": "nn.GRU"}
+
+
+@pytest.mark.parametrize("cell", sorted(GATED))
+def test_bench_cli_gated_cell(cell, tmp_path, capsys):
+    out = tmp_path / "bench"
+    status = bench.main(["--cell", cell, "--shape", "2,4,16,32", "--out", str(out),
+                         "--max-rounds", "3", "--budget", "0.05", "--no-memory", "-q"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    lines = printed.splitlines()
+    header = [l for l in lines if l.startswith("cell ")]
+    assert header and header[0].split()[:4] == ["cell", "shape", "dtype", "backend"]
+    rows = [l.split() for l in lines if l.startswith(cell + " ")]
+    assert rows and {r[5] for r in rows} == {"fp32"}  # cell, B2, T4, I16, H32, dtype, backend
+    labels = {r[6] for r in rows}
+    assert GATED[cell] in labels and any(l.startswith("auto->") for l in labels), printed
+    assert bm.BASELINE not in printed  # nn.RNN has nothing to do with this run
+    assert f"speedup over {GATED[cell]}" in printed
+
+    doc = json.loads((out / bench.JSON_NAME).read_text())
+    assert doc["config"]["cell"] == cell
+    assert {r["cell"] for r in doc["results"]} == {cell}
+    assert {r["case"]["cell"] for r in doc["results"]} == {cell}
+    measured = {r["backend"]: r for r in doc["results"] if "skipped" not in r}
+    assert measured[GATED[cell]]["speedup_train"] == pytest.approx(1.0)
+    assert measured["auto"]["resolved_backend"] in fastbirnn.available_backends()
+    # Every registered kernel backend without this cell is a skipped row saying so.
+    from fastbirnn import backends as registry
+
+    lacking = [n for n in registry.names()
+               if n not in ("auto", "torch") and not registry.get(n).supports(cell)]
+    skipped = {r["backend"]: r["skipped"] for r in doc["results"] if "skipped" in r}
+    for name in lacking:
+        assert f"no {cell.upper()} cell" in skipped[name]
+        assert name not in measured
+    if lacking:
+        assert f"no {cell.upper()} cell" in printed  # the 'not run:' note under the table
+
+
+def _fake_backend_without_cells(monkeypatch, name="nocell"):
+    from fastbirnn import backends as registry
+    from fastbirnn import reference
+
+    fake = registry.RecurrenceBackend(
+        name=name, forward=reference.recurrence_forward, backward=reference.recurrence_backward,
+        unavailable_reason=lambda: None, unsupported_reason=lambda x: None)
+    monkeypatch.setitem(registry._REGISTRY, name, fake)
+    return name
+
+
+@pytest.mark.parametrize("cell", sorted(GATED))
+def test_bench_cli_names_a_backend_without_the_cell(cell, monkeypatch):
+    name = _fake_backend_without_cells(monkeypatch)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed something before refusing")
+
+    monkeypatch.setattr(bm, "run_case", no_timing)
+    with pytest.raises(SystemExit) as error:
+        bench.main(["--cell", cell, "--backends", f"auto,{name}", "--preset", "tiny", "-q"])
+    message = str(error.value.code)
+    assert f"backend {name!r} has no {cell.upper()} cell" in message
+    assert "auto" in message and GATED[cell] in message
+    # By default such a backend is a skipped contender with the same reason, not an error.
+    case = bm.Case(2, 4, 16, 32, cell=cell)
+    reasons = dict(bm.contenders(case, "cpu", ["auto", name]))
+    assert reasons["auto"] is None and f"no {cell.upper()} cell" in reasons[name]
+    assert dict(bm.contenders(case.with_cell("rnn"), "cpu", [name]))[name] is None
+
+
+def test_bench_cli_unavailable_cell_is_a_message_not_a_traceback():
+    from fastbirnn import backends as registry
+
+    if registry.get("cpp").supports("lstm"):
+        pytest.skip("the cpp backend has an LSTM cell now")
+    run = subprocess.run(
+        [sys.executable, "-m", "fastbirnn.bench", "--cell", "lstm", "--backends", "cpp",
+         "--preset", "tiny"], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    assert "backend 'cpp' has no LSTM cell yet" in run.stderr
+
+
+def test_nonlinearity_belongs_to_the_elman_cell():
+    with pytest.raises(SystemExit) as error:
+        bench.main(["--cell", "gru", "--nonlinearity", "relu", "--preset", "tiny", "-q"])
+    assert "Elman" in str(error.value.code)
+    with pytest.raises(ValueError):
+        bm.Case(2, 4, 16, 32, nonlinearity="relu", cell="lstm")
+    assert bm.Case(2, 4, 16, 32, nonlinearity="relu").id.endswith("relu-fp32")
+    assert bm.Case(2, 4, 16, 32, cell="gru").id.startswith("gru-")
+
+
+def test_models_of_every_cell_hold_the_same_weights():
+    for cell, spec in bm.CELLS.items():
+        case = bm.Case(3, 5, 4, 6, layers=2, cell=cell)
+        models = bm.build_models(case, "cpu", [spec.baseline, "auto"])
+        base, fast = models[spec.baseline], models["auto"]
+        assert type(base) is spec.nn_class and isinstance(fast, spec.fast_class)
+        x, _ = bm.make_inputs(case, "cpu")
+        torch.testing.assert_close(fast(x)[0], base(x)[0])
+        assert bm.resolved_backend(base, x) == "torch"
+
+
+def test_table_names_the_cell_and_its_baseline():
+    rows = [dict(_row("B1 T1 I1 H1", "nn.GRU", []), cell="gru"),
+            dict(_row("B1 T1 I1 H1", "auto", []), cell="gru", resolved_backend="torch")]
+    text = bench.table(rows)
+    assert text.splitlines()[0].startswith("cell")
+    assert text.splitlines()[2].startswith("gru ")
+    assert "auto->torch" in text and "speedup over nn.GRU" in text and "nn.RNN" not in text
+    # Rows of runs before cells were recorded are Elman rows.
+    assert bench.table([_row("B1 T1 I1 H1", bm.BASELINE, [])]).splitlines()[2].startswith("rnn")
+
+
+def test_benchmark_suite_runs_every_cell_and_skips_backends_without_it():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "-q", "-rs", "--benchmark-disable",
+         "--bench-device", "cpu", "--bench-preset", "tiny", "--bench-backends", "auto,cpp",
+         "-p", "no:cacheprovider", "-k", "B2 or b2"],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "-q", "--collect-only",
+         "--bench-device", "cpu", "--bench-preset", "tiny", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=300, cwd=root).stdout
+    for cell in ("lstm", "gru"):
+        assert f"[{cell}-b2-t4-i16-h32-fp32-{GATED[cell]}-fwd]" in collected
+        assert f"[{cell}-b2-t4-i16-h32-fp32-auto-train]" in collected
+    assert "[b2-t4-i16-h32-fp32-nn.RNN-fwd]" in collected
+    from fastbirnn import backends as registry
+
+    for cell in ("lstm", "gru"):
+        if not registry.get("cpp").supports(cell):
+            assert f"cpp: backend 'cpp' has no {cell.upper()} cell" in run.stdout
