@@ -5,6 +5,7 @@ Timings are never asserted (machines are noisy): only that the table, the JSON a
 are produced and that every ratio is a finite positive number.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -245,21 +246,151 @@ def test_table_names_the_cell_and_its_baseline():
 def test_benchmark_suite_runs_every_cell_and_skips_backends_without_it():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/", "-q", "-rs", "--benchmark-disable",
+        [sys.executable, "-m", "pytest", "benchmarks/", "-v", "-rs", "--benchmark-disable",
          "--bench-device", "cpu", "--bench-preset", "tiny", "--bench-backends", "auto,cpp",
-         "-p", "no:cacheprovider", "-k", "B2 or b2"],
+         "-p", "no:cacheprovider", "-k", "b2"],
         capture_output=True, text=True, timeout=300, cwd=root)
     assert run.returncode == 0, run.stdout + run.stderr
-    collected = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/", "-q", "--collect-only",
-         "--bench-device", "cpu", "--bench-preset", "tiny", "-p", "no:cacheprovider"],
-        capture_output=True, text=True, timeout=300, cwd=root).stdout
     for cell in ("lstm", "gru"):
-        assert f"[{cell}-b2-t4-i16-h32-fp32-{GATED[cell]}-fwd]" in collected
-        assert f"[{cell}-b2-t4-i16-h32-fp32-auto-train]" in collected
-    assert "[b2-t4-i16-h32-fp32-nn.RNN-fwd]" in collected
+        assert f"[{cell}-b2-t4-i16-h32-fp32-{GATED[cell]}-fwd] PASSED" in run.stdout
+        assert f"[{cell}-b2-t4-i16-h32-fp32-auto-train] PASSED" in run.stdout
+    assert "[b2-t4-i16-h32-fp32-nn.RNN-fwd] PASSED" in run.stdout
     from fastbirnn import backends as registry
 
     for cell in ("lstm", "gru"):
         if not registry.get("cpp").supports(cell):
+            assert f"[{cell}-b2-t4-i16-h32-fp32-cpp-train] SKIPPED" in run.stdout
             assert f"cpp: backend 'cpp' has no {cell.upper()} cell" in run.stdout
+
+
+# --------------------------------------------------------------- the CPU grid, per cell
+
+
+def _grid_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_grid.py")
+    spec = importlib.util.spec_from_file_location("cpu_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cpu_grid", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("cell", sorted(GATED))
+def test_grid_cell_micro_writes_its_files_and_resumes(cell, tmp_path, monkeypatch, capsys):
+    grid = _grid_module()
+    out = tmp_path / "grid"
+    argv = ["--cell", cell, "--preset", "micro", "--threads", "1", "--budget", "0.01",
+            "--out", str(out)]
+    assert grid.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "estimated" in printed.splitlines()[0]  # the estimate comes before any timing
+    doc = json.loads((out / "grid.json").read_text())
+    assert doc["complete"] is True and doc["cell"] == cell
+    assert len(doc["rows"]) == len(grid.MICRO)
+    for row in doc["rows"]:
+        assert row["cell"] == cell and row["point"]["cell"] == cell
+        assert row["baseline"] == GATED[cell] and row["label"].startswith(cell + " ")
+        for mode in ("infer", "train"):
+            assert math.isfinite(row[f"auto_{mode}_x"]) and row[f"auto_{mode}_x"] > 0
+            assert (row[f"cpp_{mode}_x"] is None) == (grid.cpp_reason(cell) is not None)
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith(f"Cell: {cell}.") and GATED[cell] in summary
+    assert summary.count(f"| {cell} B2 T4") == len(grid.MICRO)
+    pytest.importorskip("matplotlib")
+    assert (out / "grid.png").read_bytes().startswith(b"\x89PNG")
+
+    # A disturbed run: only the first point made it. Without --resume the partial grid is
+    # not overwritten; with it, only the missing point is measured.
+    doc["rows"], doc["complete"] = doc["rows"][:1], False
+    (out / "grid.json").write_text(json.dumps(doc))
+    with pytest.raises(SystemExit) as error:
+        grid.main(argv)
+    assert "--resume" in str(error.value.code)
+    measured = []
+    real_measure = grid.measure
+    monkeypatch.setattr(grid, "measure", lambda p, b: measured.append(p) or real_measure(p, b))
+    assert grid.main(argv + ["--resume"]) == 0
+    assert [p.label for p in measured] == [grid.Point(**doc["rows"][0]["point"]).label
+                                           .replace("B2 T4 I16 H32 L1 bi fp32",
+                                                    "B2 T4 I16 H32 L1 uni fp64")]
+    resumed = json.loads((out / "grid.json").read_text())
+    assert resumed["complete"] is True and len(resumed["rows"]) == len(grid.MICRO)
+    assert len(resumed["resumed"]) == 1
+    measured.clear()
+    assert grid.main(argv + ["--resume"]) == 0 and measured == []  # nothing left to do
+
+
+def _synthetic_row(grid, cell, infer_x, train_x):
+    p = grid.Point(8, 128, 64, 64, 1, True, "fp32", 2, cell)
+    return {"point": dataclasses.asdict(p), "label": p.label, "cell": cell,
+            "cpp_infer_x": infer_x, "cpp_train_x": train_x, "auto_infer_x": 1.0,
+            "auto_train_x": 1.0, "auto_backend": {"infer": "torch", "train": "torch"}}
+
+
+@pytest.mark.parametrize("cell", sorted(GATED))
+def test_grid_check_finds_a_planted_disagreement_for_the_cell(cell, tmp_path, monkeypatch,
+                                                             capsys):
+    grid = _grid_module()
+    from fastbirnn.backends import cpu_rule
+
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"rows": [_synthetic_row(grid, cell, 0.5, 1.5)]}))
+    seen = []
+
+    def rule(call, picks):
+        seen.append(call)
+        return picks(call)
+
+    # As if the cpp backend had the cell and the rule said: the kernel, always.
+    monkeypatch.setattr(grid, "cpp_has_cell", lambda c: True)
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: rule(c, lambda c: True))
+    assert grid.main(["--check", str(path)]) == 1
+    printed = capsys.readouterr().out
+    assert f"{cell} B8 T128 I64 H64 L1 bi fp32 2t infer: rule picks cpp at 0.50x" in printed
+    assert "train" not in printed.split("worst")[0]  # 1.5x in training: the right pick
+    if any(f.name == "cell" for f in dataclasses.fields(cpu_rule.CallShape)):
+        assert {c.cell for c in seen} == {cell}  # the rule is asked about this cell
+    # Kernel for training only: both picks right. nn class for both: training gives up 1.5x.
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: c.training)
+    assert grid.main(["--check", str(path)]) == 0
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: False)
+    assert grid.main(["--check", str(path)]) == 1
+    assert f"train: rule picks {GATED[cell]}, cpp would be 1.50x" in capsys.readouterr().out
+    # A grid measured before cpp had the cell has no cpp timings: a rule that picks the
+    # kernel there is flagged, one that keeps the nn class is not.
+    path.write_text(json.dumps({"rows": [_synthetic_row(grid, cell, None, None)]}))
+    assert grid.main(["--check", str(path)]) == 0
+    monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: True)
+    assert grid.main(["--check", str(path)]) == 1
+    assert "no cpp timing" in capsys.readouterr().out
+    # Without the cell in the cpp backend, 'auto' cannot pick it, whatever the rule says.
+    monkeypatch.setattr(grid, "cpp_has_cell", lambda c: False)
+    assert grid.main(["--check", str(path)]) == 0
+    with pytest.raises(SystemExit):
+        grid.main(["--check", str(path), "--cell", "rnn"])  # a grid of another cell
+
+
+def test_gated_grid_covers_its_preset_within_the_time_it_claims():
+    grid = _grid_module()
+    for cell in GATED:
+        points = grid.preset_points("full", cell, 2, [2], 1e11)
+        assert {p.cell for p in points} == {cell} and {p.threads for p in points} == {2}
+        assert {p.batch for p in points} >= set(grid.GATED_BATCH)
+        assert {p.seq for p in points} >= set(grid.GATED_SEQ)
+        assert {p.hidden for p in points} >= set(grid.GATED_HIDDEN)
+        assert {p.bidirectional for p in points} == {True, False}
+        assert {p.dtype for p in points} == {"fp32", "fp64"} and {p.layers for p in points} == {1, 2}
+        assert len(points) == len(set(points))
+        # The printed estimate (a model, not a measurement) of the default run on 2 cores.
+        assert sum(grid.estimate_point_s(p, 1.0, 3) for p in points) < 15 * 60
+        # --max-macs shortens T only, never below the preset's shortest.
+        short = grid.preset_points("full", cell, 2, [2], 1e8)
+        assert all(p.macs <= 1e8 or p.seq == min(grid.GATED_SEQ) for p in short)
+        assert min(p.seq for p in short if p.macs > 1e8) == min(grid.GATED_SEQ)
+        assert sum(p.seq for p in short) < sum(p.seq for p in points)
+    # The Elman grid is unchanged by the cell field: old grid.json rows load as rnn points.
+    old = {"batch": 2, "seq": 4, "input": 16, "hidden": 32, "layers": 1,
+           "bidirectional": True, "dtype": "fp32", "threads": 1}
+    assert grid.Point(**old).cell == "rnn" and grid.Point(**old).label.startswith("B2")
