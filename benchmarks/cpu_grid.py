@@ -1,6 +1,6 @@
 """The CPU benchmark grids behind ``'auto'``'s rule (fastbirnn/backends/cpu_rule.py), per cell.
 
-One command reproduces each (JSON, plot and a summary under ``--out``, by default the cell's
+One command reproduces each (JSON, CSV, plot and a summary under ``--out``, by default the cell's
 folder ``benchmarks/results/cpu-grid`` for rnn, ``cpu-grid-lstm``, ``cpu-grid-gru``):
 
     python benchmarks/cpu_grid.py --out benchmarks/results/cpu-grid --max-macs 1e9 --budget 0.3
@@ -446,6 +446,31 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CSV_FIELDS = ("cell", "batch", "seq", "input", "hidden", "layers", "bidirectional", "dtype",
+              "threads", "macs", "torch_infer_ms", "cpp_infer_ms", "auto_infer_ms",
+              "torch_train_ms", "cpp_train_ms", "auto_train_ms", "cpp_infer_x", "auto_infer_x",
+              "cpp_train_x", "auto_train_x", "rule_infer", "rule_train", "rule_infer_x",
+              "rule_train_x")
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """One line per point: the point, the medians (ms), the ratios and the current rule's pick
+    and ratio (empty where not measured)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            p = Point(**r["point"])
+            line = {**asdict(p), **r, "macs": p.macs}
+            for mode in ("infer", "train"):
+                line[f"rule_{mode}"] = "cpp" if rule_picks_cpp(p, mode == "train") else "torch"
+                ratio = rule_ratio(r, mode)
+                line[f"rule_{mode}_x"] = "" if math.isnan(ratio) else ratio
+            writer.writerow({k: "" if line.get(k) is None else line[k] for k in CSV_FIELDS})
+
+
 def report(doc: dict, out: str) -> None:
     info = doc["machine"]
     cell = rows_cell(doc["rows"])
@@ -456,6 +481,7 @@ def report(doc: dict, out: str) -> None:
     plot(doc["rows"], os.path.join(out, "grid.png"), title)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary(doc["rows"]) + "\n")
+    write_csv(doc["rows"], os.path.join(out, "grid.csv"))
 
 
 # -------------------------------------------------------------------------------- run
@@ -501,7 +527,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cell", default=None, choices=list(bm.CELLS),
                     help="rnn (default), lstm or gru: the nn class and fastbirnn module timed")
     ap.add_argument("--out", default=None,
-                    help="folder for grid.json, grid.png, summary.md (default: the cell's, "
+                    help="folder for grid.json, grid.csv, grid.png, summary.md (default: the cell's, "
                          f"{default_out('rnn')}, {default_out('lstm')}, {default_out('gru')})")
     ap.add_argument("--preset", default="full", choices=("full", "micro"),
                     help="full: the cell's grid (module doc); micro: two tiny points (a smoke test)")
@@ -608,7 +634,7 @@ def main(argv=None) -> int:
     report(doc, out)
     problems = check(doc["rows"])
     print("\n".join(problems) or "rule: faster contender at every point")
-    print(f"wrote {path}, grid.png, summary.md")
+    print(f"wrote {path}, grid.png, grid.csv, summary.md")
     return 0
 
 

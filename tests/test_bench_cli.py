@@ -301,6 +301,13 @@ def test_grid_cell_micro_writes_its_files_and_resumes(cell, tmp_path, monkeypatc
     summary = (out / "summary.md").read_text()
     assert summary.startswith(f"Cell: {cell}.") and GATED[cell] in summary
     assert summary.count(f"| {cell} B2 T4") == len(grid.MICRO)
+    import csv
+
+    with open(out / "grid.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["cell"], r["dtype"]) for r in table] == [(cell, "fp32"), (cell, "fp64")]
+    assert all(float(r["auto_train_x"]) > 0 and r["rule_train"] in ("cpp", "torch")
+               for r in table)
     pytest.importorskip("matplotlib")
     assert (out / "grid.png").read_bytes().startswith(b"\x89PNG")
 
