@@ -269,20 +269,11 @@ def test_benchmark_suite_runs_every_cell_and_skips_backends_without_it():
 # --------------------------------------------------------------- the CPU grid, per cell
 
 
-def _grid_module():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_grid.py")
-    spec = importlib.util.spec_from_file_location("cpu_grid", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("cpu_grid", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("cell", sorted(GATED))
-def test_grid_cell_micro_writes_its_files_and_resumes(cell, tmp_path, monkeypatch, capsys):
-    grid = _grid_module()
+def test_grid_cell_micro_writes_its_files_and_resumes(grid, cell, tmp_path, monkeypatch,
+                                                      capsys):
     out = tmp_path / "grid"
     argv = ["--cell", cell, "--preset", "micro", "--threads", "1", "--budget", "0.01",
             "--out", str(out)]
@@ -340,9 +331,8 @@ def _synthetic_row(grid, cell, infer_x, train_x):
 
 
 @pytest.mark.parametrize("cell", sorted(GATED))
-def test_grid_check_finds_a_planted_disagreement_for_the_cell(cell, tmp_path, monkeypatch,
-                                                             capsys):
-    grid = _grid_module()
+def test_grid_check_finds_a_planted_disagreement_for_the_cell(grid, cell, tmp_path,
+                                                             monkeypatch, capsys):
     from fastbirnn.backends import cpu_rule
 
     path = tmp_path / "grid.json"
@@ -382,8 +372,7 @@ def test_grid_check_finds_a_planted_disagreement_for_the_cell(cell, tmp_path, mo
         grid.main(["--check", str(path), "--cell", "rnn"])  # a grid of another cell
 
 
-def test_gated_grid_covers_its_preset_within_the_time_it_claims():
-    grid = _grid_module()
+def test_gated_grid_covers_its_preset_within_the_time_it_claims(grid):
     for cell in GATED:
         points = grid.preset_points("full", cell, 2, [2], 1e11)
         assert {p.cell for p in points} == {cell} and {p.threads for p in points} == {2}

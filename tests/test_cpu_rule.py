@@ -2,10 +2,7 @@
 hot-path cache of the choice. These test the rule's behaviour and plumbing, not the
 committed grid's numbers (those are benchmarks: benchmarks/cpu_grid.py --check)."""
 
-import importlib.util
 import itertools
-import os
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -159,17 +156,9 @@ def test_cached_module_pickles_and_deep_copies():
         torch.testing.assert_close(clone(x)[0], ref(x)[0])
 
 
-def _grid_module():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_grid.py")
-    spec = importlib.util.spec_from_file_location("cpu_grid", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("cpu_grid", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
-def test_grid_check_flags_a_rule_that_picks_the_slower_contender(monkeypatch):
-    grid = _grid_module()
+def test_grid_check_flags_a_rule_that_picks_the_slower_contender(grid, monkeypatch):
     p = grid.Point(8, 16, 32, 32, 1, True, "fp32", 2)
     row = {"point": asdict(p), "label": p.label, "cpp_infer_x": 0.8, "cpp_train_x": 1.5}
     monkeypatch.setattr(cpu_rule, "prefer_cpp", lambda c: True)
@@ -181,8 +170,7 @@ def test_grid_check_flags_a_rule_that_picks_the_slower_contender(monkeypatch):
     assert grid.check([row]) == []
 
 
-def test_grid_covers_the_space_it_claims():
-    grid = _grid_module()
+def test_grid_covers_the_space_it_claims(grid):
     points = grid.points(2, 4e9)
     assert {p.bidirectional for p in points} == {False, True}
     assert {p.layers for p in points} == {1, 2, 3}
