@@ -49,6 +49,9 @@ class RecurrenceBackend:
     # nonlinearity, returning (output, final states tuple). The Elman cell ('rnn') is what
     # forward/backward/stack_forward run: every backend has it.
     cell_stacks: Mapping[str, Callable] = field(default_factory=dict)
+    # The cells 'auto' may pick it for (None: every cell it has), for a backend whose
+    # measurements cover only some of its cells.
+    auto_cells: Optional[tuple[str, ...]] = None
 
     def supports(self, cell: str) -> bool:
         return cell == "rnn" or cell in self.cell_stacks
@@ -112,6 +115,8 @@ def resolve_auto(
         if backend.auto_devices is not None and device_type not in backend.auto_devices:
             continue
         if not backend.supports(cell):
+            continue
+        if backend.auto_cells is not None and cell not in backend.auto_cells:
             continue
         unavailable = backend.unavailable_reason()
         if unavailable is not None:

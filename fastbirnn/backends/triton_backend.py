@@ -99,11 +99,28 @@ def _backward(dHs, Hs, W_hh, lengths, nonlinearity):
     return recurrence_backward(dHs, Hs, W_hh, lengths, nonlinearity)
 
 
+def _lstm_stack(*args, **config):
+    from fastbirnn.triton.gated_stack import lstm_stack
+
+    return lstm_stack(*args, **config)
+
+
+def _gru_stack(*args, **config):
+    from fastbirnn.triton.gated_stack import gru_stack
+
+    return gru_stack(*args, **config)
+
+
 backends.register(
     backends.RecurrenceBackend(
         name="triton",
         forward=_forward,
         backward=_backward,
+        cell_stacks={"lstm": _lstm_stack, "gru": _gru_stack},
+        # 'auto' keeps cuDNN's nn.LSTM / nn.GRU on CUDA: no GPU run has timed the gated
+        # kernels yet (benchmarks/gpu_run.sh, stage 'gated', will), and CUDA_CROSSOVER is the
+        # Elman cell's table. Add "lstm"/"gru" here with their own measured table.
+        auto_cells=("rnn",),
         unavailable_reason=_unavailable_reason,
         unsupported_reason=_unsupported_reason,
         preferred_for=_preferred_for,

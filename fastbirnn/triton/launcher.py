@@ -46,7 +46,14 @@ except ImportError:  # pragma: no cover - layout of older releases
     from triton.runtime.autotuner import OutOfResources
 
 from fastbirnn.triton.backward import backward_onchip_kernel, backward_streamed_kernel
+from fastbirnn.triton.cells import GATES, SAVED_SLOTS
 from fastbirnn.triton.forward import forward_onchip_kernel, forward_streamed_kernel
+from fastbirnn.triton.gated_kernels import (
+    gated_backward_onchip_kernel,
+    gated_backward_streamed_kernel,
+    gated_forward_onchip_kernel,
+    gated_forward_streamed_kernel,
+)
 from fastbirnn.triton.multicta import backward_multicta_kernel, forward_multicta_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -139,11 +146,13 @@ def _hidden_block(H: int) -> int:
     return max(16, triton.next_power_of_2(H))
 
 
-def uses_onchip(H: int, dtype: torch.dtype, precision: str = "tf32") -> bool:
+def uses_onchip(H: int, dtype: torch.dtype, precision: str = "tf32", gates: int = 1) -> bool:
+    """Whether W_hh fits on chip: ``gates`` blocks of the padded [H, H] within the budget
+    of one Elman block of the size limit (a gated cell gets half the Elman limit)."""
     limit = MAX_ONCHIP_HIDDEN[dtype]
     if dtype == torch.float32 and precision == "ieee":
         limit = min(limit, MAX_ONCHIP_HIDDEN_FP32_IEEE)
-    return _hidden_block(H) <= limit
+    return gates * _hidden_block(H) ** 2 <= limit**2
 
 
 def _num_sms(device: torch.device) -> int:
@@ -153,18 +162,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_path(H: int, B: int, dtype: torch.dtype, precision: str,
-                device: torch.device) -> str:
+                device: torch.device, gates: int = 1) -> str:
     """The one rule for which kernel runs: 'onchip', 'multicta' or 'streamed'.
 
+    ``gates``: 1 for the Elman cell, 4 for the LSTM, 3 for the GRU. The gated cells have no
+    multi-CTA kernels yet: they run 'streamed' where the Elman cell would run 'multicta'.
     ``device`` is unused until GPU measurements say where each path wins.
     """
     if FORCE_PATH is not None:
         if FORCE_PATH not in ("onchip", "streamed", "multicta"):
             raise ValueError(f"FORCE_PATH: unknown path {FORCE_PATH!r}")
-        return FORCE_PATH
-    if uses_onchip(H, dtype, precision):
+        return "streamed" if FORCE_PATH == "multicta" and gates > 1 else FORCE_PATH
+    if uses_onchip(H, dtype, precision, gates):
         return "onchip"
-    if H >= MULTICTA_MIN_HIDDEN[dtype] and B <= MULTICTA_MAX_BATCH:
+    if gates == 1 and H >= MULTICTA_MIN_HIDDEN[dtype] and B <= MULTICTA_MAX_BATCH:
         return "multicta"
     return "streamed"
 
@@ -396,3 +407,97 @@ def recurrence_backward(
             )
             dh0.copy_(carry)
     return dZ, dh0
+
+
+# ---- the gated cells (LSTM, GRU): the same paths, less multi-CTA ------------------------------
+
+
+def gated_forward(
+    Z: torch.Tensor, W_hh: torch.Tensor, b_hn: torch.Tensor, h0: torch.Tensor,
+    c0: torch.Tensor, lengths: torch.Tensor, cell: str, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hs [T, B, D, H], the final c [D, B, H] (LSTM; GRU: h0, untouched) and, when ``save``,
+    what the backward needs (SAVED [T, B, D, 5, H] fp32; else an empty tensor).
+
+    Z [T, B, D, G*H], W_hh [D, G*H, H], b_hn [D, H] (GRU; ignored for the LSTM), h0, c0
+    [D, B, H] (c0 ignored for the GRU); see ``gated_kernels`` for the layouts.
+    """
+    G = GATES[cell]
+    T, B, D, GH = Z.shape
+    H = GH // G
+    _check(Z, W_hh, h0, c0, b_hn)
+    Z, W_hh, h0, c0, b_hn = (t.contiguous() for t in (Z, W_hh, h0, c0, b_hn))
+    lengths = lengths.to(device=Z.device, dtype=torch.int64).contiguous()
+    Hs = Z.new_empty(T, B, D, H)
+    cn = torch.empty_like(c0) if G == 4 else h0
+    saved = Z.new_empty((T, B, D, SAVED_SLOTS, H) if save else (0,), dtype=torch.float32)
+    if Z.numel() == 0:
+        return Hs.zero_(), (cn.copy_(c0) if G == 4 else cn), saved
+    precision = _input_precision(Z)
+    upcast = _upcast_dot(Z)
+    path = choose_path(H, B, Z.dtype, precision, Z.device, gates=G)
+    grid = (D, triton.cdiv(B, BLOCK_B))
+    meta = dict(GATES=G, SAVE=save, PRECISION=precision, UPCAST=upcast, BLOCK_B=BLOCK_B)
+    with _device_guard(Z):
+        if not (path == "onchip" and _launch_onchip(
+            gated_forward_onchip_kernel, grid,
+            (Z, W_hh, b_hn, h0, c0, lengths, Hs, saved, cn, T, B, H), Z,
+            **meta, BLOCK_H=_hidden_block(H),
+        )):
+            block_n, block_k = _stream_blocks(H)
+            state = Z.new_empty(2, D, B, H, dtype=torch.float32)
+            c_state = Z.new_empty(D, B, H, dtype=torch.float32) if G == 4 else state
+            gated_forward_streamed_kernel[grid](
+                Z, W_hh, b_hn, h0, c0, lengths, Hs, saved, state, c_state, T, B, H,
+                **meta, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=4, num_stages=STREAM_NUM_STAGES,
+            )
+            if G == 4:
+                cn.copy_(c_state)
+    return Hs, cn, saved
+
+
+def gated_backward(
+    dHs: torch.Tensor, dcn: torch.Tensor, saved: torch.Tensor, W_hh: torch.Tensor,
+    lengths: torch.Tensor, cell: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BPTT from dHs [T, B, D, H] (h_n's gradient included) and dc_n's [D, B, H] (LSTM;
+    ignored for the GRU): dZ [T, B, D, G*H], dHN [T, B, D, H] (GRU: the gradient of n's
+    hidden part; LSTM: empty), dh0 and dc0 [D, B, H] (GRU: dc0 is dh0)."""
+    G = GATES[cell]
+    T, B, D, H = dHs.shape
+    dtype = W_hh.dtype
+    dHs, dcn = dHs.to(dtype).contiguous(), dcn.to(dtype).contiguous()
+    _check(dHs, W_hh, dcn)
+    W_hh, saved = W_hh.contiguous(), saved.contiguous()
+    lengths = lengths.to(device=dHs.device, dtype=torch.int64).contiguous()
+    dZ = dHs.new_empty(T, B, D, G * H)
+    dhn = dHs.new_empty(T, B, D, H) if G == 3 else dHs.new_empty(0)
+    dh0 = dHs.new_empty(D, B, H)
+    dc0 = torch.empty_like(dh0) if G == 4 else dh0
+    if dHs.numel() == 0:
+        dh0.zero_()
+        return dZ.zero_(), dhn.zero_(), dh0, (dc0.copy_(dcn) if G == 4 else dc0)
+    precision = _input_precision(dHs)
+    upcast = _upcast_dot(dHs)
+    path = choose_path(H, B, dtype, precision, dHs.device, gates=G)
+    grid = (D, triton.cdiv(B, BLOCK_B))
+    meta = dict(GATES=G, PRECISION=precision, UPCAST=upcast, BLOCK_B=BLOCK_B)
+    with _device_guard(dHs):
+        if not (path == "onchip" and _launch_onchip(
+            gated_backward_onchip_kernel, grid,
+            (dHs, dcn, saved, W_hh, lengths, dZ, dhn, dh0, dc0, T, B, H), dHs,
+            **meta, BLOCK_H=_hidden_block(H),
+        )):
+            block_n, block_k = _stream_blocks(H)
+            carry = dHs.new_zeros(D, B, H, dtype=torch.float32)
+            dc = dcn.to(torch.float32, copy=True) if G == 4 else carry
+            gated_backward_streamed_kernel[grid](
+                dHs, saved, W_hh, lengths, dZ, dhn, carry, dc, T, B, H,
+                **meta, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=4, num_stages=STREAM_NUM_STAGES,
+            )
+            dh0.copy_(carry)
+            if G == 4:
+                dc0.copy_(dc)
+    return dZ, dhn, dh0, dc0
