@@ -29,8 +29,10 @@ def _path(streamed: bool):
     from fastbirnn.triton import launcher
 
     saved = launcher.FORCE_PATH, launcher.STREAM_BLOCK_N, launcher.STREAM_BLOCK_K
+    # Forced either way: in exact fp32 (the interpreter's) the rule puts only 16 units on chip.
+    launcher.FORCE_PATH = "streamed" if streamed else "onchip"
     if streamed:
-        launcher.FORCE_PATH, launcher.STREAM_BLOCK_N, launcher.STREAM_BLOCK_K = "streamed", 16, 16
+        launcher.STREAM_BLOCK_N, launcher.STREAM_BLOCK_K = 16, 16
     try:
         yield
     finally:

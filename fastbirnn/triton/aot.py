@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the multi-CTA kernels for a GPU that need not be present.
 
-``python -m fastbirnn.triton.aot [--arch 90 80]`` compiles every configuration the launcher
-can choose (``launcher_configurations``) with Triton's own toolchain (ptxas ships in the
+``python -m fastbirnn.triton.aot [--arch 90 80] [--gated]`` compiles every configuration the
+launcher can choose (``launcher_configurations``; with ``--gated`` the LSTM/GRU kernels',
+``gated_configurations``) with Triton's own toolchain (ptxas ships in the
 wheel) and prints registers, spills and shared memory per kernel as JSON; the exit status is
 1 if any of them spills or exceeds the shared memory of its architecture.
 tests/test_triton_aot.py runs it in a subprocess: it must not run under TRITON_INTERPRET=1
@@ -52,6 +53,36 @@ def launcher_configurations(num_sms: int = 132) -> list[dict]:
     return configs
 
 
+def gated_configurations() -> list[dict]:
+    """Every gated-cell (LSTM, GRU) kernel configuration the launcher can choose: per cell,
+    dtype and fp32 precision, the on-chip kernels (forward and backward) at the largest
+    hidden block that runs on chip (the most registers), and the streamed ones, whose tiles
+    do not depend on H but on the pass (``backward`` set: that pass only)."""
+    from fastbirnn.triton import launcher
+    from fastbirnn.triton.cells import GATES
+
+    configs = []
+    for cell, gates in GATES.items():
+        for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "ieee"),
+                                 (torch.bfloat16, "ieee")):
+            block_h = 16
+            while launcher.uses_onchip(2 * block_h, dtype, precision, gates):
+                block_h *= 2
+            common = dict(cell=cell, GATES=gates, dtype=dtype, precision=precision,
+                          BLOCK_B=launcher.BLOCK_B)
+            configs.append(dict(common, path="onchip", BLOCK_H=block_h,
+                                num_warps=launcher._num_warps(block_h),
+                                num_stages=launcher.GATED_ONCHIP_NUM_STAGES))
+            for backward in (False, True):
+                configs.append(dict(common, path="streamed", backward=backward,
+                                    **launcher.gated_stream_config(4096, backward)))
+    return configs
+
+
+# Scratch buffers and saved activations are fp32 whatever the input dtype.
+_FP32_POINTERS = ("SAVED", "STATE", "CSTATE", "CARRY", "DC")
+
+
 def _signature(kernel, dtype, constexprs):
     ty = _TRITON_TYPE[dtype]
     sig = {}
@@ -64,6 +95,8 @@ def _signature(kernel, dtype, constexprs):
             sig[name] = "*i32"
         elif name.isupper() and name in ("T", "B", "H", "S_BEGIN", "S_END", "MAX_SPIN"):
             sig[name] = "i32"
+        elif name in _FP32_POINTERS:
+            sig[name] = "*fp32"
         else:
             sig[name] = f"*{ty}"
     return sig
@@ -147,9 +180,38 @@ def compile_config(cfg: dict, arch: int, backward: bool) -> dict:
     return usage
 
 
+def compile_gated(cfg: dict, arch: int, backward: bool) -> dict:
+    """Compile one of ``gated_configurations`` (the forward with SAVE, as in training)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastbirnn.triton import gated_kernels
+
+    name = f"gated_{'backward' if backward else 'forward'}_{cfg['path']}_kernel"
+    kernel = getattr(gated_kernels, name)
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("compile ahead of time without TRITON_INTERPRET=1")
+    blocks = ("BLOCK_B", "BLOCK_H") if cfg["path"] == "onchip" else ("BLOCK_B", "BLOCK_N", "BLOCK_K")
+    constexprs = dict(GATES=cfg["GATES"], PRECISION=cfg["precision"], UPCAST=False,
+                      **{k: cfg[k] for k in blocks})
+    if not backward:
+        constexprs["SAVE"] = True
+    src = ASTSource(kernel, _signature(kernel, cfg["dtype"], constexprs), constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg["num_warps"],
+                                       "num_stages": cfg["num_stages"]})
+    usage = _ptxas_usage(compiled.asm["ptx"], arch)
+    usage.update(shared=compiled.metadata.shared, num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"])
+    usage["ok"] = usage["spill_stores"] == 0 and usage["shared"] <= SHARED_LIMIT[arch]
+    return usage
+
+
 def _task(job: tuple) -> dict:
     cfg, arch, backward = job
-    usage = compile_config(cfg, arch, backward)
+    compile_fn = compile_gated if "GATES" in cfg else compile_config
+    usage = compile_fn(cfg, arch, backward)
     row = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()}
     row.update(arch=arch, kernel="backward" if backward else "forward", **usage)
     return row
@@ -160,15 +222,17 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--limit", type=int, default=0, help="first N configurations only")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--gated", action="store_true",
+                        help="the LSTM/GRU single-CTA kernels instead of the multi-CTA ones")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
         return 2
-    configs = launcher_configurations()
+    configs = gated_configurations() if args.gated else launcher_configurations()
     if args.limit:
         configs = configs[: args.limit]
     jobs = [(cfg, arch, backward) for arch in args.arch for cfg in configs
-            for backward in (False, True)]
+            for backward in ((cfg["backward"],) if "backward" in cfg else (False, True))]
     if args.jobs > 1:
         import concurrent.futures
         import multiprocessing

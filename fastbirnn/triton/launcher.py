@@ -65,6 +65,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # these to exercise the streamed path on small shapes.
 MAX_ONCHIP_HIDDEN = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 MAX_ONCHIP_HIDDEN_FP32_IEEE = 64
+# The gated cells (all G blocks of W_hh on chip), from compiling for sm_80 and sm_90 (python
+# -m fastbirnn.triton.aot --gated), not from timings: at 64 every dtype compiles without
+# spills within sm_80's shared memory in one pipeline stage; bf16 at 128 spills in the
+# backward. Exact fp32: 16, since the LSTM forward at 32 makes Triton 3.9's LLVM abort the
+# process when compiling for sm_90 (an SLPVectorizer assertion), which no fallback can catch.
+MAX_ONCHIP_HIDDEN_GATED = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
+MAX_ONCHIP_HIDDEN_GATED_FP32_IEEE = 16
+# The time loop gains nothing from software pipelining; 3 stages (the default) cost shared
+# memory and registers (the bf16 backward at 64 spills on sm_80).
+GATED_ONCHIP_NUM_STAGES = 1
 
 # Batch rows per program. 16 is tl.dot's minimum and gives the most programs (the grid
 # is only 2 x batch tiles wide).
@@ -74,6 +84,12 @@ BLOCK_B = 16
 STREAM_BLOCK_N = 32
 STREAM_BLOCK_K = 32
 STREAM_NUM_STAGES = 2
+# The gated streamed kernels (G accumulators, G weight tiles a step), per pass: the only
+# settings among those tried (4/8 warps, 16/32/64-wide tiles, 1/2 stages) with which every
+# cell and dtype compiles without spills for both sm_80 and sm_90 with Triton 3.9 (python -m
+# fastbirnn.triton.aot --gated); the spills elsewhere were 8-32 bytes.
+GATED_STREAM = {"forward": dict(BLOCK_K=16, num_warps=8, num_stages=1),
+                "backward": dict(BLOCK_K=32, num_warps=8, num_stages=2)}
 
 # Multi-CTA path from this (unpadded) hidden size up, when the single-CTA on-chip kernel does
 # not apply. A placeholder from the per-step budget (see multicta's docstring): a GPU run of
@@ -147,12 +163,15 @@ def _hidden_block(H: int) -> int:
 
 
 def uses_onchip(H: int, dtype: torch.dtype, precision: str = "tf32", gates: int = 1) -> bool:
-    """Whether W_hh fits on chip: ``gates`` blocks of the padded [H, H] within the budget
-    of one Elman block of the size limit (a gated cell gets half the Elman limit)."""
-    limit = MAX_ONCHIP_HIDDEN[dtype]
-    if dtype == torch.float32 and precision == "ieee":
-        limit = min(limit, MAX_ONCHIP_HIDDEN_FP32_IEEE)
-    return gates * _hidden_block(H) ** 2 <= limit**2
+    """Whether the ``gates`` blocks of W_hh stay on chip (1: Elman, 3: GRU, 4: LSTM)."""
+    exact_fp32 = dtype == torch.float32 and precision == "ieee"
+    if gates > 1:
+        limit = MAX_ONCHIP_HIDDEN_GATED_FP32_IEEE if exact_fp32 else MAX_ONCHIP_HIDDEN_GATED[dtype]
+    else:
+        limit = MAX_ONCHIP_HIDDEN[dtype]
+        if exact_fp32:
+            limit = min(limit, MAX_ONCHIP_HIDDEN_FP32_IEEE)
+    return _hidden_block(H) <= limit
 
 
 def _num_sms(device: torch.device) -> int:
@@ -412,6 +431,14 @@ def recurrence_backward(
 # ---- the gated cells (LSTM, GRU): the same paths, less multi-CTA ------------------------------
 
 
+def gated_stream_config(H: int, backward: bool) -> dict:
+    """Tiles and launch options of the gated streamed kernels (``GATED_STREAM``)."""
+    config = dict(GATED_STREAM["backward" if backward else "forward"])
+    block_n, block_k = _stream_blocks(H)
+    config.update(BLOCK_N=block_n, BLOCK_K=min(block_k, config["BLOCK_K"]))
+    return config
+
+
 def gated_forward(
     Z: torch.Tensor, W_hh: torch.Tensor, b_hn: torch.Tensor, h0: torch.Tensor,
     c0: torch.Tensor, lengths: torch.Tensor, cell: str, save: bool,
@@ -442,15 +469,13 @@ def gated_forward(
         if not (path == "onchip" and _launch_onchip(
             gated_forward_onchip_kernel, grid,
             (Z, W_hh, b_hn, h0, c0, lengths, Hs, saved, cn, T, B, H), Z,
-            **meta, BLOCK_H=_hidden_block(H),
+            **meta, BLOCK_H=_hidden_block(H), num_stages=GATED_ONCHIP_NUM_STAGES,
         )):
-            block_n, block_k = _stream_blocks(H)
             state = Z.new_empty(2, D, B, H, dtype=torch.float32)
             c_state = Z.new_empty(D, B, H, dtype=torch.float32) if G == 4 else state
             gated_forward_streamed_kernel[grid](
                 Z, W_hh, b_hn, h0, c0, lengths, Hs, saved, state, c_state, T, B, H,
-                **meta, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=4, num_stages=STREAM_NUM_STAGES,
+                **meta, **gated_stream_config(H, backward=False),
             )
             if G == 4:
                 cn.copy_(c_state)
@@ -487,15 +512,13 @@ def gated_backward(
         if not (path == "onchip" and _launch_onchip(
             gated_backward_onchip_kernel, grid,
             (dHs, dcn, saved, W_hh, lengths, dZ, dhn, dh0, dc0, T, B, H), dHs,
-            **meta, BLOCK_H=_hidden_block(H),
+            **meta, BLOCK_H=_hidden_block(H), num_stages=GATED_ONCHIP_NUM_STAGES,
         )):
-            block_n, block_k = _stream_blocks(H)
             carry = dHs.new_zeros(D, B, H, dtype=torch.float32)
             dc = dcn.to(torch.float32, copy=True) if G == 4 else carry
             gated_backward_streamed_kernel[grid](
                 dHs, saved, W_hh, lengths, dZ, dhn, carry, dc, T, B, H,
-                **meta, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=4, num_stages=STREAM_NUM_STAGES,
+                **meta, **gated_stream_config(H, backward=True),
             )
             dh0.copy_(carry)
             if G == 4:

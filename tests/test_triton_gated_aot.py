@@ -1,0 +1,59 @@
+"""Ahead-of-time compilation of the LSTM/GRU kernels for sm_80 and sm_90, without a GPU.
+
+Every gated configuration the launcher can choose (``fastbirnn.triton.aot.gated_configurations``:
+on-chip at its largest hidden block, streamed with each pass's tiles), per cell, dtype and fp32
+precision, compiled with Triton's bundled toolchain for A100 (sm_80) and H100/H200 (sm_90): no
+register spills, shared memory within the architecture's limit. A subprocess, as in
+tests/test_triton_aot.py (the interpreter replaces the kernels that ``triton.compile`` needs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_triton_aot import _toolchain_missing
+
+pytestmark = pytest.mark.skipif(_toolchain_missing() is not None,
+                                reason=str(_toolchain_missing()))
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbirnn.triton.aot", "--gated", "--arch", "90", "80",
+         "--jobs", "2"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_every_gated_configuration_is_compiled(aot_results):
+    from fastbirnn.triton import aot
+
+    configs = aot.gated_configurations()
+    passes = sum(1 if "backward" in cfg else 2 for cfg in configs)
+    assert len(aot_results) == passes * 2  # x sm_90/sm_80
+    seen = {(r["cell"], r["path"], r["kernel"], r["dtype"], r["precision"]) for r in aot_results}
+    for cell in ("lstm", "gru"):
+        for path in ("onchip", "streamed"):
+            for kernel in ("forward", "backward"):
+                for dtype, precision in (("torch.float32", "tf32"), ("torch.float32", "ieee"),
+                                         ("torch.bfloat16", "ieee")):
+                    assert (cell, path, kernel, dtype, precision) in seen
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_no_spills_and_shared_memory_fits(aot_results, arch):
+    from fastbirnn.triton.aot import SHARED_LIMIT
+
+    rows = [r for r in aot_results if r["arch"] == arch]
+    assert rows
+    bad = [r for r in rows if r["spill_stores"] or r["shared"] > SHARED_LIMIT[arch]]
+    assert not bad, json.dumps(bad, indent=1)
