@@ -17,12 +17,16 @@
 #   profile_traces.tar.gz  the Chrome traces of one training step of each contender
 #   paths.json             the Triton paths vs cuDNN (profile_gpu.py --paths): multi-CTA
 #                          persistent and step mode, single-CTA streamed/on-chip; bidirectional
-#                          T=256, H 512/1024, B 1/32, tf32 and bf16: ms, per-step us, ratios
+#                          T=256, H 512/1024, B 1/32, tf32 and bf16: ms, per-step us, ratios;
+#                          and under "gated" the LSTM/GRU cells vs cuDNN nn.LSTM/nn.GRU
+#                          (profile_gpu.py --gated; stage 'gated', after its CUDA parity tests,
+#                          whose results the summary lists)
 #
 # Knobs (environment): OUT, PYTHON (python3), GIT_COMMIT, STAGES ("info install tests paths
-# bench profile"; add "ncu" for an Nsight Compute report of the Triton kernels, a 9th file),
-# BENCH_PRESET (gpu), BENCH_ARGS, TESTS (tests), PYTEST_ARGS, PATHS_ARGS, TOTAL_S, T_INSTALL,
-# T_TESTS, T_PATHS, T_BENCH, T_PROFILE, T_NCU (seconds), NCU (path of ncu).
+# gated bench profile"; add "ncu" for an Nsight Compute report of the Triton kernels, a 9th
+# file), BENCH_PRESET (gpu), BENCH_ARGS, TESTS (tests), PYTEST_ARGS, PATHS_ARGS, GATED_ARGS,
+# TOTAL_S, T_INSTALL, T_TESTS, T_PATHS, T_GATED_TESTS, T_GATED, T_BENCH, T_PROFILE, T_NCU
+# (seconds), NCU (path of ncu).
 set -u
 set -o pipefail
 
@@ -33,16 +37,21 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 LOG=$OUT/gpu_run.log
 SUMMARY=$OUT/summary.txt
-STAGES=${STAGES:-"info install tests paths bench profile"}
+STAGES=${STAGES:-"info install tests paths gated bench profile"}
 BENCH_PRESET=${BENCH_PRESET:-gpu}
 BENCH_ARGS=${BENCH_ARGS:-}
 TESTS=${TESTS:-tests}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 PATHS_ARGS=${PATHS_ARGS:-}
+GATED_ARGS=${GATED_ARGS:-}
 TOTAL_S=${TOTAL_S:-540}
 T_INSTALL=${T_INSTALL:-150}
 T_TESTS=${T_TESTS:-180}
 T_PATHS=${T_PATHS:-130}
+# Small on purpose (the whole run has ~10 minutes): the parity tests compile ~30 kernel
+# variants; the timings stop starting new shapes 20 s before their limit.
+T_GATED_TESTS=${T_GATED_TESTS:-60}
+T_GATED=${T_GATED:-60}
 T_BENCH=${T_BENCH:-200}
 T_PROFILE=${T_PROFILE:-60}
 T_NCU=${T_NCU:-90}
@@ -138,8 +147,10 @@ if has_stage tests; then
     # shellcheck disable=SC2086
     # The ahead-of-time compile check (tests/test_triton_aot.py) is a CPU-side check that CI
     # runs; it is left out here to keep the stage's time for the CUDA tests.
+    # The LSTM/GRU triton tests run in stage 'gated' (their AOT check is CPU-side too).
     run_stage tests "$T_TESTS" "$PY" -m pytest $TESTS -q --maxfail=10 -rfEs --durations=15 \
-        --ignore=tests/test_triton_aot.py \
+        --ignore=tests/test_triton_aot.py --ignore=tests/test_triton_gated_aot.py \
+        --ignore=tests/test_triton_gated.py \
         -p no:cacheprovider ${timeout_plugin[@]+"${timeout_plugin[@]}"} --junitxml="$OUT/junit.xml" $PYTEST_ARGS
 fi
 
@@ -149,6 +160,18 @@ if has_stage paths; then
     # shellcheck disable=SC2086
     run_stage paths "$T_PATHS" "$PY" "$REPO/benchmarks/profile_gpu.py" --paths \
         --paths-budget $((T_PATHS - 30)) --out "$OUT" $PATHS_ARGS
+fi
+
+GATED_JUNIT=$(mktemp --suffix=.xml)
+if has_stage gated; then
+    # CUDA parity of the triton LSTM/GRU (exact fp32, TF32, bf16/fp16) against cuDNN, then
+    # their speed vs cuDNN nn.LSTM/nn.GRU (bidirectional, T=256, B 1/8/32, H 128/256/512,
+    # tf32 then bf16), added to paths.json as "gated" (no 9th file).
+    run_stage gated-tests "$T_GATED_TESTS" "$PY" -m pytest tests/test_triton_gated.py -q \
+        -rfEs -p no:cacheprovider --junitxml="$GATED_JUNIT"
+    # shellcheck disable=SC2086
+    run_stage gated "$T_GATED" "$PY" "$REPO/benchmarks/profile_gpu.py" --gated \
+        --paths-budget $((T_GATED - 20)) --case-budget 0.4 --out "$OUT" $GATED_ARGS
 fi
 
 if has_stage bench; then
@@ -187,9 +210,11 @@ fi
     echo
     echo "stages:"
     for v in ${VERDICTS[@]+"${VERDICTS[@]}"}; do echo "  $v"; done
-    if [[ -f "$OUT/junit.xml" ]]; then
+    for junit in "$OUT/junit.xml" "$GATED_JUNIT"; do
+        [[ -s "$junit" ]] || continue
         echo
-        "$PY" - "$OUT/junit.xml" <<'EOF'
+        [[ "$junit" == "$GATED_JUNIT" ]] && echo "gated (LSTM/GRU) CUDA parity, tests/test_triton_gated.py:"
+        "$PY" - "$junit" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root)
@@ -203,7 +228,7 @@ for s in suites:
                 print(f"  {tag.upper()}: {case.get('classname')}::{case.get('name')}: "
                       f"{(el.get('message') or '')[:200]}")
 EOF
-    fi
+    done
     if [[ -f "$OUT/bench.json" ]]; then
         echo
         timeout 60 "$PY" -m fastbirnn.bench --replot "$OUT/bench.json" -q 2>&1
@@ -213,7 +238,8 @@ EOF
         echo "triton paths vs cuDNN (train step; full data in paths.json):"
         "$PY" - "$OUT/paths.json" <<'EOF'
 import json, sys
-for c in json.load(open(sys.argv[1]))["cases"]:
+report = json.load(open(sys.argv[1]))
+for c in report.get("cases", []):
     if "paths" not in c:
         print(f"  {c.get('shape')} {c.get('dtype', '')}: {c.get('failed') or c.get('skipped')}")
         continue
@@ -222,6 +248,18 @@ for c in json.load(open(sys.argv[1]))["cases"]:
         parts.append(f"{name.replace('triton ', '')} {p['train_ms']:.2f} ms "
                      f"{p['train_speedup_vs_cudnn']:.2f}x ({p['ran'].get('mode') or '-'})")
     print(f"  {c['shape']} {c['dtype']}: " + "; ".join(parts))
+gated = report.get("gated", {}).get("cases", [])
+if gated:
+    print("triton LSTM/GRU vs cuDNN (bidirectional; ms, speedup = cuDNN / triton):")
+for c in gated:
+    head = f"  {c['cell']} B{c['batch']} T{c['seq']} H{c['hidden']} {c['dtype']}"
+    if "failed" in c or "skipped" in c:
+        print(f"{head}: {c.get('failed') or c.get('skipped')}")
+        continue
+    print(f"{head} ({c['path']}): train {c['triton_train_ms']:.2f} vs {c['cudnn_train_ms']:.2f} "
+          f"({c['train_speedup_vs_cudnn']:.2f}x), forward {c['triton_forward_ms']:.2f} vs "
+          f"{c['cudnn_forward_ms']:.2f} ({c['forward_speedup_vs_cudnn']:.2f}x), "
+          f"err {c['max_abs_err_vs_cudnn']:.1e}")
 EOF
     fi
     if [[ -f "$OUT/profile_summary.txt" ]]; then
@@ -230,6 +268,6 @@ EOF
         grep -E "^==|vs nn.RNN|kernels per call|\(runs" "$OUT/profile_summary.txt"
     fi
 } >"$SUMMARY" 2>&1
-rm -f "$INFO"
+rm -f "$INFO" "$GATED_JUNIT"
 cat "$SUMMARY"
 exit 0

@@ -18,6 +18,14 @@ the top kernels by device time. On CPU there are no kernels: it lists the top op
 For hardware counters of the Triton kernels, run this script under Nsight Compute (ncu): see
 benchmarks/README.md.
 
+``--gated`` times the triton LSTM and GRU cells against cuDNN's nn.LSTM / nn.GRU (bidirectional,
+T 256, B 1/8/32, H 128/256/512, fp32 with TF32 and bf16; forward under no_grad and a training
+step; each also checked against cuDNN's output) and adds them to ``paths.json`` as "gated"::
+
+    python benchmarks/profile_gpu.py --gated --out prof/
+    TRITON_INTERPRET=1 python benchmarks/profile_gpu.py --gated --device cpu \
+        --gated-shape 2,4,16 --gated-dtype fp32 --out /tmp/prof            # CPU dry run
+
 ``--paths`` instead times the Triton recurrence's paths against cuDNN (bidirectional nn.RNN,
 same weights, interleaved, medians; forward under no_grad and a training step): the multi-CTA
 kernel in persistent mode (grid barrier) and in step mode (one launch per step), the
@@ -293,6 +301,102 @@ def run_paths(args, device) -> int:
     return status
 
 
+# --gated: the LSTM and GRU cells (issue 15), triton vs cuDNN's nn.LSTM / nn.GRU.
+# (batch, seq, hidden); input size = hidden, bidirectional, one layer. "tf32" is fp32 with
+# torch's default TF32 for cuDNN RNNs (which the kernels follow).
+GATED_SHAPES = [(b, 256, h) for h in (128, 256, 512) for b in (1, 8, 32)]
+GATED_DTYPES = ("tf32", "bf16")
+
+
+def compare_gated(cell: str, batch: int, seq: int, hidden: int, dtype_label: str, device,
+                  budget_s: float) -> dict:
+    """Times (ms) and ratios (cuDNN time / triton time) of a forward under no_grad and of a
+    training step, and the forward's largest deviation from cuDNN's output."""
+    from torch import nn
+
+    from fastbirnn import FastBiGRU, FastBiLSTM
+    from fastbirnn.triton import launcher
+    from fastbirnn.triton.cells import GATES
+
+    nn_class, fast_class = (nn.LSTM, FastBiLSTM) if cell == "lstm" else (nn.GRU, FastBiGRU)
+    dtype = bm.DTYPES[dtype_label][0]
+    entry: dict = {"cell": cell, "batch": batch, "seq": seq, "hidden": hidden,
+                   "dtype": dtype_label, "bidirectional": True}
+    with bm.precision(dtype_label):
+        precision = "tf32" if dtype == torch.float32 and launcher.use_tf32(device) else "ieee"
+        entry["path"] = launcher.choose_path(hidden, batch, dtype, precision, device,
+                                             gates=GATES[cell])
+        torch.manual_seed(0)
+        base = nn_class(hidden, hidden, bidirectional=True, device=device, dtype=dtype)
+        fused = fast_class(hidden, hidden, bidirectional=True, device=device, dtype=dtype,
+                           backend="triton")
+        fused.load_state_dict(base.state_dict())
+        x, grad_out = bm.make_inputs(bm.Case(batch, seq, hidden, hidden, dtype=dtype_label),
+                                     device)
+        with torch.no_grad():
+            want, got = base(x)[0].float(), fused(x)[0].float()
+        entry["max_abs_err_vs_cudnn"] = (got - want).abs().max().item()
+        fns = {(name, mode): step
+               for name, model in (("cudnn", base), ("triton", fused))
+               for mode, step in (("forward", bm.forward_step(model, x)),
+                                  ("train", bm.train_step(model, x, grad_out)))}
+        timings = bm.measure_interleaved(fns, device, warmup=2, min_rounds=3, max_rounds=9,
+                                         budget_s=budget_s)
+    for mode in ("forward", "train"):
+        cudnn, triton_ms = (timings[(n, mode)].median * 1e3 for n in ("cudnn", "triton"))
+        entry[f"cudnn_{mode}_ms"] = cudnn
+        entry[f"triton_{mode}_ms"] = triton_ms
+        entry[f"{mode}_speedup_vs_cudnn"] = cudnn / triton_ms
+    return entry
+
+
+def run_gated(args, device) -> int:
+    """Adds a "gated" section to paths.json in --out (one file for every triton-vs-cuDNN
+    comparison: the GPU run brings back at most 8 files), rewritten after every shape."""
+    shapes = [tuple(int(v) for v in spec.split(",")) for spec in args.gated_shape] or GATED_SHAPES
+    dtypes = args.gated_dtype or GATED_DTYPES
+    path = os.path.join(args.out or ".", "paths.json")
+    report = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+    report.setdefault("machine", bm.machine_info(device))
+    gated = report["gated"] = {
+        "note": "speedup = cuDNN median time / triton median time (>1: triton faster); "
+                "train = forward + backward of the output, no optimizer",
+        "cases": [],
+    }
+    deadline = time.monotonic() + args.paths_budget
+    status = 0
+    # dtype first: where the budget runs out, the later dtype loses shapes, not every dtype.
+    for dtype_label in dtypes:
+        for batch, seq, hidden in shapes:
+            for cell in ("lstm", "gru"):
+                spec = {"cell": cell, "batch": batch, "seq": seq, "hidden": hidden,
+                        "dtype": dtype_label}
+                if time.monotonic() > deadline:
+                    gated["cases"].append(dict(spec, skipped="out of --paths-budget"))
+                    continue
+                try:
+                    entry = compare_gated(cell, batch, seq, hidden, dtype_label, device,
+                                          args.case_budget)
+                    print(f"{cell} B{batch} T{seq} H{hidden} {dtype_label} ({entry['path']}): "
+                          f"train {entry['triton_train_ms']:.2f} ms vs cuDNN "
+                          f"{entry['cudnn_train_ms']:.2f} ms "
+                          f"({entry['train_speedup_vs_cudnn']:.2f}x), forward "
+                          f"{entry['forward_speedup_vs_cudnn']:.2f}x, "
+                          f"err {entry['max_abs_err_vs_cudnn']:.1e}", flush=True)
+                except Exception as error:  # keep the other shapes
+                    status = 1
+                    entry = dict(spec, failed=f"{type(error).__name__}: {error}"[:500])
+                    print(f"{spec}: FAILED {entry['failed']}", flush=True)
+                gated["cases"].append(entry)
+                with open(path, "w") as f:
+                    json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+    return status
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -308,18 +412,24 @@ def main(argv=None) -> int:
     p.add_argument("--paths", action="store_true",
                    help="compare the Triton paths with cuDNN instead; writes paths.json")
     p.add_argument("--paths-budget", type=float, default=100.0,
-                   help="--paths: seconds after which no new shape starts")
+                   help="--paths, --gated: seconds after which no new shape starts")
     p.add_argument("--case-budget", type=float, default=2.0,
-                   help="--paths: timing seconds per shape")
+                   help="--paths, --gated: timing seconds per shape")
+    p.add_argument("--gated", action="store_true",
+                   help="time the triton LSTM/GRU against cuDNN; adds 'gated' to paths.json")
+    p.add_argument("--gated-shape", action="append", default=[], metavar="B,T,H",
+                   help="--gated: repeatable (default: T 256, B 1/8/32, H 128/256/512)")
+    p.add_argument("--gated-dtype", action="append", default=[], choices=list(bm.DTYPES),
+                   help="--gated: repeatable (default: tf32 and bf16)")
     args = p.parse_args(argv)
 
     device = bm.default_device() if args.device == "auto" else torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if args.paths:
+    if args.paths or args.gated:
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-        return run_paths(args, device)
+        return run_paths(args, device) if args.paths else run_gated(args, device)
     specs = args.shape or DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"])
     cases = [parse_shape(s) for s in specs]
     backends = args.backends.split(",") if args.backends else None
