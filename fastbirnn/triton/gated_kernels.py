@@ -11,8 +11,9 @@ Layouts (contiguous): Z [T, B, D, G*H] (each direction's gates in nn's order, b_
 folded in except GRU's b_hn); W [D, G*H, H]; BHN [D, H] (GRU's b_hn, zeros without bias);
 H0, C0 [D, B, H]; HS [T, B, D, H]; SAVED [T, B, D, 5, H] fp32 (``cells``: four values and the
 previous state, written when SAVE); DZ [T, B, D, G*H]; DHN [T, B, D, H] (GRU: the gradient of
-n's hidden part, r * dn, which W_hn and b_hn get instead of dn). Arguments a cell does not
-use (C0, BHN, DHN, ... for the other cell) may be any tensor: they are never stored to.
+n's hidden part, r * dn, which W_hn and b_hn get instead of dn). The other cell's arguments
+(LSTM: DHN; GRU: C0, CN, DCN, DC0, CSTATE, DC) are never touched, except BHN, which the LSTM
+reads (a [D, H] tensor of zeros will do) but does not use.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ def gated_forward_onchip_kernel(
     state = (d * B + rb64)[:, None] * H + rh[None, :]
     # fp32 state; rounded to the weights' dtype only as a dot operand.
     h = tl.load(H0 + state, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(C0 + state, mask=mask, other=0.0).to(tl.float32)
+    c = h  # GRU: no cell state (not carried through the loop)
+    if GATES == 4:
+        c = tl.load(C0 + state, mask=mask, other=0.0).to(tl.float32)
 
     for s in range(T):
         t = _time_step(s, d, T)
@@ -122,7 +125,8 @@ def gated_forward_onchip_kernel(
             _store_saved(SAVED + row * (5 * H) + rh[None, :], H, mask, s0, s1, s2, s3, s4)
         active = (t < lengths)[:, None]
         h = tl.where(active, h_new, h)
-        c = tl.where(active, c_new, c)
+        if GATES == 4:
+            c = tl.where(active, c_new, c)
         tl.store(HS + row * H + rh[None, :], tl.where(active, h_new, 0.0).to(HS.dtype.element_ty),
                  mask=mask)
     if GATES == 4:

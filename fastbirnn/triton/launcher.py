@@ -22,6 +22,10 @@ when the compiled kernel's registers, shared memory and threads let the whole gr
 co-resident on the device (``_max_coresident_ctas``); otherwise, or if that cannot be
 checked, the same kernel runs one launch per step.
 
+The gated cells (``gated_forward`` / ``gated_backward``: LSTM and GRU, ``gated_kernels``) go
+through the same rule with their own on-chip limits, and run 'streamed' where the Elman cell
+would run 'multicta' (no multi-CTA gated kernels yet).
+
 Test knobs (module attributes, read once per call, not per step): ``FORCE_PATH`` forces a
 path, ``FORCE_MULTICTA_MODE`` forces 'persistent' or 'step', ``MULTICTA_OVERRIDES`` overrides
 fields of the multi-CTA configuration (e.g. ``{"BLOCK_K": 16, "W_RESIDENT": False}``).
@@ -446,8 +450,8 @@ def gated_forward(
     """Hs [T, B, D, H], the final c [D, B, H] (LSTM; GRU: h0, untouched) and, when ``save``,
     what the backward needs (SAVED [T, B, D, 5, H] fp32; else an empty tensor).
 
-    Z [T, B, D, G*H], W_hh [D, G*H, H], b_hn [D, H] (GRU; ignored for the LSTM), h0, c0
-    [D, B, H] (c0 ignored for the GRU); see ``gated_kernels`` for the layouts.
+    Z [T, B, D, G*H], W_hh [D, G*H, H], b_hn [D, H] (GRU's; the LSTM wants zeros), h0, c0
+    [D, B, H] (c0 not read for the GRU); see ``gated_kernels`` for the layouts.
     """
     G = GATES[cell]
     T, B, D, GH = Z.shape
