@@ -192,7 +192,8 @@ def compile_gated(cfg: dict, arch: int, backward: bool) -> dict:
     kernel = getattr(gated_kernels, name)
     if not isinstance(kernel, triton.runtime.JITFunction):
         raise RuntimeError("compile ahead of time without TRITON_INTERPRET=1")
-    blocks = ("BLOCK_B", "BLOCK_H") if cfg["path"] == "onchip" else ("BLOCK_B", "BLOCK_N", "BLOCK_K")
+    blocks = ("BLOCK_B", "BLOCK_H") if cfg["path"] == "onchip" else ("BLOCK_B", "BLOCK_N",
+                                                                      "BLOCK_K")
     constexprs = dict(GATES=cfg["GATES"], PRECISION=cfg["precision"], UPCAST=False,
                       **{k: cfg[k] for k in blocks})
     if not backward:

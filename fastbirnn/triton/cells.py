@@ -2,11 +2,11 @@
 
 Everything here is elementwise on fp32 tiles; the engine (``gated_kernels``) does the dots,
 the time loop, lengths and both directions. Each forward returns, besides the new state,
-the four values its backward needs (the "saved" slots 0-3); slot 4 is the previous state,
-saved by the engine.
+the four values its backward needs; ``cell_forward`` adds the previous state as a fifth:
+the five "saved" slots the engine stores for the backward.
 
-    LSTM (gates i, f, g, o):  c = f c_prev + i g;  h = o tanh(c)          saved i, f, g, o, c_prev
-    GRU  (gates r, z, n):     n = tanh(x_n + r hn);  h = (1 - z) n + z h    saved r, z, n, hn, h_prev
+    LSTM (gates i, f, g, o):  c = f c_prev + i g;  h = o tanh(c)       saved i, f, g, o, c_prev
+    GRU  (gates r, z, n):     n = tanh(x_n + r hn);  h = (1-z) n + z h  saved r, z, n, hn, h_prev
                               with hn = W_hn h_prev + b_hn (b_hn stays inside r * (...))
 """
 

@@ -241,7 +241,7 @@ def gated_backward_onchip_kernel(
     lengths = tl.load(LENGTHS + rb, mask=mask_b, other=0)
     state = (d * B + rb64)[:, None] * H + rh[None, :]
     carry = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    dc = carry  # GRU: no cell state (not carried through the loop)
     if GATES == 4:
         dc = tl.load(DCN + state, mask=mask, other=0.0).to(tl.float32)
 
@@ -262,7 +262,8 @@ def gated_backward_onchip_kernel(
         if GATES == 4:
             step = _dot(g3, w3, step, PRECISION, UPCAST)
         carry = tl.where(active, step, carry)
-        dc = tl.where(active, dc_prev, dc)
+        if GATES == 4:
+            dc = tl.where(active, dc_prev, dc)
 
     tl.store(DH0 + state, carry.to(DH0.dtype.element_ty), mask=mask)
     if GATES == 4:
