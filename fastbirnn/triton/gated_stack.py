@@ -4,7 +4,8 @@ Per layer, as for the Elman cell (``fastbirnn.functional.per_layer_forward``): o
 projects the input for both directions and every gate (autograd differentiates it), the
 kernels run the recurrence (``_GatedRecurrence``, an autograd Function around
 ``launcher.gated_forward`` / ``gated_backward``), the weight gradients are GEMMs over all
-steps at once, and dropout between layers is ``F.dropout`` (the same RNG use as nn.LSTM).
+steps at once, and dropout between layers is ``F.dropout`` (the same masks as nn.LSTM on CPU;
+cuDNN draws its own).
 """
 
 from __future__ import annotations
