@@ -4,7 +4,8 @@ Outputs, final states (h_n, c_n) and every gradient (input, h_0/c_0, all paramet
 same weights, on both single-CTA paths (on-chip W_hh, streamed W_hh). Without a GPU the
 kernels run on CPU tensors under the Triton interpreter (conftest sets TRITON_INTERPRET=1):
 tiny shapes. With CUDA the same tests run on GPU tensors at larger shapes against cuDNN, in
-exact fp32, and once each with TF32 and in bf16 (benchmarks/gpu_run.sh runs them).
+exact fp32, and once each with TF32 and in bf16 (benchmarks/gpu_run.sh runs them). Also: the
+custom op's registration (opcheck) and torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
@@ -338,3 +339,43 @@ def test_unsupported_dtype_is_a_clear_error(cell, device):
     module = CELLS[cell][0](4, 8, backend="triton", device=device, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
         module(torch.randn(5, 3, 4, device=device, dtype=torch.float64))
+
+
+# --- the recurrence as a torch.library custom op ----------------------------------------------
+
+
+@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("cell", CELLS)
+def test_custom_op_passes_opcheck(cell, save, device):
+    """Schema, fake (meta) kernel and autograd registration of fastbirnn::gated_recurrence_*."""
+    from fastbirnn.triton.cells import GATES
+    from fastbirnn.triton.gated_stack import gated_recurrence_forward
+
+    T, B, D, H = 3, 2, 2, 16
+    g = torch.Generator().manual_seed(0)
+    Z, W, b_hn, h0, c0 = (torch.randn(*shape, generator=g).to(device).requires_grad_(save)
+                          for shape in ((T, B, D, GATES[cell] * H), (D, GATES[cell] * H, H),
+                                        (D, H), (D, B, H), (D, B, H)))
+    lengths = torch.tensor([3, 2], device=device)
+    torch.library.opcheck(gated_recurrence_forward, (Z, W, b_hn, h0, c0, lengths, cell, save),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+# Dynamo's notice about triton_backend's cached availability check, read while tracing.
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a .functools.lru_cache")
+@pytest.mark.parametrize("cell", CELLS)
+def test_compile_fullgraph_matches_eager(cell, device, exact_fp32):
+    """torch.compile(fullgraph=True) traces the triton LSTM/GRU as one op per layer
+    (aot_eager: the graph capture and AOT autograd, without code generation)."""
+    case = Case(num_layers=2, seq_len=4)
+    _, fast = modules(cell, case, device)
+    x, hx = make_input(cell, case, device)
+    want = run(fast, case, x, hx)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(allow_rnn=True):
+            got = run(torch.compile(fast, fullgraph=True, backend="aot_eager"), case, x, hx)
+    finally:
+        torch._dynamo.reset()
+    assert_same(got, want, **tolerances(device))

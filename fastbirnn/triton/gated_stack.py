@@ -2,7 +2,8 @@
 
 Per layer, as for the Elman cell (``fastbirnn.functional.per_layer_forward``): one GEMM
 projects the input for both directions and every gate (autograd differentiates it), the
-kernels run the recurrence (``_GatedRecurrence``, an autograd Function around
+kernels run the recurrence (``fastbirnn::gated_recurrence_forward``, a ``torch.library``
+custom op with its autograd, as ``fastbirnn.ops`` registers the Elman seam, around
 ``launcher.gated_forward`` / ``gated_backward``), the weight gradients are GEMMs over all
 steps at once, and dropout between layers is ``F.dropout`` (the same masks as nn.LSTM on CPU;
 cuDNN draws its own).
@@ -12,43 +13,87 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from fastbirnn.functional import final_hidden
 from fastbirnn.reference import previous_hidden
 from fastbirnn.triton import launcher
-from fastbirnn.triton.cells import GATES
+from fastbirnn.triton.cells import GATES, SAVED_SLOTS
 
 
-class _GatedRecurrence(torch.autograd.Function):
-    """(Z, W_hh, b_hn, h0, c0, lengths) -> (Hs, c_n); see ``launcher.gated_forward``.
-    GRU: c0 is not read and c_n is empty."""
+@torch.library.custom_op("fastbirnn::gated_recurrence_forward", mutates_args=())
+def gated_recurrence_forward(
+    Z: Tensor, W_hh: Tensor, b_hn: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, cell: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(Hs, c_n, saved): ``launcher.gated_forward``, with an empty c_n for the GRU (an op
+    returns no input)."""
+    Hs, cn, saved = launcher.gated_forward(Z, W_hh, b_hn, h0, c0, lengths, cell, save)
+    return Hs, (cn if cell == "lstm" else Hs.new_empty(0)), saved
 
-    @staticmethod
-    def forward(ctx, Z, W_hh, b_hn, h0, c0, lengths, cell, save):
-        Hs, cn, saved = launcher.gated_forward(Z, W_hh, b_hn, h0, c0, lengths, cell, save)
-        ctx.cell = cell
-        if save:
-            ctx.save_for_backward(W_hh, h0, lengths, Hs, saved)
-        return Hs, (cn if cell == "lstm" else Hs.new_empty(0))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dHs, dcn):
-        W_hh, h0, lengths, Hs, saved = ctx.saved_tensors
-        lstm = ctx.cell == "lstm"
-        dZ, dhn, dh0, dc0 = launcher.gated_backward(
-            dHs, dcn if lstm else h0, saved, W_hh, lengths, ctx.cell
+@gated_recurrence_forward.register_fake
+def _gated_recurrence_forward_fake(Z, W_hh, b_hn, h0, c0, lengths, cell, save):
+    T, B, D, _ = Z.shape
+    H = W_hh.shape[-1]
+    saved_shape = (T, B, D, SAVED_SLOTS, H) if save else (0,)
+    return (Z.new_empty(T, B, D, H), c0.new_empty(c0.shape) if cell == "lstm" else Z.new_empty(0),
+            Z.new_empty(saved_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastbirnn::gated_recurrence_backward", mutates_args=())
+def gated_recurrence_backward(
+    dHs: Tensor, dcn: Tensor, saved: Tensor, W_hh: Tensor, lengths: Tensor, cell: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dZ, dHN, dh0, dc0): ``launcher.gated_backward``, with an empty dc0 for the GRU."""
+    dZ, dhn, dh0, dc0 = launcher.gated_backward(dHs, dcn, saved, W_hh, lengths, cell)
+    return dZ, dhn, dh0, (dc0 if cell == "lstm" else dh0.new_empty(0))
+
+
+@gated_recurrence_backward.register_fake
+def _gated_recurrence_backward_fake(dHs, dcn, saved, W_hh, lengths, cell):
+    T, B, D, H = dHs.shape
+    lstm = cell == "lstm"
+    return (dHs.new_empty(T, B, D, W_hh.shape[1]), dHs.new_empty((0,) if lstm else (T, B, D, H)),
+            dHs.new_empty(D, B, H), dHs.new_empty((D, B, H) if lstm else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    Z, W_hh, b_hn, h0, c0, lengths, cell, save = inputs
+    Hs, _, saved = output
+    ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no zero gradient of the (large) saved activations
+    ctx.save_for_backward(W_hh, h0, lengths, Hs, saved)
+    ctx.cell = cell
+
+
+def _backward(ctx, dHs, dcn, _):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastbirnn: double backward (create_graph=True) is not supported by the fused "
+            "backends; use backend='torch' for gradients of gradients"
         )
-        dW_hh = db_hn = None
-        if ctx.needs_input_grad[1]:
-            # What each gate's hidden part received: dZ, except GRU's n (r * dn, from the kernel).
-            H = Hs.shape[-1]
-            d_hidden = dZ if lstm else torch.cat([dZ[..., : 2 * H], dhn], dim=-1)
-            dW_hh = _sum_over_steps(d_hidden, previous_hidden(Hs, h0, lengths))
-        if ctx.needs_input_grad[2] and not lstm:
-            db_hn = dhn.sum(dim=(0, 1))
-        return dZ, dW_hh, db_hn, dh0, (dc0 if lstm else None), None, None, None
+    W_hh, h0, lengths, Hs, saved = ctx.saved_tensors
+    lstm = ctx.cell == "lstm"
+    if dHs is None:
+        dHs = torch.zeros_like(Hs)
+    if not lstm:
+        dcn = h0  # not read
+    elif dcn is None:
+        dcn = torch.zeros_like(h0)
+    dZ, dhn, dh0, dc0 = gated_recurrence_backward(dHs, dcn, saved, W_hh, lengths, ctx.cell)
+    dW_hh = db_hn = None
+    if ctx.needs_input_grad[1]:
+        # What each gate's hidden part received: dZ, except GRU's n (r * dn, from the kernel).
+        H = Hs.shape[-1]
+        d_hidden = dZ if lstm else torch.cat([dZ[..., : 2 * H], dhn], dim=-1)
+        dW_hh = _sum_over_steps(d_hidden, previous_hidden(Hs, h0, lengths))
+    if ctx.needs_input_grad[2] and not lstm:
+        db_hn = dhn.sum(dim=(0, 1))
+    return dZ, dW_hh, db_hn, dh0, (dc0 if lstm else None), None, None, None
+
+
+gated_recurrence_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _sum_over_steps(d_gates, h_prev):
@@ -105,8 +150,8 @@ def gated_stack(cell, x, lengths, states, flat_weights, *, num_layers, num_direc
             b_hn = x.new_zeros(D, H)
         inputs = (Z, W_hh, b_hn, h0, c0)
         save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        Hs, cn = _GatedRecurrence.apply(Z.view(T, B, D, G * H), W_hh, b_hn, h0, c0, lengths,
-                                        cell, save)
+        Hs, cn, _ = gated_recurrence_forward(Z.view(T, B, D, G * H), W_hh, b_hn, h0, c0,
+                                             lengths, cell, save)
         final_h.append(final_hidden(Hs, lengths))
         final_c.append(cn)
         layer_input = Hs.view(T, B, D * H)
