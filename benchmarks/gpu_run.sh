@@ -50,8 +50,8 @@ T_TESTS=${T_TESTS:-180}
 T_PATHS=${T_PATHS:-130}
 # Small on purpose (the whole run has ~10 minutes): the parity tests compile ~30 kernel
 # variants; the timings stop starting new shapes 20 s before their limit.
-T_GATED_TESTS=${T_GATED_TESTS:-60}
-T_GATED=${T_GATED:-60}
+T_GATED_TESTS=${T_GATED_TESTS:-90}
+T_GATED=${T_GATED:-75}
 T_BENCH=${T_BENCH:-200}
 T_PROFILE=${T_PROFILE:-60}
 T_NCU=${T_NCU:-90}

@@ -204,6 +204,9 @@ def test_parity_onchip(cell, case, device, exact_fp32, onchip):
 @pytest.mark.parametrize("case", STREAMED_CASES, ids=str)
 @pytest.mark.parametrize("cell", CELLS)
 def test_parity_streamed(cell, case, device, exact_fp32, streamed):
+    if device.type == "cuda":
+        pytest.skip("16-wide tile boundaries are the interpreter's job; on CUDA the parity "
+                    "cases above past the on-chip limit run the streamed kernels as chosen")
     check_parity(cell, case, device)
 
 
@@ -348,6 +351,8 @@ def test_unsupported_dtype_is_a_clear_error(cell, device):
 @pytest.mark.parametrize("cell", CELLS)
 def test_custom_op_passes_opcheck(cell, save, device):
     """Schema, fake (meta) kernel and autograd registration of fastbirnn::gated_recurrence_*."""
+    if device.type == "cuda":
+        pytest.skip("the registration is device-independent: checked on CPU (interpreter)")
     from fastbirnn.triton.cells import GATES
     from fastbirnn.triton.gated_stack import gated_recurrence_forward
 
