@@ -73,7 +73,8 @@ MAX_ONCHIP_HIDDEN_FP32_IEEE = 64
 # -m fastbirnn.triton.aot --gated), not from timings: at 64 every dtype compiles without
 # spills within sm_80's shared memory in one pipeline stage; bf16 at 128 spills in the
 # backward. Exact fp32: 16, since the LSTM forward at 32 makes Triton 3.9's LLVM abort the
-# process when compiling for sm_90 (an SLPVectorizer assertion), which no fallback can catch.
+# process when compiling for sm_90 (an SLPVectorizer assertion), which no fallback can catch
+# (Triton 3.6 compiles it).
 MAX_ONCHIP_HIDDEN_GATED = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
 MAX_ONCHIP_HIDDEN_GATED_FP32_IEEE = 16
 # The time loop gains nothing from software pipelining; 3 stages (the default) cost shared
@@ -91,7 +92,7 @@ STREAM_NUM_STAGES = 2
 # The gated streamed kernels (G accumulators, G weight tiles a step), per pass: the only
 # settings among those tried (4/8 warps, 16/32/64-wide tiles, 1/2 stages) with which every
 # cell and dtype compiles without spills for both sm_80 and sm_90 with Triton 3.9 (python -m
-# fastbirnn.triton.aot --gated); the spills elsewhere were 8-32 bytes.
+# fastbirnn.triton.aot --gated; 3.6 too); the spills elsewhere were 8-32 bytes.
 GATED_STREAM = {"forward": dict(BLOCK_K=16, num_warps=8, num_stages=1),
                 "backward": dict(BLOCK_K=32, num_warps=8, num_stages=2)}
 
