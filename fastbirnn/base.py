@@ -115,7 +115,7 @@ class FusedRNNMixin:
         call = CallShape(
             batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
             bidirectional=self.bidirectional, dtype=data.dtype, training=training,
-            threads=threads,
+            threads=threads, cell=self.cell,
         )
         return backends.resolve_auto(data, self.hidden_size, batch_size, call, self.cell)
 

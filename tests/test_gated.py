@@ -21,8 +21,9 @@ from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN, backends
 from parity import tolerances
 
 CELLS = {"lstm": (FastBiLSTM, nn.LSTM), "gru": (FastBiGRU, nn.GRU)}
-# 'auto' runs the nn class until a fused gated cell is measured faster; 'reference' is the spec.
-BACKENDS = ["reference", "auto", "torch"]
+# 'auto' runs the nn class until a fused gated cell is measured faster; 'reference' is the spec;
+# 'cpp' the C++ CPU engine's cells (csrc/cell_lstm.h, cell_gru.h).
+BACKENDS = ["reference", "cpp", "auto", "torch"]
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:LSTM with projections is not supported with oneDNN"  # nn.LSTM's own notice
@@ -104,6 +105,8 @@ CELL_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_parity(cell, backend, case, dtype):
+    if backend == "cpp" and "proj_size" in case:
+        pytest.skip("the cpp engine has no projections: test_cpp_refuses_projections")
     case = dict(case)
     layout = case.pop("layout", "padded")
     with_hx = case.pop("with_hx", True)
@@ -133,8 +136,12 @@ def test_auto_runs_the_nn_class_until_a_fused_cell_exists(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("backend", ["cpp"])
-def test_backends_without_the_cell_are_refused_at_construction(cell, backend):
+def test_backends_without_the_cell_are_refused_at_construction(cell, monkeypatch):
+    # Every kernel backend has both cells now: a stand-in without them.
+    backend = "elman_only"
+    monkeypatch.setitem(backends._REGISTRY, backend, backends.RecurrenceBackend(
+        name=backend, forward=None, backward=None, unavailable_reason=lambda: None,
+        unsupported_reason=lambda x: None))
     fast_class, _ = CELLS[cell]
     with pytest.raises(ValueError, match=f"no {cell.upper()} cell yet.*'reference'"):
         fast_class(4, 5, backend=backend)
@@ -190,7 +197,7 @@ def _bad_calls(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "auto"])
 def test_bad_input_raises_what_the_nn_class_raises(cell, backend):
     fast_class, nn_class = CELLS[cell]
     fast = fast_class(4, 5, backend=backend)
@@ -214,32 +221,44 @@ def test_lstm_cell_state_shape_errors():
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_training_dropout_matches_nn_class_for_the_same_seed(cell):
-    expected_module, fast = make_pair(cell, "reference", input_size=4, hidden_size=5,
-                                      num_layers=3, dropout=0.5, bidirectional=True)
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+def test_training_dropout_matches_nn_class_for_the_same_seed(cell, backend, batch_first):
+    expected_module, fast = make_pair(cell, backend, input_size=4, hidden_size=5,
+                                      num_layers=3, dropout=0.5, bidirectional=True,
+                                      batch_first=batch_first)
     x = torch.randn(6, 3, 4, dtype=torch.float64)
+    hx = states_for(cell, (6, 6 if batch_first else 3, 5), torch.float64)
     results = []
     for module in (expected_module, fast):
         module.train()
         torch.manual_seed(123)
-        results.append(forward_backward(module, x, None, "padded", None, False))
+        results.append(forward_backward(module, x, hx, "padded", None, batch_first))
     torch.testing.assert_close(results[1], results[0])
     fast.eval()
     assert not torch.allclose(fast(x)[0], results[1][0])
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_inference_modes(cell, mode):
-    expected_module, fast = make_pair(cell, "reference", input_size=4, hidden_size=5,
-                                      num_layers=3)
-    x = torch.randn(6, 3, 4, dtype=torch.float64)
-    with getattr(torch, mode)():
-        torch.testing.assert_close(fast(x), expected_module(x))
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_inference_modes(cell, backend, mode):
+    # 3+ layers and repeated calls: inference alternates between freed and reused buffers.
+    expected_module, fast = make_pair(cell, backend, input_size=4, hidden_size=5,
+                                      num_layers=4)
+    if mode == "frozen":
+        expected_module.requires_grad_(False), fast.requires_grad_(False)
+    context = torch.enable_grad if mode == "frozen" else getattr(torch, mode)
+    for call in range(3):
+        x = torch.randn(6, 3, 4, dtype=torch.float64)
+        with context():
+            actual = fast(x)
+            torch.testing.assert_close(actual, expected_module(x))
+        assert not actual[0].requires_grad
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "auto"])
 def test_cpu_autocast_follows_the_nn_class(cell, backend):
     expected_module, fast = make_pair(cell, backend, torch.float32, input_size=4, hidden_size=5)
     x = torch.randn(6, 3, 4)
@@ -250,19 +269,20 @@ def test_cpu_autocast_follows_the_nn_class(cell, backend):
 
 
 def test_registry_reports_the_cells():
-    assert backends.get("reference").supports("lstm") and backends.get("reference").supports("gru")
-    assert not backends.get("cpp").supports("lstm")
+    for name in ("reference", "cpp"):
+        assert backends.get(name).supports("lstm") and backends.get(name).supports("gru")
     assert all(backends.get(name).supports("rnn") for name in ("reference", "cpp"))
     assert FastBiRNN.cell == "rnn" and FastBiLSTM.cell == "lstm" and FastBiGRU.cell == "gru"
 
 
 @pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights")  # nn's, on export
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's imports
-def test_compile_fullgraph_and_export(cell):
+def test_compile_fullgraph_and_export(cell, backend):
     fast_class, _ = CELLS[cell]
     torch.manual_seed(0)
-    module = fast_class(4, 5, batch_first=True, backend="reference")
+    module = fast_class(4, 5, batch_first=True, backend=backend)
     x = torch.randn(2, 3, 4)
     with torch._dynamo.config.patch(allow_rnn=True):  # Dynamo's rule for nn.RNNBase subclasses
         compiled = torch.compile(module, fullgraph=True)
@@ -276,3 +296,41 @@ def test_compile_fullgraph_and_export(cell):
         torch.testing.assert_close(xc.grad, xe.grad)
         exported = torch.export.export(module, (x,))
     torch.testing.assert_close(exported.module()(x), module(x))
+
+
+def test_cpp_refuses_projections_and_auto_hands_them_to_nn_lstm():
+    fast = FastBiLSTM(4, 5, proj_size=3, backend="cpp")
+    with pytest.raises(RuntimeError, match="'cpp' has no LSTM with projections.*'auto'"):
+        fast(torch.randn(6, 3, 4))
+    expected_module, auto = make_pair("lstm", "auto", torch.float32, input_size=4,
+                                      hidden_size=5, proj_size=3)
+    x = torch.randn(6, 3, 4)
+    assert auto.selected_backend(x) == "torch"
+    torch.testing.assert_close(auto(x), expected_module(x))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_stack_op_checks_every_tensor(cell):
+    # The op behind the seam refuses what would read out of bounds, with its own words.
+    _, fast = make_pair(cell, "cpp", torch.float32, input_size=4, hidden_size=5)
+    weights = list(fast._flat_weights)
+    x = torch.randn(6, 3, 4)
+    op = torch.ops.fastbirnn_cpp.gated_stack
+    h = torch.zeros(2, 3, 5)
+    c = h if cell == "lstm" else None
+    bad = {
+        "weight shape": (x, h, c, [weights[0][:, :3]] + weights[1:], None),
+        "dtype": (x.double(), h, c, weights, None),
+        "h0 shape": (x, h[:, :2], c, weights, None),
+        "lengths range": (x, h, c, weights, torch.tensor([6, 7, 1])),
+        "lengths size": (x, h, c, weights, torch.tensor([6, 1])),
+    }
+    if cell == "lstm":
+        bad["c0 shape"] = (x, h, h[:1], weights, None)
+    else:
+        bad["c0 for a GRU"] = (x, h, h, weights, None)
+    for name, (xi, hi, ci, wi, li) in bad.items():
+        with pytest.raises(RuntimeError, match="fastbirnn cpp backend"):
+            op(cell, xi, hi, ci, wi, li, 1, True, True, False)
+    with pytest.raises(RuntimeError, match="unknown cell"):
+        op("rnn", x, h, None, weights, None, 1, True, True, False)

@@ -1,11 +1,12 @@
-"""The fused C++ CPU backend, ``'cpp'`` (``csrc/engine.cpp`` and its cells, such as
-``csrc/cell_elman.h``, built into ``fastbirnn._C``).
+"""The fused C++ CPU backend, ``'cpp'`` (``csrc/engine.cpp`` and its cells,
+``csrc/cell_elman.h``, ``cell_lstm.h`` and ``cell_gru.h``, built into ``fastbirnn._C``).
 
 The whole layer stack runs as one op, ``torch.ops.fastbirnn_cpp.stack``, with its autograd
 node in C++ (one node for all layers and both directions) and fake kernels below, so
 ``torch.compile(fullgraph=True)`` keeps it as one opaque node. Training with dropout between
 layers goes through the generic per-layer path and the recurrence seam instead (nn.RNN's
-dropout masks are drawn per layer).
+dropout masks are drawn per layer). The LSTM and GRU stacks are one op too,
+``torch.ops.fastbirnn_cpp.gated_stack``; with dropout they run one layer at a time.
 """
 
 from __future__ import annotations
@@ -141,6 +142,83 @@ if _C is not None:
         dhx = x.new_empty(num_layers * D, B, H)
         return dx, dhx, [w.new_empty(w.shape) for w in weights]
 
+    _gated = torch.ops.fastbirnn_cpp.gated_stack.default
+
+    @torch.library.register_fake("fastbirnn_cpp::gated_stack")
+    def _gated_stack_fake(cell, x, h0, c0, weights, lengths, num_layers, bidirectional,
+                          has_biases, batch_first):
+        return _gated_stack_forward_impl_fake(
+            cell, x, h0, c0, weights, lengths, num_layers, bidirectional, has_biases,
+            batch_first, False,
+        )[:3]
+
+    @torch.library.register_fake("fastbirnn_cpp::gated_stack_forward_impl")
+    def _gated_stack_forward_impl_fake(cell, x, h0, c0, weights, lengths, num_layers,
+                                       bidirectional, has_biases, batch_first, keep):
+        D = 2 if bidirectional else 1
+        gate_rows, H = weights[1].shape
+        B = x.shape[0] if batch_first else x.shape[1]
+        rows = x.shape[0] * x.shape[1]
+        out = x.new_empty(x.shape[0], x.shape[1], D * H)
+        hn = x.new_empty(num_layers * D, B, H)
+        cn = x.new_empty(num_layers * D if cell == "lstm" else 0, B, H)
+        kept = num_layers if keep else 0
+        mid = x.new_empty(max(kept - 1, 0), rows, D * H)
+        return out, hn, cn, mid, x.new_empty(kept, rows, D * gate_rows), x.new_empty(kept, rows, D * H)
+
+    @torch.library.register_fake("fastbirnn_cpp::gated_stack_backward_impl")
+    def _gated_stack_backward_impl_fake(cell, grad_out, grad_hn, grad_cn, x, h0, c0, weights,
+                                        lengths, out, mid, gates, saved, num_layers,
+                                        bidirectional, has_biases, batch_first, need_dx):
+        D = 2 if bidirectional else 1
+        H = weights[1].shape[1]
+        B = x.shape[0] if batch_first else x.shape[1]
+        dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+        dh0 = x.new_empty(num_layers * D, B, H)
+        dc0 = x.new_empty(num_layers * D if cell == "lstm" else 0, B, H)
+        return dx, dh0, dc0, [w.new_empty(w.shape) for w in weights]
+
+
+def _gated_stack(cell: str):
+    """The layer stack of a gated cell on the engine: the contract of ``cell_stacks``."""
+
+    def stack(x, lengths, states, flat_weights, *, num_layers, num_directions, bias, dropout,
+              training, batch_first=False, proj_size=0):
+        if proj_size:
+            raise RuntimeError(
+                "fastbirnn backend 'cpp' has no LSTM with projections (proj_size > 0); use "
+                "backend='auto' or 'torch', which run nn.LSTM for it"
+            )
+        h0, c0 = (None, None) if states is None else (states + (None,))[:2]
+        if not (dropout > 0 and training and num_layers > 1):
+            out, hn, cn = _gated(cell, x, h0, c0, flat_weights, lengths, num_layers,
+                                 num_directions == 2, bias, batch_first)
+            return out, ((hn, cn) if cell == "lstm" else (hn,))
+        # Dropout between layers: one layer at a time, drawing the masks as nn.LSTM/nn.GRU do
+        # (on time-major layer outputs, whatever batch_first says).
+        config = (num_directions == 2, bias, False)
+        if batch_first:
+            x = x.transpose(0, 1)
+        per_layer = len(flat_weights) // num_layers
+        D = num_directions
+        finals = []
+        for layer in range(num_layers):
+            rows = slice(layer * D, (layer + 1) * D)
+            out, hn, cn = _gated(
+                cell, x, None if h0 is None else h0[rows], None if c0 is None else c0[rows],
+                flat_weights[layer * per_layer:(layer + 1) * per_layer], lengths, 1, *config,
+            )
+            finals.append((hn, cn))
+            x = out
+            if layer < num_layers - 1:
+                x = torch.nn.functional.dropout(x, dropout, training=True)
+        hn = torch.cat([f[0] for f in finals])
+        if batch_first:
+            x = x.transpose(0, 1)
+        return x, ((hn, torch.cat([f[1] for f in finals])) if cell == "lstm" else (hn,))
+
+    return stack
+
 
 backends.register(
     backends.RecurrenceBackend(
@@ -153,6 +231,7 @@ backends.register(
         preferred_for_call=preferred_for_call,
         # Without the extension nothing is fused; unavailable_reason says why.
         stack_forward=stack_forward if _C is not None else None,
+        cell_stacks={"lstm": _gated_stack("lstm"), "gru": _gated_stack("gru")},
     ),
     auto_priority=0,
 )

@@ -31,6 +31,7 @@ class CallShape:
     dtype: torch.dtype
     training: bool  # an autograd graph will be recorded (a training step follows)
     threads: int  # torch.get_num_threads() at the call
+    cell: str = "rnn"  # 'rnn', 'lstm' or 'gru'
 
     @property
     def step_macs(self) -> int:
@@ -67,6 +68,10 @@ def workers(s: CallShape) -> int:
 
 def prefer_cpp(s: CallShape) -> bool:
     """True where the grid shows the fused kernel faster than nn.RNN (False: nn.RNN)."""
+    if s.cell != "rnn":
+        # The gated cells are not in the committed grid yet: nn.LSTM / nn.GRU until a gated
+        # grid decides (and nn.LSTM for proj_size > 0 whatever it says).
+        return False
     team = workers(s)
     per_worker = s.step_macs / team
     if s.dtype == torch.float64:

@@ -1,0 +1,74 @@
+// The GRU cell (nn.GRU's gate order r, z, n): the pointwise step and its derivative.
+//
+// The interface is the LSTM cell's (cell_lstm.h). What differs: the new gate's hidden-side
+// term is gated, n = tanh(x_n + b_in + r * (W_hn h + b_hn)), so bias holds b_ih + b_hh for
+// r and z but only b_in for n, bias_h holds b_hn (or null), saved keeps W_hn h + b_hn, and
+// backward writes the hidden-side gate gradients (which differ in n: dn_pre * r) to dgh.
+// h_{t-1} also reaches h_t directly (h = n + z (h_{t-1} - n)): backward writes that part of
+// h_{t-1}'s gradient, dh * z, to carry, and the engine adds dG_h W_hh to it.
+#pragma once
+
+#include "cell_lstm.h"
+#include "engine_blas.h"
+
+namespace fastbirnn {
+namespace {
+
+struct GruCell {
+  static constexpr int kGates = 3;
+  static constexpr bool kCellState = false;
+  static constexpr int kSplitGate = 2;      // n keeps its hidden-side term apart
+  static constexpr bool kHiddenCarry = true;  // h = n + z (h_{t-1} - n)
+
+  template <typename T>
+  void forward(T* gates, int64_t gs, const T* hid, const T* bias, const T* bias_h,
+               const T* h_prev, T*, T* h, T* saved, int64_t n) const {
+    alignas(64) T a[3 * kMaxBlock];  // r, z, n of the block
+    alignas(64) T hn[kMaxBlock];     // W_hn h + b_hn
+    for (int q = 0; q < 2; ++q) {
+      T* aq = a + q * n;
+      const T* x = gates + q * gs;
+      const T* y = hid + q * n;
+      if (bias)
+        for (int64_t j = 0; j < n; ++j) aq[j] = T(0.5) * (x[j] + y[j] + bias[q * gs + j]);
+      else
+        for (int64_t j = 0; j < n; ++j) aq[j] = T(0.5) * (x[j] + y[j]);
+    }
+    tanh_inplace(a, 2 * n);
+    finish_sigmoid(a, 2 * n);
+    const T *r = a, *z = a + n, *yn = hid + 2 * n, *xn = gates + 2 * gs;
+    T* nn = a + 2 * n;
+    for (int64_t j = 0; j < n; ++j) {
+      hn[j] = bias_h ? yn[j] + bias_h[j] : yn[j];
+      nn[j] = (bias ? xn[j] + bias[2 * gs + j] : xn[j]) + r[j] * hn[j];
+    }
+    tanh_inplace(nn, n);
+    // nn.GRU's form, (h - n) * z + n, so NaN and inf flow the same way.
+    for (int64_t j = 0; j < n; ++j) h[j] = (h_prev[j] - nn[j]) * z[j] + nn[j];
+    if (saved) {
+      for (int q = 0; q < 3; ++q) std::memcpy(gates + q * gs, a + q * n, sizeof(T) * n);
+      std::memcpy(saved, hn, sizeof(T) * n);
+    }
+  }
+
+  template <typename T>
+  void backward(const T* gates, int64_t gs, const T* saved, const T* h_prev, const T*,
+                const T* dout, T* carry, T*, T* dgx, T* dgh, int64_t n) const {
+    const T *r = gates, *z = gates + gs, *nn = gates + 2 * gs;
+    for (int64_t j = 0; j < n; ++j) {
+      const T dh = dout ? dout[j] + carry[j] : carry[j];
+      const T hp = h_prev ? h_prev[j] : T(0);
+      const T dn = dh * (T(1) - z[j]) * (T(1) - nn[j] * nn[j]);
+      const T dr = dn * saved[j] * r[j] * (T(1) - r[j]);
+      const T dz = dh * (hp - nn[j]) * z[j] * (T(1) - z[j]);
+      dgx[j] = dgh[j] = dr;
+      dgx[gs + j] = dgh[gs + j] = dz;
+      dgx[2 * gs + j] = dn;
+      dgh[2 * gs + j] = dn * r[j];
+      carry[j] = dh * z[j];
+    }
+  }
+};
+
+}  // namespace
+}  // namespace fastbirnn

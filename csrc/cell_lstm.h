@@ -1,0 +1,94 @@
+// The LSTM cell (nn.LSTM's gate order i, f, g, o): the pointwise step and its derivative.
+//
+// The engine (engine.cpp) calls a gated cell on one block of n <= kMaxBlock hidden units of
+// one batch row at a time. Gate q of a unit lives at `gates + q * gs` (the input projection's
+// natural layout), the block's h_{t-1} W_hh^T at `hid + q * n`. The interface, shared with
+// cell_gru.h (each cell ignores the operands it has no use for):
+//
+//   forward(gates, gs, hid, bias, bias_h, h_prev, c, h, saved, n)
+//       gates holds x W_ih^T; bias is b_ih + b_hh (or null). Writes h_t to h and updates the
+//       block-local cell state c in place. With saved non-null (training) it also writes the
+//       activated gates back into gates and c_t into saved, which is what backward reads.
+//   backward(gates, gs, saved, h_prev, c_prev, dout, carry, dc, dgx, dgh, n)
+//       carry holds dG_{t+1} W_hh for the block (h's gradient from the next step), dout the
+//       output's gradient (or null), dc c's gradient from the next step (updated in place to
+//       c_{t-1}'s). Writes the pre-activation gradients to dgx (gate stride gs); c_prev null
+//       means zeros.
+#pragma once
+
+#include "engine_blas.h"
+
+namespace fastbirnn {
+namespace {
+
+// The widest block the engine hands a gated cell (its column blocks, kBlockWidth).
+constexpr int64_t kMaxBlock = 64;
+
+// sigmoid(x) = (1 + tanh(x / 2)) / 2: the same vectorised SLEEF tanh serves every gate.
+template <typename T>
+void halve(T* p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] *= T(0.5);
+}
+template <typename T>
+void finish_sigmoid(T* p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = T(0.5) * p[j] + T(0.5);
+}
+
+struct LstmCell {
+  static constexpr int kGates = 4;
+  static constexpr bool kCellState = true;  // c travels beside h
+  static constexpr int kSplitGate = -1;     // every gate adds h W_hh^T + b_hh as it is
+  static constexpr bool kHiddenCarry = false;  // h_{t-1} reaches h_t only through the gates
+
+  template <typename T>
+  void forward(T* gates, int64_t gs, const T* hid, const T* bias, const T*, const T*, T* c,
+               T* h, T* saved, int64_t n) const {
+    alignas(64) T a[4 * kMaxBlock];  // i, f, g, o of the block
+    for (int q = 0; q < 4; ++q) {
+      T* aq = a + q * n;
+      const T* x = gates + q * gs;
+      const T* y = hid + q * n;
+      if (bias)
+        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j] + bias[q * gs + j];
+      else
+        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j];
+    }
+    halve(a, 2 * n);      // i, f
+    halve(a + 3 * n, n);  // o
+    tanh_inplace(a, 4 * n);
+    finish_sigmoid(a, 2 * n);
+    finish_sigmoid(a + 3 * n, n);
+    const T *i = a, *f = a + n, *g = a + 2 * n, *o = a + 3 * n;
+    alignas(64) T tc[kMaxBlock];
+    for (int64_t j = 0; j < n; ++j) tc[j] = c[j] = f[j] * c[j] + i[j] * g[j];
+    tanh_inplace(tc, n);
+    for (int64_t j = 0; j < n; ++j) h[j] = o[j] * tc[j];
+    if (saved) {
+      for (int q = 0; q < 4; ++q) std::memcpy(gates + q * gs, a + q * n, sizeof(T) * n);
+      std::memcpy(saved, c, sizeof(T) * n);
+    }
+  }
+
+  template <typename T>
+  void backward(const T* gates, int64_t gs, const T* saved, const T*, const T* c_prev,
+                const T* dout, T* carry, T* dc, T* dgx, T*, int64_t n) const {
+    const T *i = gates, *f = gates + gs, *g = gates + 2 * gs, *o = gates + 3 * gs;
+    alignas(64) T tc[kMaxBlock];
+    std::memcpy(tc, saved, sizeof(T) * n);  // tanh(c_t), recomputed as forward did
+    tanh_inplace(tc, n);
+    T *di = dgx, *df = dgx + gs, *dg = dgx + 2 * gs, *dout_gate = dgx + 3 * gs;
+    for (int64_t j = 0; j < n; ++j) {
+      const T dh = dout ? dout[j] + carry[j] : carry[j];
+      const T dct = dc[j] + dh * o[j] * (T(1) - tc[j] * tc[j]);
+      const T cp = c_prev ? c_prev[j] : T(0);
+      di[j] = dct * g[j] * i[j] * (T(1) - i[j]);
+      df[j] = dct * cp * f[j] * (T(1) - f[j]);
+      dg[j] = dct * i[j] * (T(1) - g[j] * g[j]);
+      dout_gate[j] = dh * tc[j] * o[j] * (T(1) - o[j]);
+      dc[j] = dct * f[j];
+    }
+  }
+};
+
+}  // namespace
+}  // namespace fastbirnn
