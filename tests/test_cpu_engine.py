@@ -147,3 +147,78 @@ def test_concurrent_callers_do_not_deadlock_and_agree():
     for r in results:
         for a, b in zip(expected, r):
             assert torch.equal(a, b)
+
+
+# ---- the gated cells on the same engine --------------------------------------------------
+
+# (cell, B, T, I, H, layers, bidirectional, batch_first, packed, h0): H on both sides of the
+# one-block limit (64) and of the 64-column blocks, with a partial last block.
+GATED_CONFIGS = [
+    ("lstm", 3, 5, 4, 1, 1, True, False, True, True),
+    ("gru", 5, 7, 6, 63, 2, True, True, True, False),
+    ("lstm", 4, 6, 9, 64, 1, False, False, False, True),
+    ("gru", 6, 5, 8, 65, 1, True, False, True, True),
+    ("lstm", 5, 6, 10, 130, 2, True, True, True, True),
+    ("gru", 4, 6, 12, 130, 1, False, False, False, False),
+]
+
+
+def _gated_ids(c):
+    cell, B, T, I, H, L, bi, bf, packed, h0 = c
+    return (f"{cell}-B{B}T{T}I{I}H{H}L{L}{'bi' if bi else 'uni'}{'-bf' if bf else ''}"
+            f"{'-packed' if packed else ''}{'-h0' if h0 else ''}")
+
+
+def _gated_run(config, dtype, threads, grad=True):
+    from fastbirnn import FastBiGRU, FastBiLSTM
+
+    cell, B, T, I, H, L, bi, bf, packed, with_h0 = config
+    nn_class, fast_class = (nn.LSTM, FastBiLSTM) if cell == "lstm" else (nn.GRU, FastBiGRU)
+    torch.manual_seed(0)
+    ref = nn_class(I, H, L, batch_first=bf, bidirectional=bi, dtype=dtype)
+    fast = fast_class(I, H, L, batch_first=bf, bidirectional=bi, dtype=dtype, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(*((B, T, I) if bf else (T, B, I)), dtype=dtype)
+    states = [torch.randn(L * (2 if bi else 1), B, H, dtype=dtype)
+              for _ in range(2 if cell == "lstm" else 1)] if with_h0 else []
+    lengths = [max(1, T - (3 * b) % T) for b in range(B)] if packed else None
+
+    def run(model):
+        xi = x.clone().requires_grad_(grad)
+        hx = [s.clone().requires_grad_(grad) for s in states]
+        inp = xi
+        if lengths is not None:
+            inp = nn.utils.rnn.pack_padded_sequence(xi, lengths, batch_first=bf,
+                                                    enforce_sorted=False)
+        with torch.set_grad_enabled(grad):
+            out, final = model(inp, (tuple(hx) if len(hx) == 2 else hx[0]) if hx else None)
+        if lengths is not None:
+            out = nn.utils.rnn.pad_packed_sequence(out, batch_first=bf)[0]
+        final = list(final) if isinstance(final, tuple) else [final]
+        if not grad:
+            return [out, *final]
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        loss = (out * weight).sum() + sum(s.square().sum() for s in final)
+        return [out, *final, *torch.autograd.grad(loss, [xi, *model.parameters(), *hx])]
+
+    return _with_threads(threads, lambda: run(fast)), run(ref)
+
+
+@pytest.mark.parametrize("config", GATED_CONFIGS, ids=_gated_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gated_bit_identical_for_1_to_4_threads_and_equal_to_nn(config, dtype):
+    results = {n: _gated_run(config, dtype, n) for n in THREADS}
+    for n in THREADS[1:]:
+        for i, (a, b) in enumerate(zip(results[1][0], results[n][0])):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {n} threads"
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for a, b in zip(*results[2]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("config", [GATED_CONFIGS[1], GATED_CONFIGS[4]], ids=_gated_ids)
+def test_gated_inference_bit_identical_across_threads(config):
+    results = [_gated_run(config, torch.float32, n, grad=False)[0] for n in THREADS]
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)

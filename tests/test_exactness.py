@@ -238,3 +238,77 @@ def test_seam_functions_reject_bad_arguments(bad):
     if "h0" not in bad:
         with pytest.raises(RuntimeError, match="fastbirnn cpp backend"):
             _C.recurrence_backward(args["Z"], args["Z"], args["W_hh"], args["lengths"], False)
+
+
+# ---- the gated cells of the C++ engine -----------------------------------------------------
+
+
+def _gated_pair(cell, dtype=torch.float32, **kwargs):
+    from fastbirnn import FastBiGRU, FastBiLSTM
+
+    nn_class, fast_class = (nn.LSTM, FastBiLSTM) if cell == "lstm" else (nn.GRU, FastBiGRU)
+    torch.manual_seed(0)
+    expected = nn_class(dtype=dtype, bidirectional=True, **kwargs)
+    fast = fast_class(dtype=dtype, backend="cpp", **kwargs)
+    fast.load_state_dict(expected.state_dict())
+    return expected, fast
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("num_layers,hidden_size,packed", [(3, 8, False), (4, 100, True)])
+def test_gated_inference_with_three_or_more_layers_matches_nn(
+    cell, mode, num_layers, hidden_size, packed
+):
+    expected, fast = _gated_pair(cell, input_size=8, hidden_size=hidden_size,
+                                 num_layers=num_layers)
+    if mode == "frozen":
+        expected.requires_grad_(False), fast.requires_grad_(False)
+    x = torch.randn(6, 2, 8)
+    for _ in range(3):  # repeated calls: freed buffers would be reused with other contents
+        with _grad_mode_context(mode):
+            if packed:
+                outs = [m(pack_padded_sequence(x, [6, 3])) for m in (fast, expected)]
+                outs = [(pad_packed_sequence(o)[0], h) for o, h in outs]
+            else:
+                outs = [fast(x), expected(x)]
+        assert not outs[0][0].requires_grad
+        torch.testing.assert_close(outs[0], outs[1], **tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("where", ["input", "input_packed_no_h0", "weight_hh", "h0"])
+@pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gated_nan_and_inf_flow_as_in_nn(cell, where, poison, dtype):
+    # nn's dW_hh multiplies every step it takes, the zero h0 included (NaN * 0 = NaN), and
+    # no padded step: the engine's exact dW_hh path (shared with Elman) must run here too.
+    expected, fast = _gated_pair(cell, dtype, input_size=5, hidden_size=7, num_layers=2)
+    x = torch.randn(6, 3, 5, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    states = [torch.randn(4, 3, 7, generator=g, dtype=dtype) for _ in range(1 + (cell == "lstm"))]
+    packed = where == "input_packed_no_h0"
+    if where.startswith("input"):
+        x[2, 1, 3] = poison  # one element of one row at one step
+    elif where == "h0":
+        states[0][1, 2, 4] = poison  # the reverse direction of layer 0, row 2
+    results = []
+    for module in (fast, expected):
+        if where == "weight_hh":
+            with torch.no_grad():
+                module.weight_hh_l1[5, 2] = poison
+        xi = x.clone().requires_grad_()
+        hx = [] if packed else [s.clone().requires_grad_() for s in states]
+        if packed:
+            out, final = module(pack_padded_sequence(xi, [6, 4, 3], enforce_sorted=False))
+            out = pad_packed_sequence(out)[0]
+        else:
+            out, final = module(xi, tuple(hx) if cell == "lstm" else hx[0])
+        final = final if isinstance(final, tuple) else (final,)
+        loss = out.sum() + sum(s.sum() for s in final)
+        grads = torch.autograd.grad(loss, [xi, *hx, *module.parameters()])
+        results.append((out, final, grads))
+    if where.startswith("input"):
+        # Row 1 is poisoned from step 2 on; the other rows stay finite where nn's do.
+        assert torch.isfinite(results[1][0][:, [0, 2]]).all()
+    torch.testing.assert_close(results[0], results[1], equal_nan=True, **tolerances(dtype))
