@@ -29,9 +29,10 @@ from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN, available_backends, back
 
 PROFILE = os.environ.get("FASTBIRNN_HYPOTHESIS_PROFILE", "ci")
 EXAMPLES = {
-    "ci": {"cpp": 150, "auto": 60, "reference": 40, "triton": 15, "lstm": 30, "gru": 30},
+    "ci": {"cpp": 150, "auto": 60, "reference": 40, "triton": 15, "lstm": 30, "gru": 30,
+           "cpp_gated": 60},
     "deep": {"cpp": 3000, "auto": 1000, "reference": 600, "triton": 200, "lstm": 500,
-             "gru": 500},
+             "gru": 500, "cpp_gated": 1500},
 }[PROFILE]
 # Each cell: the module under test and the nn class it must match.
 MODULES = {"rnn": (FastBiRNN, nn.RNN), "lstm": (FastBiLSTM, nn.LSTM), "gru": (FastBiGRU, nn.GRU)}
@@ -91,8 +92,10 @@ class Config:
 
 @st.composite
 def configs(draw, max_work: int, max_layers=5, max_seq=64, max_batch=70, max_hidden=300,
-            dtypes=(torch.float32, torch.float64), cell="rnn"):
-    """A configuration whose cost (multiply-adds of one forward) stays under ``max_work``."""
+            dtypes=(torch.float32, torch.float64), cell="rnn", projections=True):
+    """A configuration whose cost (multiply-adds of one forward) stays under ``max_work``.
+
+    ``projections``: whether an LSTM may draw proj_size > 0 (the cpp engine has none)."""
     gates = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
     num_layers = draw(st.integers(1, max_layers))
     hidden_size = draw(
@@ -135,7 +138,7 @@ def configs(draw, max_work: int, max_layers=5, max_seq=64, max_batch=70, max_hid
         train=train, dropout=dropout, dtype=draw(st.sampled_from(dtypes)), poison=poison,
         calls=draw(st.integers(1, 2)), cell=cell,
         proj_size=draw(st.sampled_from([0, 0, 1, max(1, hidden_size - 1)]))
-        if cell == "lstm" and hidden_size > 1 else 0,
+        if cell == "lstm" and projections and hidden_size > 1 else 0,
     )
 
 
@@ -306,4 +309,14 @@ test_lstm_reference_matches_nn_lstm = _property_test(
 test_gru_reference_matches_nn_gru = _property_test(
     "reference", configs(max_work=400_000, max_seq=16, max_layers=3, max_hidden=80, cell="gru"),
     EXAMPLES["gru"],
+)
+
+# The gated cells of the C++ engine against nn.LSTM / nn.GRU (no projections: cpp has none).
+test_lstm_cpp_matches_nn_lstm = _property_test(
+    "cpp", configs(max_work=2_000_000, max_seq=32, max_layers=4, cell="lstm", projections=False),
+    EXAMPLES["cpp_gated"],
+)
+test_gru_cpp_matches_nn_gru = _property_test(
+    "cpp", configs(max_work=2_000_000, max_seq=32, max_layers=4, cell="gru"),
+    EXAMPLES["cpp_gated"],
 )
