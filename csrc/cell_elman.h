@@ -9,8 +9,8 @@
 //                                dz = (dout + carry) * act'(z), where act' is computed from the
 //                                saved output h (no pre-activations are kept); dout may be null.
 //
-// kGates is the number of pre-activation columns per hidden unit (Elman 1; GRU 3, LSTM 4 once
-// their cells exist); a cell with state beyond h (LSTM's c) will add it to this interface.
+// kGates is the number of pre-activation columns per hidden unit (Elman 1; the gated cells'
+// interface, with LSTM's c beside h, is in cell_gated.h).
 #pragma once
 
 #include "engine_blas.h"

@@ -1,6 +1,6 @@
 // The GRU cell (nn.GRU's gate order r, z, n): the pointwise step and its derivative.
 //
-// The interface is the LSTM cell's (cell_lstm.h). What differs: the new gate's hidden-side
+// The interface is in cell_gated.h. What differs from the LSTM: the new gate's hidden-side
 // term is gated, n = tanh(x_n + b_in + r * (W_hn h + b_hn)), so bias holds b_ih + b_hh for
 // r and z but only b_in for n, bias_h holds b_hn (or null), saved keeps W_hn h + b_hn, and
 // backward writes the hidden-side gate gradients (which differ in n: dn_pre * r) to dgh.
@@ -8,8 +8,7 @@
 // h_{t-1}'s gradient, dh * z, to carry, and the engine adds dG_h W_hh to it.
 #pragma once
 
-#include "cell_lstm.h"
-#include "engine_blas.h"
+#include "cell_gated.h"
 
 namespace fastbirnn {
 namespace {

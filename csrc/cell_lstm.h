@@ -1,38 +1,11 @@
 // The LSTM cell (nn.LSTM's gate order i, f, g, o): the pointwise step and its derivative.
-//
-// The engine (engine.cpp) calls a gated cell on one block of n <= kMaxBlock hidden units of
-// one batch row at a time. Gate q of a unit lives at `gates + q * gs` (the input projection's
-// natural layout), the block's h_{t-1} W_hh^T at `hid + q * n`. The interface, shared with
-// cell_gru.h (each cell ignores the operands it has no use for):
-//
-//   forward(gates, gs, hid, bias, bias_h, h_prev, c, h, saved, n)
-//       gates holds x W_ih^T; bias is b_ih + b_hh (or null). Writes h_t to h and updates the
-//       block-local cell state c in place. With saved non-null (training) it also writes the
-//       activated gates back into gates and c_t into saved, which is what backward reads.
-//   backward(gates, gs, saved, h_prev, c_prev, dout, carry, dc, dgx, dgh, n)
-//       carry holds dG_{t+1} W_hh for the block (h's gradient from the next step), dout the
-//       output's gradient (or null), dc c's gradient from the next step (updated in place to
-//       c_{t-1}'s). Writes the pre-activation gradients to dgx (gate stride gs); c_prev null
-//       means zeros.
+// The interface is in cell_gated.h; saved holds c_t.
 #pragma once
 
-#include "engine_blas.h"
+#include "cell_gated.h"
 
 namespace fastbirnn {
 namespace {
-
-// The widest block the engine hands a gated cell (its column blocks, kBlockWidth).
-constexpr int64_t kMaxBlock = 64;
-
-// sigmoid(x) = (1 + tanh(x / 2)) / 2: the same vectorised SLEEF tanh serves every gate.
-template <typename T>
-void halve(T* p, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) p[j] *= T(0.5);
-}
-template <typename T>
-void finish_sigmoid(T* p, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) p[j] = T(0.5) * p[j] + T(0.5);
-}
 
 struct LstmCell {
   static constexpr int kGates = 4;

@@ -99,6 +99,9 @@ struct Blocks {
   int64_t cols(int64_t k) const { return std::min(H, j0(k) + width) - j0(k); }
 };
 
+static_assert(kBlockWidth <= kMaxBlock && kSmallHidden <= kMaxBlock,
+              "a gated cell's stack buffers hold one block");
+
 Blocks column_blocks(int64_t D, int64_t H) {
   const int64_t width = H <= kSmallHidden ? H : kBlockWidth;
   return {D, H, width, (H + width - 1) / width};
@@ -714,6 +717,28 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out)
   }
 }
 
+// Where each layer of a forward writes its [rows, D*H] output: the last layer into the result,
+// the others into the kept intermediates (training) or else two scratch buffers in turn, so
+// layer l reads what layer l-1 wrote while it writes the other.
+template <typename T>
+class LayerOutputs {
+ public:
+  LayerOutputs(Tensor& out, Tensor& mid, int64_t num_layers, int64_t rows, int64_t width)
+      : out_(out), mid_(mid), L_(num_layers), rows_(rows), width_(width) {}
+  T* operator()(int64_t l) {
+    if (l == L_ - 1) return out_.data_ptr<T>();
+    if (mid_.numel() > 0) return mid_.data_ptr<T>() + l * rows_ * width_;
+    Tensor& buffer = scratch_[l % 2];
+    if (!buffer.defined()) buffer = at::empty({rows_, width_}, out_.options());
+    return buffer.data_ptr<T>();
+  }
+
+ private:
+  Tensor &out_, &mid_;
+  int64_t L_, rows_, width_;
+  Tensor scratch_[2];
+};
+
 template <typename T>
 void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, const Geometry& g,
                     const StackArgs& a, Tensor& out, Tensor& hn, Tensor& mid) {
@@ -721,9 +746,7 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
   const ElmanCell cell{a.relu};
   const Blocks blk = column_blocks(D, H);
   const int64_t workers = team_size(g, blk);
-  // Without kept intermediates, layers alternate between two scratch buffers: layer l reads
-  // the buffer layer l-1 wrote while it writes the other one.
-  Tensor scratch[2];
+  LayerOutputs<T> layer_output(out, mid, L, rows, g.DH());
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias_sum(a.has_biases ? D * H : 0);
@@ -734,16 +757,7 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   Tensor w_ih_packed;
   for (int64_t l = 0; l < L; ++l) {
-    T* layer_out;
-    if (l == L - 1) {
-      layer_out = out.data_ptr<T>();
-    } else if (mid.numel() > 0) {
-      layer_out = mid.data_ptr<T>() + l * rows * g.DH();
-    } else {
-      Tensor& buffer = scratch[l % 2];
-      if (!buffer.defined()) buffer = at::empty({rows, g.DH()}, x.options());
-      layer_out = buffer.data_ptr<T>();
-    }
+    T* layer_out = layer_output(l);
     const bool tiny_projection = H <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows;
     const bool packed_projection = !tiny_projection && have_gemm_tiles() &&
                                    rows >= kPackedProjectionRows;
@@ -1172,9 +1186,8 @@ void gated_forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, c
   const bool training = saved.numel() > 0;
   const Blocks blk = column_blocks(D, H);
   const int64_t workers = team_size(g, blk, K);
-  // Inference: layers alternate between two output buffers (layer l reads what layer l-1
-  // wrote while it writes the other) and share one gates buffer.
-  Tensor scratch[2];
+  LayerOutputs<T> layer_output(out, mid, L, rows, g.DH());
+  // Inference: the layers share one gates buffer.
   Tensor gate_buf = training ? Tensor() : at::empty({rows, DKH}, x.options());
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
@@ -1184,16 +1197,7 @@ void gated_forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, c
   std::vector<T> hid(size_t(D) * B * KH);
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   for (int64_t l = 0; l < L; ++l) {
-    T* layer_out;
-    if (l == L - 1) {
-      layer_out = out.data_ptr<T>();
-    } else if (training) {
-      layer_out = mid.data_ptr<T>() + l * rows * g.DH();
-    } else {
-      Tensor& buffer = scratch[l % 2];
-      if (!buffer.defined()) buffer = at::empty({rows, g.DH()}, x.options());
-      layer_out = buffer.data_ptr<T>();
-    }
+    T* layer_out = layer_output(l);
     T* G = training ? gates.data_ptr<T>() + l * rows * DKH : gate_buf.data_ptr<T>();
     T* S = training ? saved.data_ptr<T>() + l * rows * g.DH() : nullptr;
     const bool tiny_projection = KH <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows;

@@ -16,8 +16,9 @@ from fastbirnn.base import FusedRNNMixin
 
 _BACKEND_DOC = """
     backend: ``'auto'`` (the fastest correct backend for the input's device; today that is
-        the nn class itself, until a fused {cell} cell is measured faster), ``'reference'``
-        (the pure-PyTorch spec of the cell, for testing) or ``'torch'`` (the nn class).
+        the nn class itself, until the fused {cell} cell's grid is measured), ``'cpp'`` (the
+        fused C++ CPU engine; float32/float64, no ``proj_size``), ``'reference'`` (the
+        pure-PyTorch spec of the cell, for testing) or ``'torch'`` (the nn class).
         A backend without this cell is refused at construction with the list of those
         that have it.
 """

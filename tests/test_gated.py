@@ -133,6 +133,12 @@ def test_parity(cell, backend, case, dtype):
 def test_auto_runs_the_nn_class_until_a_fused_cell_exists(cell):
     _, fast = make_pair(cell, "auto", input_size=4, hidden_size=5)
     assert fast.selected_backend(torch.randn(3, 2, 4, dtype=torch.float64)) == "torch"
+    # The one rule says so (until the gated CPU grid is measured), where it fuses Elman.
+    from fastbirnn.backends.cpu_rule import CallShape, prefer_cpp
+
+    shape = dict(batch=32, seq=128, hidden=128, layers=1, bidirectional=True,
+                 dtype=torch.float32, training=True, threads=2)
+    assert prefer_cpp(CallShape(**shape)) and not prefer_cpp(CallShape(**shape, cell=cell))
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -334,3 +340,36 @@ def test_cpp_stack_op_checks_every_tensor(cell):
             op(cell, xi, hi, ci, wi, li, 1, True, True, False)
     with pytest.raises(RuntimeError, match="unknown cell"):
         op("rnn", x, h, None, weights, None, 1, True, True, False)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("hidden_size", [5, 70])
+def test_cpp_op_takes_unsorted_lengths(cell, hidden_size):
+    # Packing hands the engine sorted lengths; the op itself must not rely on it (rows that
+    # finished early sit between active ones, the engine's partial-carry path).
+    _, fast = make_pair(cell, "cpp", input_size=4, hidden_size=hidden_size)
+    weights = [w.detach().requires_grad_() for w in fast._flat_weights]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 4, 4, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 4, hidden_size, generator=g, dtype=torch.float64)
+    c0 = h0.flip(2) if cell == "lstm" else None
+    lengths = torch.tensor([3, 6, 1, 5])
+    order = torch.argsort(lengths, descending=True)
+
+    out_weight = torch.randn(6, 4, 2 * hidden_size, generator=g, dtype=torch.float64)
+
+    def run(x, h0, c0, lengths, out_weight):
+        leaves = [t.detach().requires_grad_() for t in (x, h0)]
+        out, hn, cn = torch.ops.fastbirnn_cpp.gated_stack(
+            cell, leaves[0], leaves[1], c0, weights, lengths, 1, True, True, False)
+        loss = (out * out_weight).sum() + hn.square().sum() + cn.square().sum()
+        return [out, hn, cn, *torch.autograd.grad(loss, leaves + weights)]
+
+    unsorted = run(x, h0, c0, lengths, out_weight)
+    permuted = run(x[:, order], h0[:, order], None if c0 is None else c0[:, order],
+                   lengths[order], out_weight[:, order])
+    inverse = torch.argsort(order)
+    for i, (a, b) in enumerate(zip(unsorted, permuted)):
+        if i in (0, 1, 2, 3, 4) and b.dim() == 3 and b.numel():  # batch is dimension 1
+            b = b[:, inverse]
+        torch.testing.assert_close(a, b, msg=lambda m: f"result {i}: {m}")
