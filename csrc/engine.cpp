@@ -2,8 +2,9 @@
 //
 // The engine owns everything that does not depend on the cell: the thread team, the split of
 // hidden units into column blocks, the per-step barrier, the GEMMs, layouts, lengths, both
-// directions, the layer stack and the backward's structure. The cell (cell_elman.h) is the
-// pointwise step and its derivative.
+// directions, the layer stack and the backward's structure. The cell (cell_elman.h; the gated
+// cell_lstm.h and cell_gru.h, interface in cell_gated.h) is the pointwise step and its
+// derivative.
 //
 // Parallelism comes from the machine, not from the number of directions: each direction's
 // hidden units are split into fixed column blocks, both directions' blocks interleaved and
@@ -15,7 +16,9 @@
 // then the recurrence, each step one small GEMM per block (h_{t-1} W_hh[block]^T) with the
 // cell fused in. Backward: BPTT per block from the saved outputs (no saved pre-activations):
 // each step first carry[block] = dz_{t+1} W_hh[:, block], then dz_t[block] from the cell;
-// then weight and input gradients as fixed GEMM tasks over all steps.
+// then weight and input gradients as fixed GEMM tasks over all steps. A gated cell runs the
+// same structure with kGates pre-activations per unit and saves its activated gates (and
+// LSTM's c, GRU's W_hn h + b_hn) for the backward; see "the gated recurrences" below.
 //
 // Determinism: every product is a single-threaded BLAS call (or register-blocked loop) on a
 // block whose shape depends only on the problem, never on the thread count, and no sum is
