@@ -418,7 +418,8 @@ void gated_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk, c
         T* h = Hs + row * DH + d * H + j0;
         if (b < bound && g.active(t, b)) {
           cell.forward(G + row * DKH + d * KH + j0, H, hk + b * KH, bias, bias_h,
-                       prev + b * H + j0, cstate + (d * B + b) * H + j0, h,
+                       prev + b * H + j0,
+                       Cell::kCellState ? cstate + (d * B + b) * H + j0 : nullptr, h,
                        S ? S + row * DH + d * H + j0 : nullptr, w);
           std::memcpy(next + b * H + j0, h, sizeof(T) * w);
         } else {
