@@ -373,3 +373,12 @@ def test_cpp_op_takes_unsorted_lengths(cell, hidden_size):
         if i in (0, 1, 2, 3, 4) and b.dim() == 3 and b.numel():  # batch is dimension 1
             b = b[:, inverse]
         torch.testing.assert_close(a, b, msg=lambda m: f"result {i}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpp_refuses_double_backward_loudly(cell):
+    _, fast = make_pair(cell, "cpp", torch.float32, input_size=4, hidden_size=5)
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    out, _ = fast(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
