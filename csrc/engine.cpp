@@ -33,6 +33,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -344,7 +345,8 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
 // One layer's per-direction operands of the gated forward recurrence.
 template <typename T>
 struct GatedForwardDirs {
-  const T* w_hh[2] = {nullptr, nullptr};    // packed by pack_hidden_weights
+  const T* w_hh[2] = {nullptr, nullptr};    // [K*H, H] as nn stores it
+  T* w_packed[2] = {nullptr, nullptr};      // [K*H*H] scratch for its blocks (pack_gate_block)
   const T* bias[2] = {nullptr, nullptr};    // [KH] input-side biases, or null
   const T* bias_h[2] = {nullptr, nullptr};  // the split gate's b_hh [H], or null
   const T* h0[2] = {nullptr, nullptr};      // [B,H], or null for zeros
@@ -353,19 +355,22 @@ struct GatedForwardDirs {
   T* cn[2] = {nullptr, nullptr};
 };
 
-// W_hh [K*H, H] of one direction, laid out for the forward's per-step products: above
-// kSmallHidden each block's K*w gate rows contiguous (one BLAS call per block and step); at
-// or below it (one block) each gate's transpose [H, H], small_gemm's layout.
+// Packs block [j0, j0 + w) of a gated W_hh [K*H, H] (its K*w gate rows, nn's gate order)
+// for the forward's per-step product h_{t-1} W_block^T: as the [H, K*w] panel small_gemm's
+// register tiles read where packed_blocks(H), else as those rows, contiguous, for one BLAS
+// call. The blocks of a direction tile its [K*H*H] buffer in order.
 template <typename T>
-void pack_hidden_weights(const T* w_hh, int64_t K, int64_t H, const Blocks& blk, T* out) {
-  if (H <= kSmallHidden) {
-    for (int64_t q = 0; q < K; ++q) transpose(w_hh + q * H * H, H, H, out + q * H * H);
-    return;
-  }
-  for (int64_t j0 = 0; j0 < H; j0 += blk.width) {
-    const int64_t w = std::min(blk.width, H - j0);
-    for (int64_t q = 0; q < K; ++q)
-      std::memcpy(out + (K * j0 + q * w) * H, w_hh + (q * H + j0) * H, sizeof(T) * w * H);
+void pack_gate_block(const T* w_hh, int64_t K, int64_t H, int64_t j0, int64_t w, T* packed) {
+  T* block = packed + K * j0 * H;
+  const int64_t n_all = K * w;
+  for (int64_t q = 0; q < K; ++q) {
+    for (int64_t n = 0; n < w; ++n) {
+      const T* row = w_hh + (q * H + j0 + n) * H;
+      if (packed_blocks(H))
+        for (int64_t k = 0; k < H; ++k) block[k * n_all + q * w + n] = row[k];
+      else
+        std::memcpy(block + (q * w + n) * H, row, sizeof(T) * H);
+    }
   }
 }
 
@@ -392,6 +397,8 @@ void gated_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk, c
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;
     const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    // Each worker packs its own blocks: they stay in its core's cache for every step.
+    pack_gate_block(p.w_hh[d], K, H, j0, w, p.w_packed[d]);
     start(p.h0[d], buffer(d, 0), j0, w);
     if (Cell::kCellState) start(p.c0[d], cstate + d * B * H, j0, w);
   }
@@ -405,12 +412,11 @@ void gated_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk, c
       T* next = buffer(d, s + 1);
       T* hk = hid + d * B * KH + K * j0;  // gate q of row b at hk + b * KH + q * w
       const int64_t bound = g.active_bound(t);
-      if (H <= kSmallHidden) {
-        for (int64_t q = 0; q < K; ++q)
-          small_gemm<T>(bound, w, H, prev, H, p.w_hh[d] + q * H * H, w, T(0), hk + q * w, KH);
-      } else {
-        gemm<T>(false, true, bound, K * w, H, prev, H, p.w_hh[d] + K * j0 * H, H, T(0), hk, KH);
-      }
+      const T* block = p.w_packed[d] + K * j0 * H;
+      if (packed_blocks(H))
+        tiled_gemm<T>(bound, K * w, H, prev, H, block, K * w, T(0), hk, KH);
+      else
+        gemm<T>(false, true, bound, K * w, H, prev, H, block, H, T(0), hk, KH);
       const T* bias = p.bias[d] ? p.bias[d] + j0 : nullptr;
       const T* bias_h = p.bias_h[d] ? p.bias_h[d] + j0 : nullptr;
       for (int64_t b = 0; b < B; ++b) {
@@ -703,6 +709,37 @@ struct Projection {
 // transpose costs about as much as the tiles save on a few hundred rows).
 constexpr int64_t kPackedProjectionRows = 512;
 
+// Layer l's W_ih of each direction.
+template <typename T>
+std::array<const T*, 2> input_weights(at::TensorList weights, const StackArgs& a, int64_t l) {
+  std::array<const T*, 2> w{nullptr, nullptr};
+  for (int64_t d = 0; d < a.D; ++d) w[d] = weights[(l * a.D + d) * a.per_dir()].data_ptr<T>();
+  return w;
+}
+
+// The projection of one layer onto cols (kGates * H) columns per direction. W_ih^T goes to
+// tiny_t for the tiny loops, or to `packed` (allocated here) for register tiles over long
+// projections; otherwise BLAS reads W_ih as stored.
+template <typename T>
+Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols, int64_t D,
+                               const T* const w_ih[2], T (&tiny_t)[2][kSmallHidden * kSmallHidden],
+                               Tensor& packed, const at::TensorOptions& options) {
+  const bool tiny = cols <= kSmallHidden && I <= kSmallHidden && rows <= kSmallRows;
+  const bool tiles = !tiny && have_gemm_tiles() && rows >= kPackedProjectionRows;
+  if (tiles) packed = at::empty({D, I, cols}, options);
+  Projection<T> p{X, I, rows, cols, {nullptr, nullptr}, {nullptr, nullptr},
+                  tiny ? 1 : row_blocks(rows), tiny};
+  for (int64_t d = 0; d < D; ++d) {
+    p.w_ih[d] = w_ih[d];
+    if (tiny || tiles) {
+      T* w_t = tiny ? tiny_t[d] : packed.data_ptr<T>() + d * I * cols;
+      transpose(w_ih[d], cols, I, w_t);
+      p.w_ih_t[d] = w_t;
+    }
+  }
+  return p;
+}
+
 template <typename T>
 void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out) {
   const int64_t H = p.cols, ld = g.D * p.cols, n = g.D * p.blocks;
@@ -762,21 +799,12 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
   Tensor w_ih_packed;
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
-    const bool tiny_projection = H <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows;
-    const bool packed_projection = !tiny_projection && have_gemm_tiles() &&
-                                   rows >= kPackedProjectionRows;
-    if (packed_projection) w_ih_packed = at::empty({D, in_size, H}, x.options());
-    Projection<T> proj{layer_in, in_size, rows, H, {nullptr, nullptr}, {nullptr, nullptr},
-                       tiny_projection ? 1 : row_blocks(rows), tiny_projection};
+    const Projection<T> proj = layer_projection<T>(layer_in, in_size, rows, H, D,
+                                                   input_weights<T>(weights, a, l).data(),
+                                                   w_ih_t, w_ih_packed, x.options());
     ForwardDirs<T> dirs;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir();
-      proj.w_ih[d] = weights[base].data_ptr<T>();
-      if (tiny_projection || packed_projection) {
-        T* w_t = tiny_projection ? w_ih_t[d] : w_ih_packed.data_ptr<T>() + d * in_size * H;
-        transpose(proj.w_ih[d], H, in_size, w_t);
-        proj.w_ih_t[d] = w_t;
-      }
       dirs.w_hh[d] = weights[base + 1].data_ptr<T>();
       if (packed.defined()) dirs.w_packed[d] = packed.data_ptr<T>() + d * H * H;
       if (a.has_biases) {
@@ -1200,24 +1228,19 @@ void gated_forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, c
   std::vector<T> state(size_t(D) * 2 * B * H), cstate(Cell::kCellState ? D * B * H : 0);
   std::vector<T> hid(size_t(D) * B * KH);
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
+  Tensor w_ih_packed;
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
     T* G = training ? gates.data_ptr<T>() + l * rows * DKH : gate_buf.data_ptr<T>();
     T* S = training ? saved.data_ptr<T>() + l * rows * g.DH() : nullptr;
-    const bool tiny_projection = KH <= kSmallHidden && in_size <= kSmallHidden && rows <= kSmallRows;
-    Projection<T> proj{layer_in, in_size, rows, KH, {nullptr, nullptr}, {nullptr, nullptr},
-                       tiny_projection ? 1 : row_blocks(rows), tiny_projection};
+    const Projection<T> proj = layer_projection<T>(layer_in, in_size, rows, KH, D,
+                                                   input_weights<T>(weights, a, l).data(),
+                                                   w_ih_t, w_ih_packed, x.options());
     GatedForwardDirs<T> dirs;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir(), index = l * D + d;
-      proj.w_ih[d] = weights[base].data_ptr<T>();
-      if (tiny_projection) {
-        transpose(proj.w_ih[d], KH, in_size, w_ih_t[d]);
-        proj.w_ih_t[d] = w_ih_t[d];
-      }
-      T* packed = w_packed.data() + d * KH * H;
-      pack_hidden_weights(weights[base + 1].data_ptr<T>(), K, H, blk, packed);
-      dirs.w_hh[d] = packed;
+      dirs.w_hh[d] = weights[base + 1].data_ptr<T>();
+      dirs.w_packed[d] = w_packed.data() + d * KH * H;
       if (a.has_biases) {
         // b_ih + b_hh, except where the cell applies b_hh itself (GRU's n: r * (.. + b_hn)).
         const T* b_ih = weights[base + 2].data_ptr<T>();
