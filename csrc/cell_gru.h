@@ -29,19 +29,18 @@ struct GruCell {
       const T* x = gates + q * gs;
       const T* y = hid + q * n;
       if (bias)
-        for (int64_t j = 0; j < n; ++j) aq[j] = T(0.5) * (x[j] + y[j] + bias[q * gs + j]);
+        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j] + bias[q * gs + j];
       else
-        for (int64_t j = 0; j < n; ++j) aq[j] = T(0.5) * (x[j] + y[j]);
+        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j];
     }
-    tanh_inplace(a, 2 * n);
-    finish_sigmoid(a, 2 * n);
+    sigmoid_inplace(a, 2 * n);
     const T *r = a, *z = a + n, *yn = hid + 2 * n, *xn = gates + 2 * gs;
     T* nn = a + 2 * n;
     for (int64_t j = 0; j < n; ++j) {
       hn[j] = bias_h ? yn[j] + bias_h[j] : yn[j];
       nn[j] = (bias ? xn[j] + bias[2 * gs + j] : xn[j]) + r[j] * hn[j];
     }
-    tanh_inplace(nn, n);
+    gate_tanh_inplace(nn, n);
     // nn.GRU's form, (h - n) * z + n, so NaN and inf flow the same way.
     for (int64_t j = 0; j < n; ++j) h[j] = (h_prev[j] - nn[j]) * z[j] + nn[j];
     if (saved) {

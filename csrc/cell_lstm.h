@@ -26,15 +26,13 @@ struct LstmCell {
       else
         for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j];
     }
-    halve(a, 2 * n);      // i, f
-    halve(a + 3 * n, n);  // o
-    tanh_inplace(a, 4 * n);
-    finish_sigmoid(a, 2 * n);
-    finish_sigmoid(a + 3 * n, n);
+    sigmoid_inplace(a, 2 * n);  // i, f
+    gate_tanh_inplace(a + 2 * n, n);
+    sigmoid_inplace(a + 3 * n, n);
     const T *i = a, *f = a + n, *g = a + 2 * n, *o = a + 3 * n;
     alignas(64) T tc[kMaxBlock];
     for (int64_t j = 0; j < n; ++j) tc[j] = c[j] = f[j] * c[j] + i[j] * g[j];
-    tanh_inplace(tc, n);
+    gate_tanh_inplace(tc, n);
     for (int64_t j = 0; j < n; ++j) h[j] = o[j] * tc[j];
     if (saved) {
       for (int q = 0; q < 4; ++q) std::memcpy(gates + q * gs, a + q * n, sizeof(T) * n);
@@ -48,7 +46,7 @@ struct LstmCell {
     const T *i = gates, *f = gates + gs, *g = gates + 2 * gs, *o = gates + 3 * gs;
     alignas(64) T tc[kMaxBlock];
     std::memcpy(tc, saved, sizeof(T) * n);  // tanh(c_t), recomputed as forward did
-    tanh_inplace(tc, n);
+    gate_tanh_inplace(tc, n);
     T *di = dgx, *df = dgx + gs, *dg = dgx + 2 * gs, *dout_gate = dgx + 3 * gs;
     for (int64_t j = 0; j < n; ++j) {
       const T dh = dout ? dout[j] + carry[j] : carry[j];
