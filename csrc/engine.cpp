@@ -340,7 +340,7 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
 // computed for all steps first, as for the Elman cell. Each step, a block of w hidden units
 // computes h_{t-1} W_hh^T for its kGates * w gate rows into a block-local buffer, then the cell
 // combines both with the biases and writes h_t (and LSTM's block-local c_t). In training the
-// cell also leaves in G the activated gates and in S what its backward needs (cell_lstm.h).
+// cell also leaves in G the activated gates and in S what its backward needs (cell_gated.h).
 
 // One layer's per-direction operands of the gated forward recurrence.
 template <typename T>
