@@ -115,7 +115,7 @@ class FusedRNNMixin:
         call = CallShape(
             batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
             bidirectional=self.bidirectional, dtype=data.dtype, training=training,
-            threads=threads, cell=self.cell,
+            threads=threads, cell=self.cell, proj_size=self.proj_size,
         )
         return backends.resolve_auto(data, self.hidden_size, batch_size, call, self.cell)
 

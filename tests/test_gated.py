@@ -139,6 +139,8 @@ def test_auto_runs_the_nn_class_until_a_fused_cell_exists(cell):
     shape = dict(batch=32, seq=128, hidden=128, layers=1, bidirectional=True,
                  dtype=torch.float32, training=True, threads=2)
     assert prefer_cpp(CallShape(**shape)) and not prefer_cpp(CallShape(**shape, cell=cell))
+    # Whatever the gated grid will say, projections stay on nn.LSTM.
+    assert not prefer_cpp(CallShape(**shape, proj_size=3))
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -32,6 +32,7 @@ class CallShape:
     training: bool  # an autograd graph will be recorded (a training step follows)
     threads: int  # torch.get_num_threads() at the call
     cell: str = "rnn"  # 'rnn', 'lstm' or 'gru'
+    proj_size: int = 0  # LSTM projections, which the engine does not have
 
     @property
     def step_macs(self) -> int:
@@ -68,9 +69,11 @@ def workers(s: CallShape) -> int:
 
 def prefer_cpp(s: CallShape) -> bool:
     """True where the grid shows the fused kernel faster than nn.RNN (False: nn.RNN)."""
+    if s.proj_size:
+        return False  # the engine has no LSTM projections: nn.LSTM runs them
     if s.cell != "rnn":
         # The gated cells are not in the committed grid yet: nn.LSTM / nn.GRU until a gated
-        # grid decides (and nn.LSTM for proj_size > 0 whatever it says).
+        # grid decides.
         return False
     team = workers(s)
     per_worker = s.step_macs / team
