@@ -159,12 +159,17 @@ bool worth_threads(int64_t flops) { return flops >= (int64_t(1) << 18); }
 // Each worker should have at least this many multiply-adds per step, or the barrier dominates.
 constexpr int64_t kMinStepWork = int64_t(1) << 14;
 
-// Workers for the recurrence: up to torch.get_num_threads(), at most one per block, fewer when
-// the per-step work is too small to pay for the barrier. Changes speed only, never results.
-// Whether the per-step block products run on small_gemm, from W_hh blocks packed once per
-// layer (register tiles at every H where the CPU has them; plain loops below kSmallHidden),
-// or on BLAS calls (which repack their operands at every step).
-bool packed_blocks(int64_t H) { return H <= kSmallHidden || have_gemm_tiles(); }
+// Rows (T * B) from which the forward packs W_hh's blocks for the register tiles: packing
+// moves all of W_hh once per layer, about the time of a hundred rows' products on it, so
+// shorter calls multiply W_hh as it is on BLAS (at T = 4, B = 1 packing cost half the speed).
+constexpr int64_t kPackedRecurrenceRows = 64;
+
+// Whether the forward's per-step block products run on small_gemm, from W_hh blocks packed
+// once per layer (register tiles where the CPU has them; plain loops below kSmallHidden), or
+// on BLAS calls. (The backward reads W_hh's columns as they are: gemm picks the tiles itself.)
+bool forward_block_tiles(const Geometry& g) {
+  return g.H <= kSmallHidden || (have_gemm_tiles() && g.T * g.B >= kPackedRecurrenceRows);
+}
 
 // Packs block [j0, j0 + w) of W_hh [H, H] as the [H, w] panel small_gemm reads
 // (panel[k * w + n] = W_hh[j0 + n, k]); the panels of a direction tile its [H * H] buffer.
@@ -177,6 +182,8 @@ void pack_block(const T* w_hh, int64_t H, int64_t j0, int64_t w, T* packed) {
   }
 }
 
+// Workers for the recurrence: up to torch.get_num_threads(), at most one per block, fewer when
+// the per-step work is too small to pay for the barrier. Changes speed only, never results.
 int64_t team_size(const Geometry& g, const Blocks& blk, int64_t gates = 1) {
   const int64_t per_step = gates * g.D * g.B * g.H * g.H;
   if (!worth_threads(per_step * g.T)) return 1;
@@ -301,7 +308,7 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
         const bool all_active = g.all_active_below(tp, bound);
         T* target = all_active ? carry : tmp;
         const T* dzp = dZ + tp * g.st * g.DH() + d * H;
-        if (packed_blocks(H))  // W_hh's columns [j0, j0 + w) are already a [H, w] panel
+        if (H <= kSmallHidden)  // W_hh's columns [j0, j0 + w) are a [H, w] panel as they are
           small_gemm<T>(bound, w, H, dzp, ld, p.w_hh[d] + j0, H, T(0), target + j0, H);
         else
           gemm<T>(false, false, bound, w, H, dzp, ld, p.w_hh[d] + j0, H, T(0), target + j0, H);
@@ -357,16 +364,17 @@ struct GatedForwardDirs {
 
 // Packs block [j0, j0 + w) of a gated W_hh [K*H, H] (its K*w gate rows, nn's gate order)
 // for the forward's per-step product h_{t-1} W_block^T: as the [H, K*w] panel small_gemm's
-// register tiles read where packed_blocks(H), else as those rows, contiguous, for one BLAS
-// call. The blocks of a direction tile its [K*H*H] buffer in order.
+// register tiles read where `tiles` (forward_block_tiles), else as those rows, contiguous,
+// for one BLAS call. The blocks of a direction tile its [K*H*H] buffer in order.
 template <typename T>
-void pack_gate_block(const T* w_hh, int64_t K, int64_t H, int64_t j0, int64_t w, T* packed) {
+void pack_gate_block(const T* w_hh, int64_t K, int64_t H, int64_t j0, int64_t w, bool tiles,
+                     T* packed) {
   T* block = packed + K * j0 * H;
   const int64_t n_all = K * w;
   for (int64_t q = 0; q < K; ++q) {
     for (int64_t n = 0; n < w; ++n) {
       const T* row = w_hh + (q * H + j0 + n) * H;
-      if (packed_blocks(H))
+      if (tiles)
         for (int64_t k = 0; k < H; ++k) block[k * n_all + q * w + n] = row[k];
       else
         std::memcpy(block + (q * w + n) * H, row, sizeof(T) * H);
@@ -385,6 +393,7 @@ void gated_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk, c
                         T* hid) {
   constexpr int64_t K = Cell::kGates;
   const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
+  const bool tiles = forward_block_tiles(g);
   auto buffer = [&](int64_t d, int64_t s) { return state + (d * 2 + (s & 1)) * B * H; };
   auto start = [&](const T* init, T* dst, int64_t j0, int64_t w) {
     for (int64_t b = 0; b < B; ++b) {
@@ -398,7 +407,7 @@ void gated_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk, c
     if (!m.owns(k)) continue;
     const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
     // Each worker packs its own blocks: they stay in its core's cache for every step.
-    pack_gate_block(p.w_hh[d], K, H, j0, w, p.w_packed[d]);
+    pack_gate_block(p.w_hh[d], K, H, j0, w, tiles, p.w_packed[d]);
     start(p.h0[d], buffer(d, 0), j0, w);
     if (Cell::kCellState) start(p.c0[d], cstate + d * B * H, j0, w);
   }
@@ -413,7 +422,7 @@ void gated_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk, c
       T* hk = hid + d * B * KH + K * j0;  // gate q of row b at hk + b * KH + q * w
       const int64_t bound = g.active_bound(t);
       const T* block = p.w_packed[d] + K * j0 * H;
-      if (packed_blocks(H))
+      if (tiles)
         tiled_gemm<T>(bound, K * w, H, prev, H, block, K * w, T(0), hk, KH);
       else
         gemm<T>(false, true, bound, K * w, H, prev, H, block, H, T(0), hk, KH);
@@ -794,7 +803,7 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
   std::vector<T> state(size_t(D) * 2 * B * H);
   // Packed W_hh blocks (filled by the workers); W_ih^T for the tiny projection (on the stack)
   // and for long ones (w_ih_packed).
-  const Tensor packed = packed_blocks(H) ? at::empty({D, H, H}, x.options()) : Tensor();
+  const Tensor packed = forward_block_tiles(g) ? at::empty({D, H, H}, x.options()) : Tensor();
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   Tensor w_ih_packed;
   for (int64_t l = 0; l < L; ++l) {
@@ -1533,7 +1542,7 @@ Tensor recurrence_forward(const Tensor& Z, const Tensor& W_hh, const Tensor& h0,
     const Blocks blk = column_blocks(g.D, g.H);
     const ElmanCell cell{relu};
     ForwardDirs<T> dirs;
-    const Tensor packed = packed_blocks(g.H) ? at::empty_like(W) : Tensor();
+    const Tensor packed = forward_block_tiles(g) ? at::empty_like(W) : Tensor();
     for (int64_t d = 0; d < g.D; ++d) {
       dirs.w_hh[d] = W.data_ptr<T>() + d * g.H * g.H;
       if (packed.defined()) dirs.w_packed[d] = packed.data_ptr<T>() + d * g.H * g.H;

@@ -160,6 +160,10 @@ GATED_CONFIGS = [
     ("gru", 6, 5, 8, 65, 1, True, False, True, True),
     ("lstm", 5, 6, 10, 130, 2, True, True, True, True),
     ("gru", 4, 6, 12, 130, 1, False, False, False, False),
+    # T * B >= 64: the forward packs W_hh's gate blocks for the register tiles (fewer rows
+    # multiply W_hh as it is)
+    ("lstm", 8, 9, 10, 130, 2, True, True, True, True),
+    ("gru", 9, 8, 12, 65, 1, True, False, True, False),
 ]
 
 

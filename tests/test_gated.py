@@ -130,17 +130,26 @@ def test_parity(cell, backend, case, dtype):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_auto_runs_the_nn_class_until_a_fused_cell_exists(cell):
+def test_auto_follows_the_gated_rule(cell):
+    # A small step: the fused cell, as the gated grids measured for both cells.
     _, fast = make_pair(cell, "auto", input_size=4, hidden_size=5)
-    assert fast.selected_backend(torch.randn(3, 2, 4, dtype=torch.float64)) == "torch"
-    # The one rule says so (until the gated CPU grid is measured), where it fuses Elman.
+    assert fast.selected_backend(torch.randn(3, 2, 4)) == "cpp"
     from fastbirnn.backends.cpu_rule import CallShape, prefer_cpp
 
     shape = dict(batch=32, seq=128, hidden=128, layers=1, bidirectional=True,
                  dtype=torch.float32, training=True, threads=2)
-    assert prefer_cpp(CallShape(**shape)) and not prefer_cpp(CallShape(**shape, cell=cell))
-    # Whatever the gated grid will say, projections stay on nn.LSTM.
-    assert not prefer_cpp(CallShape(**shape, proj_size=3))
+    # The design's mid-size shape: the GRU kernel beats nn.GRU, oneDNN's nn.LSTM stays.
+    assert prefer_cpp(CallShape(**shape, cell=cell)) == (cell == "gru")
+    # LSTM training at batch 1 is fused; its inference is not.
+    one = dict(shape, batch=1, hidden=512, cell=cell)
+    assert prefer_cpp(CallShape(**one)) and prefer_cpp(CallShape(**dict(one, training=False))) == (
+        cell == "gru")
+    # Large fp64 steps, and short sequences with large steps: the nn class.
+    assert not prefer_cpp(CallShape(**dict(shape, batch=128, hidden=512, dtype=torch.float64,
+                                           cell=cell)))
+    assert not prefer_cpp(CallShape(**dict(shape, seq=8, cell=cell)))
+    # Projections stay on nn.LSTM.
+    assert not prefer_cpp(CallShape(**shape, cell=cell, proj_size=3))
 
 
 @pytest.mark.parametrize("cell", CELLS)

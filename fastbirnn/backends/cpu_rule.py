@@ -1,9 +1,11 @@
-"""Where ``'auto'`` runs the fused C++ kernel on CPU, and where it hands the call to nn.RNN.
+"""Where ``'auto'`` runs the fused C++ kernel on CPU, and where it hands the call to the nn
+class (nn.RNN, nn.LSTM, nn.GRU).
 
-The one place this decision is made. It is derived from the committed CPU grid
-(``benchmarks/results/cpu-grid/``, reproduced by ``python benchmarks/cpu_grid.py``): every
-grid point records nn.RNN's and the fused kernel's medians for inference and a training step,
-and ``benchmarks/cpu_grid.py --check`` reports any point where this rule picks the slower one.
+The one place this decision is made. It is derived from the committed CPU grids
+(``benchmarks/results/cpu-grid/`` for the Elman cell, ``cpu-grid-lstm/`` and ``cpu-grid-gru/``,
+reproduced by ``python benchmarks/cpu_grid.py [--cell lstm|gru]``): every grid point records
+the nn class's and the fused kernel's medians for inference and a training step, and
+``benchmarks/cpu_grid.py --check`` reports any point where this rule picks the slower one.
 
 Where the kernel wins, and why: it saves nn.RNN's per-step dispatch (several ATen ops a step
 and direction), fuses bias and activation into the step, and runs both directions at once.
@@ -36,8 +38,10 @@ class CallShape:
 
     @property
     def step_macs(self) -> int:
-        """Multiply-adds of one recurrence step, both directions: the per-step GEMM's size."""
-        return (2 if self.bidirectional else 1) * self.batch * self.hidden * self.hidden
+        """Multiply-adds of one recurrence step, both directions and every gate: the per-step
+        GEMM's size."""
+        directions = 2 if self.bidirectional else 1
+        return GATES[self.cell] * directions * self.batch * self.hidden * self.hidden
 
 
 # The rule's thresholds, in multiply-adds per worker per recurrence step (see workers()).
@@ -56,6 +60,17 @@ TRAIN_LIMIT_FP64 = 1 << 23  # 8.4 M
 FP64_INFER_MAX_HIDDEN = 512
 FP64_SMALL_HIDDEN_MAX_BATCH = 128
 
+# The gated cells, in multiply-adds per worker per recurrence step (gates included).
+# GRU: nn.GRU has no fused CPU path (several ATen ops per gate and step), and the kernel won at
+# every fp32 point of its grid (1.04-26x; one training point at 0.99x, within the noise of
+# nn.GRU's own repeats); in fp64 it lost from about 3 M multiply-adds per worker and step.
+# LSTM: nn.LSTM runs through oneDNN's fused LSTM, which the kernel beat only where a step is
+# small (and in training at batch 1, where oneDNN's backward is per step): nn.LSTM elsewhere.
+# Sequences shorter than the gated grids' T = 16 take the LSTM's limit for both cells.
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+GRU_FP64_LIMIT = 1 << 20  # 1 M
+GATED_SMALL_LIMIT = 1 << 16  # 65 k
+
 # The engine's fixed column blocks (csrc/engine.cpp, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
 _SMALL_HIDDEN = 64
@@ -68,15 +83,14 @@ def workers(s: CallShape) -> int:
 
 
 def prefer_cpp(s: CallShape) -> bool:
-    """True where the grid shows the fused kernel faster than nn.RNN (False: nn.RNN)."""
+    """True where the grids show the fused kernel faster than the nn class (False: the nn
+    class)."""
     if s.proj_size:
         return False  # the engine has no LSTM projections: nn.LSTM runs them
-    if s.cell != "rnn":
-        # The gated cells are not in the committed grid yet: nn.LSTM / nn.GRU until a gated
-        # grid decides.
-        return False
     team = workers(s)
     per_worker = s.step_macs / team
+    if s.cell != "rnn":
+        return _prefer_gated(s, per_worker)
     if s.dtype == torch.float64:
         if not s.training:
             return s.hidden <= FP64_INFER_MAX_HIDDEN
@@ -88,3 +102,13 @@ def prefer_cpp(s: CallShape) -> bool:
     if s.seq < SHORT:
         return per_worker < SHORT_LIMIT
     return True
+
+
+def _prefer_gated(s: CallShape, per_worker: float) -> bool:
+    if per_worker <= GATED_SMALL_LIMIT:
+        return True
+    if s.seq < SHORT:
+        return False
+    if s.cell == "gru":
+        return s.dtype != torch.float64 or per_worker < GRU_FP64_LIMIT
+    return s.training and s.batch == 1  # LSTM
