@@ -708,9 +708,11 @@ def git_commit(path: Optional[str] = None) -> Optional[dict]:
         )
         if commit.returncode != 0:
             return fallback
+        # Measured results are outputs, not code: a grid rewriting its own files, or one grid
+        # run after another, must not mark the code it measured as modified.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-            capture_output=True, text=True, timeout=10,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)benchmarks/results"], cwd=cwd, capture_output=True, text=True, timeout=10,
         )
         return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
