@@ -46,8 +46,8 @@ class CallShape:
 
 # The rule's thresholds, in multiply-adds per worker per recurrence step (see workers()).
 # fp32: the fused kernel won wherever the sequence is long enough to amortise it. nn.RNN
-# gets: short sequences (T < SHORT) with large steps (a few large GEMMs either way; lost
-# narrowly at 2 threads), and inference where the kernel runs on one worker (one direction
+# gets: short sequences (T < SHORT) with large steps (a few large GEMMs either way; on a
+# team, a unidirectional layer lost from 8.4 M per worker), and inference where the kernel runs on one worker (one direction
 # of H <= 64 is one block) on a machine with more threads, with a step big enough for
 # nn.RNN's GEMM to use them.
 # fp64: the kernel's per-block dgemm calls lost at H > 512 in inference (small M, each call
@@ -56,6 +56,7 @@ class CallShape:
 UNDERUSED_LIMIT = 1 << 18  # 262 k
 SHORT = 16
 SHORT_LIMIT = 1 << 24  # 16.8 M
+SHORT_LIMIT_TEAM = 1 << 23  # 8.4 M: the same, split over several workers
 TRAIN_LIMIT_FP64 = 1 << 23  # 8.4 M
 FP64_INFER_MAX_HIDDEN = 512
 FP64_SMALL_HIDDEN_MAX_BATCH = 128
@@ -100,7 +101,7 @@ def prefer_cpp(s: CallShape) -> bool:
     if not s.training and team == 1 < s.threads and per_worker >= UNDERUSED_LIMIT:
         return False
     if s.seq < SHORT:
-        return per_worker < SHORT_LIMIT
+        return per_worker < (SHORT_LIMIT if team == 1 else SHORT_LIMIT_TEAM)
     return True
 
 
