@@ -63,13 +63,16 @@ FP64_SMALL_HIDDEN_MAX_BATCH = 128
 
 # The gated cells, in multiply-adds per worker per recurrence step (gates included).
 # GRU: nn.GRU has no fused CPU path (several ATen ops per gate and step), and the kernel won at
-# every fp32 point of its grid (1.04-26x; one training point at 0.99x, within the noise of
-# nn.GRU's own repeats); in fp64 it lost from about 3 M multiply-adds per worker and step.
+# almost every fp32 point of its grid (1.0-26x), but at B = 128 its margin thins to 1.0-1.2x and
+# at (128, 128, 128, 128) bidirectional it lost (0.88x re-measured): at B >= 128 only steps
+# below 4.2 M per worker are fused. In fp64 it lost from about 3 M per worker and step.
 # LSTM: nn.LSTM runs through oneDNN's fused LSTM, which the kernel beat only where a step is
 # small (and in training at batch 1, where oneDNN's backward is per step): nn.LSTM elsewhere.
 # Sequences shorter than the gated grids' T = 16 take the LSTM's limit for both cells.
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 GRU_FP64_LIMIT = 1 << 20  # 1 M
+GRU_LARGE_BATCH = 128
+GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
 
 # The engine's fixed column blocks (csrc/engine.cpp, kBlockWidth and kSmallHidden).
@@ -111,5 +114,7 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     if s.seq < SHORT:
         return False
     if s.cell == "gru":
-        return s.dtype != torch.float64 or per_worker < GRU_FP64_LIMIT
+        if s.dtype == torch.float64:
+            return per_worker < GRU_FP64_LIMIT
+        return s.batch < GRU_LARGE_BATCH or per_worker < GRU_LARGE_BATCH_LIMIT
     return s.training and s.batch == 1  # LSTM
