@@ -97,5 +97,21 @@ void gate_tanh_inplace(T* p, int64_t n) {
   exp_ratio(p, n, T(2), T(-2), T(1));
 }
 
+// The pre-activations of gates [0, count) of a block: a[q * n + j] = the input part (gates,
+// gate q at q * gs) + the hidden part (hid, gate q at q * n) + the bias (q * gs), if any.
+template <typename T>
+void gate_preactivations(T* a, const T* gates, int64_t gs, const T* hid, const T* bias,
+                         int count, int64_t n) {
+  for (int q = 0; q < count; ++q) {
+    T* aq = a + q * n;
+    const T* x = gates + q * gs;
+    const T* y = hid + q * n;
+    if (bias)
+      for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j] + bias[q * gs + j];
+    else
+      for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j];
+  }
+}
+
 }  // namespace
 }  // namespace fastbirnn

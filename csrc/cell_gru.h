@@ -24,15 +24,7 @@ struct GruCell {
                const T* h_prev, T*, T* h, T* saved, int64_t n) const {
     alignas(64) T a[3 * kMaxBlock];  // r, z, n of the block
     alignas(64) T hn[kMaxBlock];     // W_hn h + b_hn
-    for (int q = 0; q < 2; ++q) {
-      T* aq = a + q * n;
-      const T* x = gates + q * gs;
-      const T* y = hid + q * n;
-      if (bias)
-        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j] + bias[q * gs + j];
-      else
-        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j];
-    }
+    gate_preactivations(a, gates, gs, hid, bias, 2, n);
     sigmoid_inplace(a, 2 * n);
     const T *r = a, *z = a + n, *yn = hid + 2 * n, *xn = gates + 2 * gs;
     T* nn = a + 2 * n;

@@ -17,15 +17,7 @@ struct LstmCell {
   void forward(T* gates, int64_t gs, const T* hid, const T* bias, const T*, const T*, T* c,
                T* h, T* saved, int64_t n) const {
     alignas(64) T a[4 * kMaxBlock];  // i, f, g, o of the block
-    for (int q = 0; q < 4; ++q) {
-      T* aq = a + q * n;
-      const T* x = gates + q * gs;
-      const T* y = hid + q * n;
-      if (bias)
-        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j] + bias[q * gs + j];
-      else
-        for (int64_t j = 0; j < n; ++j) aq[j] = x[j] + y[j];
-    }
+    gate_preactivations(a, gates, gs, hid, bias, 4, n);
     sigmoid_inplace(a, 2 * n);  // i, f
     gate_tanh_inplace(a + 2 * n, n);
     sigmoid_inplace(a + 3 * n, n);

@@ -1081,6 +1081,15 @@ std::tuple<Tensor, Tensor, Tensor> call_forward_impl(const Tensor& x,
   return op.call(x, hx, weights, lengths, L, bi, bias, relu, bf, keep);
 }
 
+// create_graph=True turns grad mode on in a backward. The stacks' gradients are not
+// differentiable, so refuse loudly instead of returning ones that silently ignore
+// second-order terms.
+void refuse_double_backward() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "fastbirnn cpp backend: double backward (create_graph=True) is not supported; "
+              "use backend='torch' (the nn class) for gradients of gradients");
+}
+
 class StackFunction : public torch::autograd::Function<StackFunction> {
  public:
   static torch::autograd::variable_list forward(
@@ -1105,11 +1114,7 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    // create_graph=True turns grad mode on here. The gradients below are not differentiable,
-    // so refuse loudly instead of returning ones that silently ignore second-order terms.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "fastbirnn cpp backend: double backward (create_graph=True) is not supported; "
-                "use FastBiRNN(..., backend='torch') for gradients of gradients");
+    refuse_double_backward();
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastbirnn_cpp::stack_backward_impl", "")
                          .typed<decltype(stack_backward_impl)>();
@@ -1449,9 +1454,7 @@ class GatedStackFunction : public torch::autograd::Function<GatedStackFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "fastbirnn cpp backend: double backward (create_graph=True) is not supported; "
-                "use backend='torch' for gradients of gradients");
+    refuse_double_backward();
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastbirnn_cpp::gated_stack_backward_impl", "")
                          .typed<decltype(gated_stack_backward_impl)>();
