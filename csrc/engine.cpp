@@ -801,9 +801,14 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
   int64_t in_size = x.size(2);
   std::vector<T> bias_sum(a.has_biases ? D * H : 0);
   std::vector<T> state(size_t(D) * 2 * B * H);
-  // Packed W_hh blocks (filled by the workers); W_ih^T for the tiny projection (on the stack)
-  // and for long ones (w_ih_packed).
-  const Tensor packed = forward_block_tiles(g) ? at::empty({D, H, H}, x.options()) : Tensor();
+  // Packed W_hh blocks (filled by the workers): on the stack for one block per direction
+  // (H <= kSmallHidden, where an allocation is a visible part of a tiny call), else in
+  // `packed`. W_ih^T for the tiny projection (on the stack) and for long ones (w_ih_packed).
+  alignas(64) T w_small[2 * kSmallHidden * kSmallHidden];
+  const Tensor packed = forward_block_tiles(g) && H > kSmallHidden
+                            ? at::empty({D, H, H}, x.options()) : Tensor();
+  T* const packed_data = H <= kSmallHidden ? w_small
+                         : packed.defined() ? packed.data_ptr<T>() : nullptr;
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   Tensor w_ih_packed;
   for (int64_t l = 0; l < L; ++l) {
@@ -815,7 +820,7 @@ void forward_layers(const Tensor& x, const Tensor& hx, at::TensorList weights, c
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir();
       dirs.w_hh[d] = weights[base + 1].data_ptr<T>();
-      if (packed.defined()) dirs.w_packed[d] = packed.data_ptr<T>() + d * H * H;
+      if (packed_data) dirs.w_packed[d] = packed_data + d * H * H;
       if (a.has_biases) {
         const T* b_ih = weights[base + 2].data_ptr<T>();
         const T* b_hh = weights[base + 3].data_ptr<T>();
@@ -1238,7 +1243,8 @@ void gated_forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, c
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias(a.has_biases ? DKH : 0);
-  std::vector<T> w_packed(size_t(DKH) * H);
+  // Uninitialised: every block is packed by its worker before its first product.
+  const Tensor w_packed = at::empty({DKH * H}, x.options());
   std::vector<T> state(size_t(D) * 2 * B * H), cstate(Cell::kCellState ? D * B * H : 0);
   std::vector<T> hid(size_t(D) * B * KH);
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
@@ -1254,7 +1260,7 @@ void gated_forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, c
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir(), index = l * D + d;
       dirs.w_hh[d] = weights[base + 1].data_ptr<T>();
-      dirs.w_packed[d] = w_packed.data() + d * KH * H;
+      dirs.w_packed[d] = w_packed.data_ptr<T>() + d * KH * H;
       if (a.has_biases) {
         // b_ih + b_hh, except where the cell applies b_hh itself (GRU's n: r * (.. + b_hn)).
         const T* b_ih = weights[base + 2].data_ptr<T>();
