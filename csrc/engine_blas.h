@@ -86,8 +86,8 @@ void blas<double>(const char* ta, const char* tb, const int* m, const int* n, co
 // Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C. BLAS is column-major, so this is the
 // column-major product C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
 template <typename T>
-void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; ++i)
@@ -121,8 +121,8 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
 // call costs more than the arithmetic for the per-step block products here (M = batch rows,
 // N = one column block, K = H), and a BLAS call repacks its operands every time while these
 // read the engine's packed blocks directly. Every element of C is summed in the same order
-// (C, then k = 0..K-1, one fused multiply-add each) whatever M, N, the tile or the thread, so
-// results are deterministic.
+// (C, then k = 0..K-1; one fused multiply-add each on the tiles) whatever M, N, the tile or
+// the thread, so results are deterministic.
 template <typename T>
 void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                       int64_t ldb, T beta, T* C, int64_t ldc) {

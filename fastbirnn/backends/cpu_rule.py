@@ -47,12 +47,12 @@ class CallShape:
 # The rule's thresholds, in multiply-adds per worker per recurrence step (see workers()).
 # fp32: the fused kernel won wherever the sequence is long enough to amortise it. nn.RNN
 # gets: short sequences (T < SHORT) with large steps (a few large GEMMs either way; on a
-# team, a unidirectional layer lost from 8.4 M per worker), and inference where the kernel runs on one worker (one direction
-# of H <= 64 is one block) on a machine with more threads, with a step big enough for
-# nn.RNN's GEMM to use them.
-# fp64: the kernel's per-block dgemm calls lost at H > 512 in inference (small M, each call
-# repacks its block of W_hh), its portable small-H loops lost on one worker at B >= 128 in
-# training, and large training steps lost (the dgemm weight gradients): nn.RNN there.
+# team, a unidirectional layer lost from 8.4 M per worker), and inference where the kernel
+# runs on one worker (one direction of H <= 64 is one block) on a machine with more threads,
+# with a step big enough for nn.RNN's GEMM to use them.
+# fp64: inference at H = 1024 was mixed (0.91-1.56x); the other fp64 limits come from the
+# previous engine's grid (per-block dgemm calls) and are kept because the re-measured grid
+# shows no loss under them, though they now give up wins (1.65x at B256 T4 H32 training).
 UNDERUSED_LIMIT = 1 << 18  # 262 k
 SHORT = 16
 SHORT_LIMIT = 1 << 24  # 16.8 M
@@ -65,7 +65,8 @@ FP64_SMALL_HIDDEN_MAX_BATCH = 128
 # GRU: nn.GRU has no fused CPU path (several ATen ops per gate and step), and the kernel won at
 # almost every fp32 point of its grid (1.0-26x), but at B = 128 its margin thins to 1.0-1.2x and
 # at (128, 128, 128, 128) bidirectional it lost (0.88x re-measured): at B >= 128 only steps
-# below 4.2 M per worker are fused. In fp64 it lost from about 3 M per worker and step.
+# below 4.2 M per worker are fused. In fp64 it lost at 100 M per worker (0.78x) and was within
+# noise at 3 M (0.95x and 1.10x in two runs): fused below 1 M.
 # LSTM: nn.LSTM runs through oneDNN's fused LSTM, which the kernel beat only where a step is
 # small (and in training at batch 1, where oneDNN's backward is per step): nn.LSTM elsewhere.
 # Sequences shorter than the gated grids' T = 16 take the LSTM's limit for both cells.
