@@ -42,10 +42,11 @@ constexpr int64_t kMaxBlock = 64;
 
 // ---- the activations, from one vectorised exp --------------------------------------------
 //
-// sigmoid(x) = 1 / (1 + e^-x) and tanh(x) = 1 - 2 / (1 + e^2x), on SLEEF's 1-ulp exp (the one
-// ATen uses, linked into libtorch_cpu): SLEEF's tanh costs 3x its exp and was a third of the
-// cells' time. Both forms keep NaN, and give 0/1 and -1/1 at -inf/+inf. Near 0, tanh this way
-// is off by an absolute ~1 ulp of 1 (not relative), far inside the fp32 and fp64 tolerances.
+// sigmoid(x) = 1 / (1 + e^-x) on SLEEF's 1-ulp exp (the one ATen uses, linked into
+// libtorch_cpu): SLEEF's 1-ulp tanh costs 5x its exp and was a third of the cells' time. It
+// keeps NaN and gives 0/1 at -inf/+inf. tanh is the Elman cell's (SLEEF's 3.5-ulp tanh, 2x
+// the exp): 1 - 2 / (1 + e^2x) is off by an absolute ulp of 1 near 0, which tripled the RMS
+// error of LSTM outputs (o * tanh(c)) against fp64 (tests/test_exactness.py).
 
 const bool kVectorExp = [] {
 #ifdef FASTBIRNN_X86
@@ -94,7 +95,7 @@ void sigmoid_inplace(T* p, int64_t n) {
 
 template <typename T>
 void gate_tanh_inplace(T* p, int64_t n) {
-  exp_ratio(p, n, T(2), T(-2), T(1));
+  tanh_inplace(p, n);
 }
 
 // The pre-activations of gates [0, count) of a block: a[q * n + j] = the input part (gates,

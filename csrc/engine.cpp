@@ -681,7 +681,7 @@ std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>& shape
   std::vector<Tensor> out;
   out.reserve(shapes.size());
   if (total > kShared) {
-    for (const auto& shape : shapes) out.push_back(at::empty(shape, options));
+    for (const auto& shape : shapes) out.push_back(empty_buffer(shape, options));
     return out;
   }
   const Tensor flat = at::empty({total}, options);
@@ -779,7 +779,7 @@ class LayerOutputs {
     if (l == L_ - 1) return out_.data_ptr<T>();
     if (mid_.numel() > 0) return mid_.data_ptr<T>() + l * rows_ * width_;
     Tensor& buffer = scratch_[l % 2];
-    if (!buffer.defined()) buffer = at::empty({rows_, width_}, out_.options());
+    if (!buffer.defined()) buffer = empty_buffer({rows_, width_}, out_.options());
     return buffer.data_ptr<T>();
   }
 
@@ -854,9 +854,9 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward_impl(
   std::vector<Tensor> weights;
   weights.reserve(weights_.size());
   for (const auto& w : weights_) weights.push_back(w.contiguous());
-  Tensor out = at::empty(out_shape(g, batch_first), x.options());
+  Tensor out = empty_buffer(out_shape(g, batch_first), x.options());
   Tensor hn = at::empty({num_layers * a.D, g.B, H}, x.options());
-  Tensor mid = at::empty({keep ? num_layers - 1 : 0, g.T * g.B, g.DH()}, x.options());
+  Tensor mid = empty_buffer({keep ? num_layers - 1 : 0, g.T * g.B, g.DH()}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastbirnn_stack_forward", [&] {
     forward_layers<scalar_t>(x, hx, weights, g, a, out, hn, mid);
   });
@@ -959,12 +959,8 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
             std::memcpy(db, dweights[base + 2].data_ptr<T>() + j0, sizeof(T) * m);
             break;
           }
-          const T* src = side == 0 ? dgd : dghd;
-          std::fill(db, db + m, T(0));
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* row = src + r * DKH;
-            for (int64_t j = 0; j < m; ++j) db[j] += row[j];
-          }
+          std::vector<T> tmp(column_sums_scratch(rows, m));
+          column_sums<T>(side == 0 ? dgd : dghd, DKH, rows, m, db, tmp.data());
         }
       }
     } else {
@@ -1012,7 +1008,7 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
 
     // 2. Weight and input gradients: fixed GEMM tasks over all steps.
     const bool want_dx = l > 0 || need_dx;
-    Tensor dX_buf = want_dx ? (l == 0 ? dx : at::empty({rows, DH}, x.options())) : Tensor();
+    Tensor dX_buf = want_dx ? (l == 0 ? dx : empty_buffer({rows, DH}, x.options())) : Tensor();
     const T* h0 = hx.defined() ? hx.data_ptr<T>() + l * D * g.B * H : nullptr;
     gemm_grads<T>(g, a, weights, l, {dz, dz, H, X, I, Hs, h0}, dweights,
                   want_dx ? dX_buf.data_ptr<T>() : nullptr, threads, scratch.data());
@@ -1239,7 +1235,7 @@ void gated_forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, c
   const int64_t workers = team_size(g, blk, K);
   LayerOutputs<T> layer_output(out, mid, L, rows, g.DH());
   // Inference: the layers share one gates buffer.
-  Tensor gate_buf = training ? Tensor() : at::empty({rows, DKH}, x.options());
+  Tensor gate_buf = training ? Tensor() : empty_buffer({rows, DKH}, x.options());
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias(a.has_biases ? DKH : 0);
@@ -1305,12 +1301,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_stack_forward_i
   std::vector<Tensor> weights;
   for (const auto& w : weights_) weights.push_back(w.contiguous());
   const int64_t rows = g.T * g.B, states = a.gates == 4 ? 2 : 1;
-  Tensor out = at::empty(out_shape(g, batch_first), x.options());
+  Tensor out = empty_buffer(out_shape(g, batch_first), x.options());
   Tensor hn = at::empty({num_layers * a.D, g.B, g.H}, x.options());
   Tensor cn = at::empty({states == 2 ? num_layers * a.D : 0, g.B, g.H}, x.options());
-  Tensor mid = at::empty({keep ? num_layers - 1 : 0, rows, g.DH()}, x.options());
-  Tensor gates = at::empty({keep ? num_layers : 0, rows, a.gates * g.DH()}, x.options());
-  Tensor saved = at::empty({keep ? num_layers : 0, rows, g.DH()}, x.options());
+  Tensor mid = empty_buffer({keep ? num_layers - 1 : 0, rows, g.DH()}, x.options());
+  Tensor gates = empty_buffer({keep ? num_layers : 0, rows, a.gates * g.DH()}, x.options());
+  Tensor saved = empty_buffer({keep ? num_layers : 0, rows, g.DH()}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastbirnn_gated_stack_forward", [&] {
     with_cell(cell, [&](auto c) {
       gated_forward_layers<scalar_t>(c, x, h0, c0, weights, g, a, out, hn, cn, mid, gates,
@@ -1335,8 +1331,8 @@ void gated_backward_layers(const Cell& cell, const Tensor& grad_out, const Tenso
   const int64_t workers = team_size(g, blk, K);
   std::vector<T> bptt(size_t(D) * 3 * B * H);  // carry, tmp and dc per direction
   std::vector<T> scratch(size_t(D) * B * KH);  // for gemm_grads
-  Tensor dG = at::empty({rows, DKH}, x.options());
-  Tensor dGh = Cell::kSplitGate >= 0 ? at::empty({rows, DKH}, x.options()) : dG;
+  Tensor dG = empty_buffer({rows, DKH}, x.options());
+  Tensor dGh = Cell::kSplitGate >= 0 ? empty_buffer({rows, DKH}, x.options()) : dG;
   Tensor dOut_buf;  // the gradient flowing into the current layer's output
   const T* dOut = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -1363,7 +1359,7 @@ void gated_backward_layers(const Cell& cell, const Tensor& grad_out, const Tenso
                              dGh.data_ptr<T>(), dirs, bptt.data());
     });
     const bool want_dx = l > 0 || need_dx;
-    Tensor dX_buf = want_dx ? (l == 0 ? dx : at::empty({rows, DH}, x.options())) : Tensor();
+    Tensor dX_buf = want_dx ? (l == 0 ? dx : empty_buffer({rows, DH}, x.options())) : Tensor();
     gemm_grads<T>(g, a, weights, l,
                   {dG.data_ptr<T>(), dGh.data_ptr<T>(), KH, X, I, Hs, at_layer(h0, 0)},
                   dweights, want_dx ? dX_buf.data_ptr<T>() : nullptr, threads, scratch.data());
@@ -1573,7 +1569,7 @@ std::tuple<Tensor, Tensor> recurrence_backward(const Tensor& dHs, const Tensor& 
   const Geometry g = seam_geometry(Hs_, W_hh, lengths, lengths_c);
   check_tensor(dHs, "dHs", Hs_.scalar_type(), Hs_.sizes());
   Tensor Hs = Hs_.contiguous(), dO = dHs.contiguous(), W = W_hh.contiguous();
-  Tensor dZ = at::empty_like(Hs);
+  Tensor dZ = empty_buffer(Hs.sizes(), Hs.options());
   Tensor dh0 = at::empty({g.D, g.B, g.H}, Hs.options());
   Tensor scratch = at::empty({g.D * 2, g.B, g.H}, Hs.options());
   AT_DISPATCH_FLOATING_TYPES(Hs.scalar_type(), "fastbirnn_recurrence_backward", [&] {

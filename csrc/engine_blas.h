@@ -13,9 +13,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
 #define FASTBIRNN_X86 1
@@ -40,10 +45,10 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 // MKL's C entry point (the lowercase symbol is the Fortran one, taking a pointer).
 int MKL_Set_Num_Threads_Local(int) FASTBIRNN_WEAK;
 #ifdef FASTBIRNN_X86
-__m512 Sleef_tanhf16_u10(__m512) FASTBIRNN_WEAK;
-__m512d Sleef_tanhd8_u10(__m512d) FASTBIRNN_WEAK;
-__m256 Sleef_tanhf8_u10avx2(__m256) FASTBIRNN_WEAK;
-__m256d Sleef_tanhd4_u10avx2(__m256d) FASTBIRNN_WEAK;
+__m512 Sleef_tanhf16_u35(__m512) FASTBIRNN_WEAK;
+__m512d Sleef_tanhd8_u35(__m512d) FASTBIRNN_WEAK;
+__m256 Sleef_tanhf8_u35avx2(__m256) FASTBIRNN_WEAK;
+__m256d Sleef_tanhd4_u35avx2(__m256d) FASTBIRNN_WEAK;
 #endif
 }
 
@@ -121,19 +126,21 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
 // call costs more than the arithmetic for the per-step block products here (M = batch rows,
 // N = one column block, K = H), and a BLAS call repacks its operands every time while these
 // read the engine's packed blocks directly. Every element of C is summed in the same order
-// (C, then k = 0..K-1; one fused multiply-add each on the tiles) whatever M, N, the tile or
-// the thread, so results are deterministic.
+// (k = 0..K-1 from zero, one fused multiply-add each on the tiles, then C) whatever M, N, the
+// tile or the thread, so results are deterministic.
 template <typename T>
 void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                       int64_t ldb, T beta, T* C, int64_t ldc) {
+  std::vector<T> sum(N);  // from zero, C added at the end: as the register tiles
   for (int64_t i = 0; i < M; ++i) {
     T* __restrict__ c = C + i * ldc;
-    if (beta == T(0)) std::fill(c, c + N, T(0));
+    std::fill(sum.begin(), sum.end(), T(0));
     for (int64_t k = 0; k < K; ++k) {
       const T a = A[i * lda + k];
       const T* __restrict__ b = B + k * ldb;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      for (int64_t j = 0; j < N; ++j) sum[j] += a * b[j];
     }
+    for (int64_t j = 0; j < N; ++j) c[j] = beta == T(0) ? sum[j] : sum[j] + c[j];
   }
 }
 
@@ -161,6 +168,7 @@ struct Avx512<float> {
   __attribute__((target("avx512f"))) static Vec fma(Vec a, Vec b, Vec c) {
     return _mm512_fmadd_ps(a, b, c);
   }
+  __attribute__((target("avx512f"))) static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 };
 template <>
 struct Avx512<double> {
@@ -180,6 +188,7 @@ struct Avx512<double> {
   __attribute__((target("avx512f"))) static Vec fma(Vec a, Vec b, Vec c) {
     return _mm512_fmadd_pd(a, b, c);
   }
+  __attribute__((target("avx512f"))) static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
 };
 
 template <typename T, int NV, int MR>
@@ -188,13 +197,16 @@ __attribute__((target("avx512f"))) void gemm_tile_avx512(
     const typename Avx512<T>::Mask* mask, T* C, int64_t ldc) {
   using V = Avx512<T>;
   // Fully unrolled small loops: the accumulators must be registers, not an array in memory.
+  // The products are summed from zero and C is added once at the end, not used as the
+  // starting value: the partial sums stay the size of the products (not of C), so a long
+  // K in chunks sums blockwise and h W_hh^T adds to the input projection in one rounding.
+  // That halved the fp32 error of the outputs against fp64 (tests/test_exactness.py).
   typename V::Vec acc[MR][NV];
   const typename V::Mask last_mask = mask[NV - 1];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? V::load(mask[v], C + r * ldc + v * V::kLanes) : V::zero();
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
   for (int64_t k = 0; k < K; ++k) {
     typename V::Vec b[NV];
 #pragma GCC unroll 8
@@ -211,7 +223,10 @@ __attribute__((target("avx512f"))) void gemm_tile_avx512(
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) V::store(C + r * ldc + v * V::kLanes, mask[v], acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      T* c = C + r * ldc + v * V::kLanes;
+      V::store(c, mask[v], accumulate ? V::add(acc[r][v], V::load(mask[v], c)) : acc[r][v]);
+    }
 }
 
 // The last rows (fewer than a full tile): one tile of exactly that many.
@@ -294,8 +309,9 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
 constexpr int64_t kTileN = 64;
 constexpr int64_t kTileK = 256;
 
-// A product with K in chunks (C holds the partial sums in between, so each element is still
-// summed in k order), each chunk over panels of kTileN columns. beta is 0 or 1.
+// A product with K in chunks, each chunk's sum added to C (the chunks in k order, so every
+// element's sum still has one fixed order), each chunk over panels of kTileN columns. beta
+// is 0 or 1.
 template <typename T>
 void tiled_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                 int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -317,10 +333,74 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   blas_gemm<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
+// ---- large buffers ----------------------------------------------------------------------
+
+// From this size on, glibc serves every allocation with a fresh mmap (its dynamic threshold
+// stops at 32 MiB), so the first write to each 4 KiB page of an output or gradient buffer
+// faults: 9 % of a (64, 256, 256, 512) forward's time was the kernel zeroing pages.
+constexpr int64_t kHugePageAdviceBytes = int64_t(32) << 20;
+
+// at::empty that asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
+// a large buffer before anything touches it (what PyTorch's THP_MEM_ALLOC_ENABLE does for
+// every allocation): one fault per 2 MiB instead of 512. Only advice: where THP is off or
+// unavailable the buffer is the same, just faulted in 4 KiB pages.
+inline Tensor empty_buffer(at::IntArrayRef shape, const at::TensorOptions& options) {
+  Tensor t = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = t.numel() * int64_t(t.element_size());
+  if (bytes >= kHugePageAdviceBytes) {
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + uintptr_t(bytes)) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
 // Hidden sizes up to this use small_gemm for the per-step products.
 constexpr int64_t kSmallHidden = 64;
 // Input projections over at most this many rows (T*B) skip BLAS when the sizes are small too.
 constexpr int64_t kSmallRows = 256;
+
+// out[0..n) = sum over rows r of src[r * ld + 0..n), summed pairwise: runs of kSumRun rows
+// in order, then the runs' sums combined as a binary tree (a carry chain, as in a binary
+// counter), so the rounding error grows with log(rows) instead of rows (a bias gradient sums
+// T*B rows; the plain loop's error was 2-4x that of ATen's sum). The tree depends only on
+// rows, so the result does too. tmp holds (2 + log2(rows)) * n elements.
+template <typename T>
+void column_sums(const T* src, int64_t ld, int64_t rows, int64_t n, T* out, T* tmp) {
+  constexpr int64_t kSumRun = 8;
+  T* run = tmp;            // the current run's sum
+  T* levels = tmp + n;     // levels[k]: the sum of 2^k runs, valid where bit k of count is set
+  int64_t count = 0;       // runs folded in so far
+  for (int64_t r0 = 0; r0 < rows; r0 += kSumRun) {
+    std::copy(src + r0 * ld, src + r0 * ld + n, run);
+    for (int64_t r = r0 + 1; r < std::min(rows, r0 + kSumRun); ++r)
+      for (int64_t j = 0; j < n; ++j) run[j] += src[r * ld + j];
+    int k = 0;  // carry: merge with each full level below the first free one
+    for (; count >> k & 1; ++k)
+      for (int64_t j = 0; j < n; ++j) run[j] += levels[k * n + j];
+    std::copy(run, run + n, levels + k * n);
+    ++count;
+  }
+  // What is left: the levels of count's set bits, smallest first.
+  std::fill(out, out + n, T(0));
+  bool first = true;
+  for (int k = 0; count >> k; ++k) {
+    if (!(count >> k & 1)) continue;
+    for (int64_t j = 0; j < n; ++j) out[j] = first ? levels[k * n + j] : out[j] + levels[k * n + j];
+    first = false;
+  }
+}
+
+// Elements of column_sums' tmp for rows rows of n columns.
+inline int64_t column_sums_scratch(int64_t rows, int64_t n) {
+  int64_t levels = 1;
+  while ((int64_t(1) << levels) * 8 < rows) ++levels;
+  return (levels + 2) * n;
+}
 
 // out[c, r] = in[r, c] for a row-major [R, C] matrix, in 32 x 32 tiles so that large ones
 // do not miss the cache on every strided write.
@@ -333,42 +413,47 @@ void transpose(const T* in, int64_t R, int64_t C, T* out) {
         for (int64_t c = c0; c < std::min(C, c0 + kTile); ++c) out[c * R + r] = in[r * C + c];
 }
 
-// ---- tanh, vectorised with the same SLEEF routines (1-ulp) that ATen's tanh uses ----------
+// ---- tanh, vectorised with SLEEF (linked into libtorch_cpu) ----------------------------------
+// The 3.5-ulp routines, not the 1-ulp ones ATen's tanh calls: those cost 2.6x as much (1.50 vs
+// 0.58 ns per fp32 element on Zen 4) and were a quarter of a (32, 128, 128, 128) forward, while
+// the products before them already differ from nn.RNN's by more than 2.5 ulp (another
+// summation order). tests/test_exactness.py holds the error against an fp64 reference to
+// nn.RNN's own.
 
 #ifdef FASTBIRNN_X86
 __attribute__((target("avx512f"))) void tanh_avx512(float* p, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, Sleef_tanhf16_u10(_mm512_loadu_ps(p + i)));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, Sleef_tanhf16_u35(_mm512_loadu_ps(p + i)));
   if (i < n) {
     const __mmask16 m = __mmask16((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(p + i, m, Sleef_tanhf16_u10(_mm512_maskz_loadu_ps(m, p + i)));
+    _mm512_mask_storeu_ps(p + i, m, Sleef_tanhf16_u35(_mm512_maskz_loadu_ps(m, p + i)));
   }
 }
 __attribute__((target("avx512f"))) void tanh_avx512(double* p, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm512_storeu_pd(p + i, Sleef_tanhd8_u10(_mm512_loadu_pd(p + i)));
+  for (; i + 8 <= n; i += 8) _mm512_storeu_pd(p + i, Sleef_tanhd8_u35(_mm512_loadu_pd(p + i)));
   if (i < n) {
     const __mmask8 m = __mmask8((1u << (n - i)) - 1);
-    _mm512_mask_storeu_pd(p + i, m, Sleef_tanhd8_u10(_mm512_maskz_loadu_pd(m, p + i)));
+    _mm512_mask_storeu_pd(p + i, m, Sleef_tanhd8_u35(_mm512_maskz_loadu_pd(m, p + i)));
   }
 }
 __attribute__((target("avx2,fma"))) void tanh_avx2(float* p, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, Sleef_tanhf8_u10avx2(_mm256_loadu_ps(p + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, Sleef_tanhf8_u35avx2(_mm256_loadu_ps(p + i)));
   if (i < n) {  // the tail goes through the same routine, via a padded copy
     alignas(32) float tail[8] = {0};
     std::memcpy(tail, p + i, sizeof(float) * (n - i));
-    _mm256_store_ps(tail, Sleef_tanhf8_u10avx2(_mm256_load_ps(tail)));
+    _mm256_store_ps(tail, Sleef_tanhf8_u35avx2(_mm256_load_ps(tail)));
     std::memcpy(p + i, tail, sizeof(float) * (n - i));
   }
 }
 __attribute__((target("avx2,fma"))) void tanh_avx2(double* p, int64_t n) {
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(p + i, Sleef_tanhd4_u10avx2(_mm256_loadu_pd(p + i)));
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(p + i, Sleef_tanhd4_u35avx2(_mm256_loadu_pd(p + i)));
   if (i < n) {
     alignas(32) double tail[4] = {0};
     std::memcpy(tail, p + i, sizeof(double) * (n - i));
-    _mm256_store_pd(tail, Sleef_tanhd4_u10avx2(_mm256_load_pd(tail)));
+    _mm256_store_pd(tail, Sleef_tanhd4_u35avx2(_mm256_load_pd(tail)));
     std::memcpy(p + i, tail, sizeof(double) * (n - i));
   }
 }
@@ -379,10 +464,10 @@ enum class TanhImpl { kAvx512, kAvx2, kScalar };
 TanhImpl pick_tanh() {
 #ifdef FASTBIRNN_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && Sleef_tanhf16_u10 && Sleef_tanhd8_u10)
+  if (__builtin_cpu_supports("avx512f") && Sleef_tanhf16_u35 && Sleef_tanhd8_u35)
     return TanhImpl::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && Sleef_tanhf8_u10avx2 &&
-      Sleef_tanhd4_u10avx2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && Sleef_tanhf8_u35avx2 &&
+      Sleef_tanhd4_u35avx2)
     return TanhImpl::kAvx2;
 #endif
   return TanhImpl::kScalar;
