@@ -69,12 +69,16 @@ FP64_SMALL_HIDDEN_MAX_BATCH = 128
 # noise at 3 M (0.95x and 1.10x in two runs): fused below 1 M.
 # LSTM: nn.LSTM runs through oneDNN's fused LSTM, which the kernel beat only where a step is
 # small (and in training at batch 1, where oneDNN's backward is per step): nn.LSTM elsewhere.
+# At batch 1 a unidirectional layer over a long sequence was a toss-up (T = 128, training:
+# 1.01x and 1.01x at H = 256, 1.18x and 0.94x at H = 512 in the last two grids; at T = 16
+# 1.91x and 2.18x): from T = 64 only both directions at once are fused.
 # Sequences shorter than the gated grids' T = 16 take the LSTM's limit for both cells.
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 GRU_FP64_LIMIT = 1 << 20  # 1 M
 GRU_LARGE_BATCH = 128
 GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
+LSTM_BATCH1_LONG_SEQ = 64  # between the grid's T = 16 and T = 128
 
 # The engine's fixed column blocks (csrc/engine.cpp, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
@@ -118,4 +122,5 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
         if s.dtype == torch.float64:
             return per_worker < GRU_FP64_LIMIT
         return s.batch < GRU_LARGE_BATCH or per_worker < GRU_LARGE_BATCH_LIMIT
-    return s.training and s.batch == 1  # LSTM
+    # LSTM
+    return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
