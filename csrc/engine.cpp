@@ -779,7 +779,9 @@ class LayerOutputs {
     if (l == L_ - 1) return out_.data_ptr<T>();
     if (mid_.numel() > 0) return mid_.data_ptr<T>() + l * rows_ * width_;
     Tensor& buffer = scratch_[l % 2];
-    if (!buffer.defined()) buffer = empty_buffer({rows_, width_}, out_.options());
+    if (!buffer.defined())
+      buffer = scratch_buffer(l % 2 ? kScratchLayer1 : kScratchLayer0, rows_ * width_,
+                              out_.options());
     return buffer.data_ptr<T>();
   }
 
@@ -1008,7 +1010,9 @@ void backward_layers(const Tensor& grad_out, const Tensor& grad_hn, const Tensor
 
     // 2. Weight and input gradients: fixed GEMM tasks over all steps.
     const bool want_dx = l > 0 || need_dx;
-    Tensor dX_buf = want_dx ? (l == 0 ? dx : empty_buffer({rows, DH}, x.options())) : Tensor();
+    Tensor dX_buf = !want_dx ? Tensor() : l == 0 ? dx
+                    : scratch_buffer(l % 2 ? kScratchGradInput1 : kScratchGradInput0, rows * DH,
+                                     x.options());
     const T* h0 = hx.defined() ? hx.data_ptr<T>() + l * D * g.B * H : nullptr;
     gemm_grads<T>(g, a, weights, l, {dz, dz, H, X, I, Hs, h0}, dweights,
                   want_dx ? dX_buf.data_ptr<T>() : nullptr, threads, scratch.data());
@@ -1045,17 +1049,20 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
       grad_out_ && grad_out_->defined() ? grad_out_->contiguous() : Tensor();
   const Tensor grad_hn = grad_hn_ && grad_hn_->defined() ? grad_hn_->contiguous() : Tensor();
   std::vector<Tensor> weights;
-  std::vector<std::vector<int64_t>> shapes;  // the results: dweights..., dx, dhx, then dZ
+  std::vector<std::vector<int64_t>> shapes;  // the results: dweights..., dx, dhx (, dZ)
   for (const auto& w : weights_) {
     weights.push_back(w.contiguous());
     shapes.push_back(w.sizes().vec());
   }
   shapes.push_back(need_dx ? x.sizes().vec() : std::vector<int64_t>{0});
   shapes.push_back({num_layers * a.D, g.B, H});
-  shapes.push_back({g.T * g.B, g.DH()});
+  // dZ is scratch: carved out with the results while small, else kept per thread.
+  const int64_t dz_numel = g.T * g.B * g.DH();
+  const bool dz_scratch = dz_numel * int64_t(x.element_size()) >= kScratchMinBytes;
+  if (!dz_scratch) shapes.push_back({g.T * g.B, g.DH()});
   std::vector<Tensor> results = empty_tensors(shapes, x.options());
-  Tensor dZ = results.back();
-  results.pop_back();
+  Tensor dZ = dz_scratch ? scratch_buffer(kScratchGradZ, dz_numel, x.options()) : results.back();
+  if (!dz_scratch) results.pop_back();
   Tensor dhx = results.back();
   results.pop_back();
   Tensor dx = results.back();
@@ -1235,7 +1242,7 @@ void gated_forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, c
   const int64_t workers = team_size(g, blk, K);
   LayerOutputs<T> layer_output(out, mid, L, rows, g.DH());
   // Inference: the layers share one gates buffer.
-  Tensor gate_buf = training ? Tensor() : empty_buffer({rows, DKH}, x.options());
+  Tensor gate_buf = training ? Tensor() : scratch_buffer(kScratchGates, rows * DKH, x.options());
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias(a.has_biases ? DKH : 0);
@@ -1331,8 +1338,9 @@ void gated_backward_layers(const Cell& cell, const Tensor& grad_out, const Tenso
   const int64_t workers = team_size(g, blk, K);
   std::vector<T> bptt(size_t(D) * 3 * B * H);  // carry, tmp and dc per direction
   std::vector<T> scratch(size_t(D) * B * KH);  // for gemm_grads
-  Tensor dG = empty_buffer({rows, DKH}, x.options());
-  Tensor dGh = Cell::kSplitGate >= 0 ? empty_buffer({rows, DKH}, x.options()) : dG;
+  Tensor dG = scratch_buffer(kScratchGradGates, rows * DKH, x.options());
+  Tensor dGh = Cell::kSplitGate >= 0
+                   ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
   Tensor dOut_buf;  // the gradient flowing into the current layer's output
   const T* dOut = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -1359,7 +1367,9 @@ void gated_backward_layers(const Cell& cell, const Tensor& grad_out, const Tenso
                              dGh.data_ptr<T>(), dirs, bptt.data());
     });
     const bool want_dx = l > 0 || need_dx;
-    Tensor dX_buf = want_dx ? (l == 0 ? dx : empty_buffer({rows, DH}, x.options())) : Tensor();
+    Tensor dX_buf = !want_dx ? Tensor() : l == 0 ? dx
+                    : scratch_buffer(l % 2 ? kScratchGradInput1 : kScratchGradInput0, rows * DH,
+                                     x.options());
     gemm_grads<T>(g, a, weights, l,
                   {dG.data_ptr<T>(), dGh.data_ptr<T>(), KH, X, I, Hs, at_layer(h0, 0)},
                   dweights, want_dx ? dX_buf.data_ptr<T>() : nullptr, threads, scratch.data());

@@ -226,3 +226,51 @@ def test_gated_inference_bit_identical_across_threads(config):
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)
+
+
+def _fused_and_nn(cell, hidden, layers, dtype, seed):
+    import fastbirnn
+
+    fused_class, nn_class = {
+        "rnn": (fastbirnn.FastBiRNN, nn.RNN),
+        "lstm": (fastbirnn.FastBiLSTM, nn.LSTM),
+        "gru": (fastbirnn.FastBiGRU, nn.GRU),
+    }[cell]
+    torch.manual_seed(seed)
+    expected = nn_class(24, hidden, num_layers=layers, bidirectional=True, dtype=dtype)
+    fused = fused_class(24, hidden, num_layers=layers, backend="cpp", dtype=dtype)
+    fused.load_state_dict(expected.state_dict())
+    return fused, expected
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_scratch_buffers_kept_between_calls_never_leak_into_results(cell):
+    """The engine keeps its scratch buffers of 1 MiB and more per thread between calls (gates,
+    gate gradients, dZ, layer-to-layer activations and gradients). Calls that alternate sizes,
+    dtypes, layer counts and inference/training on one thread must each give what a fresh
+    call gives: nn's results, and bit for bit their own first answer."""
+    # T*B = 1024 rows of 2*K*H columns: 1-8 MiB per buffer, above the cache's minimum.
+    calls = [(130, 3, torch.float32, 0), (64, 2, torch.float64, 1), (130, 3, torch.float32, 0),
+             (200, 1, torch.float32, 2), (64, 2, torch.float64, 1)]
+    first = {}
+    for hidden, layers, dtype, seed in calls:
+        fused, expected = _fused_and_nn(cell, hidden, layers, dtype, seed=hidden)
+        x = torch.randn(64, 16, 24, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            inference = fused(x)[0]
+        x.requires_grad_()
+        out = fused(x)[0]
+        out.square().sum().backward()
+        answer = [inference, out.detach(), x.grad] + [p.grad for p in fused.parameters()]
+        x_nn = x.detach().requires_grad_()
+        out_nn = expected(x_nn)[0]
+        out_nn.square().sum().backward()
+        reference = [out_nn.detach(), out_nn.detach(), x_nn.grad] + [
+            p.grad for p in expected.parameters()]
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+        torch.testing.assert_close(answer, reference, **tol)
+        key = (hidden, layers, dtype, seed)
+        if key in first:
+            for a, b in zip(answer, first[key]):
+                assert torch.equal(a, b)
+        first[key] = answer
