@@ -1654,4 +1654,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "torch.ops.fastbirnn_cpp.stack(x, None, weights, None, ...) without boxed arguments");
   m.def("has_blas", &fastbirnn::have_blas, "Whether an optimised BLAS was found in libtorch");
   m.def("tanh_impl", &fastbirnn::tanh_impl_name, "Which vectorised tanh is in use");
+  m.def("release_scratch", &fastbirnn::release_scratch,
+        "Free the scratch buffers the engine keeps for this thread; returns the bytes freed");
 }

@@ -376,8 +376,24 @@ constexpr int64_t kScratchCacheBytes = int64_t(128) << 20;  // kept per thread, 
 
 // A buffer of at least numel elements for one slot (a fresh one if the slot's buffer is
 // still held elsewhere, or if keeping it would pass kScratchCacheBytes).
-inline Tensor scratch_buffer(Scratch slot, int64_t numel, const at::TensorOptions& options) {
+inline std::array<Tensor, kScratchSlots>& scratch_cache() {
   thread_local std::array<Tensor, kScratchSlots> cache;
+  return cache;
+}
+
+// Frees this thread's kept scratch buffers; returns the bytes freed. (The benchmarks' peak
+// memory calls it first, so a step's scratch counts as that step's allocation.)
+inline int64_t release_scratch() {
+  int64_t bytes = 0;
+  for (Tensor& t : scratch_cache()) {
+    if (t.defined()) bytes += int64_t(t.nbytes());
+    t = Tensor();
+  }
+  return bytes;
+}
+
+inline Tensor scratch_buffer(Scratch slot, int64_t numel, const at::TensorOptions& options) {
+  std::array<Tensor, kScratchSlots>& cache = scratch_cache();
   const int64_t bytes = numel * int64_t(options.dtype().itemsize());
   if (bytes < kScratchMinBytes) return at::empty({numel}, options);
   Tensor& cached = cache[slot];

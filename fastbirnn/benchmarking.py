@@ -24,7 +24,8 @@ How things are measured (see ``benchmarks/README.md``):
   under ``torch.profiler`` with ``profile_memory=True`` and the peak of the running sum of
   its allocation/free events is taken: bytes obtained through PyTorch's CPU allocator during
   the step above what was live before it (parameters, input). Memory a kernel takes with
-  ``malloc``/``std::vector`` outside the allocator is not seen.
+  ``malloc``/``std::vector`` outside the allocator is not seen; the C++ engine's kept scratch
+  buffers are freed first, so the step's scratch is counted.
 """
 
 from __future__ import annotations
@@ -580,6 +581,11 @@ def peak_train_memory(fn: Callable[[], None], device, warm: bool = True) -> Opti
     device = torch.device(device)
     if not warm:
         fn()
+    # The C++ engine keeps large scratch buffers per thread between calls: free them, so the
+    # step allocates (and this counts) its own.
+    from fastbirnn.backends.cpp_backend import release_scratch
+
+    release_scratch()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,6 +31,13 @@ else:
     _UNAVAILABLE = None
 
 _DTYPES = (torch.float32, torch.float64)
+
+
+def release_scratch() -> int:
+    """Free the scratch buffers the C++ engine keeps for the calling thread between calls
+    (those of 1 MiB and more, up to 128 MiB per thread); returns the bytes freed."""
+    return 0 if _C is None else int(_C.release_scratch())
+
 # Read once: a plain bool is traceable by Dynamo, a pybind call is not.
 _HAS_BLAS = _C is not None and bool(_C.has_blas())
 
