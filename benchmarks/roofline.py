@@ -1,0 +1,177 @@
+"""Where the fused CPU kernel stands against this machine's own GEMM rate, and where a tiny
+training step spends its time: the profile behind the CPU-engine targets the kernel misses.
+
+    python benchmarks/roofline.py --out benchmarks/results/targets/roofline.json
+
+1. Peak: torch.mm on 2048 x 2048 fp32 matrices (MKL's sgemm) at 1 thread and at all threads.
+2. The kernel (`cpp`, bidirectional fp32, one layer) at the design's shapes: the forward under
+   no_grad and a training step (forward, backward of the output; input gradient included),
+   their multiply-add counts, GFLOP/s at 1 thread (process CPU time) and at all threads (wall
+   time), and the fraction of the peak.
+3. The tutorial's tiny shape, a training step taken apart: zero_grad, the forward that records
+   the graph, the backward; next to a backward of a one-multiply graph (autograd's fixed cost)
+   and nn.RNN's whole step.
+
+Medians of repeated timings after a warm-up; a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fastbirnn import FastBiRNN
+from fastbirnn.benchmarking import machine_info
+
+SHAPES = [(64, 256, 256, 512), (32, 128, 128, 128)]  # (B, T, I, H)
+TINY = (2, 4, 16, 32)
+
+
+def median_seconds(fn: Callable[[], None], repeats: int, clock=time.perf_counter) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return statistics.median(samples)
+
+
+def peak_gflops(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / median_seconds(lambda: torch.mm(a, b), 10) / 1e9
+
+
+def multiply_adds(B: int, T: int, I: int, H: int) -> dict:
+    """Bidirectional, one layer: the input projection and the recurrence forward; backward
+    the BPTT products, dW_hh, dW_ih and the input gradient."""
+    rows, D = T * B, 2
+    projection, recurrence = D * rows * I * H, D * rows * H * H
+    forward = projection + recurrence
+    backward = recurrence + recurrence + projection + projection  # dh W, dW_hh, dW_ih, dX
+    return {"forward": forward, "train": forward + backward}
+
+
+def kernel_steps(B: int, T: int, I: int, H: int):
+    torch.manual_seed(0)
+    model = FastBiRNN(I, H, backend="cpp")
+    x = torch.randn(T, B, I, requires_grad=True)
+    grad_out = torch.randn(T, B, 2 * H)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def train() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _ = model(x)
+        out.backward(grad_out)
+
+    return {"forward": forward, "train": train}
+
+
+def tiny_breakdown(repeats: int = 2000) -> dict:
+    B, T, I, H = TINY
+    torch.manual_seed(0)
+    fused, plain = FastBiRNN(I, H, backend="cpp"), nn.RNN(I, H, bidirectional=True)
+    x = torch.randn(T, B, I, requires_grad=True)
+    grad_out = torch.randn(T, B, 2 * H)
+
+    def per_call(fn: Callable[[], None], n: int = repeats) -> float:
+        def many() -> None:
+            for _ in range(n):
+                fn()
+
+        return median_seconds(many, 7) / n * 1e6  # microseconds
+
+    def zero() -> None:
+        fused.zero_grad(set_to_none=True)
+        x.grad = None
+
+    def step(model) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            out, _ = model(x)
+            out.backward(grad_out)
+
+        return run
+
+    w = torch.randn(T, B, 2 * H, requires_grad=True)
+    return {
+        "shape": TINY,
+        "fused_step_us": per_call(step(fused)),
+        "zero_grad_us": per_call(zero),
+        "fused_forward_recording_graph_us": per_call(lambda: fused(x)),
+        "one_multiply_backward_us": per_call(lambda: (w * 2).backward(grad_out)),
+        "nn_rnn_step_us": per_call(step(plain), repeats // 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="JSON file for the results")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    all_threads = args.threads
+    result = {"machine": machine_info("cpu"), "peak_gflops": {}, "shapes": [], "tiny": None}
+    for threads in (1, all_threads):
+        result["peak_gflops"][threads] = peak_gflops(threads)
+    for shape in SHAPES:
+        macs = multiply_adds(*shape)
+        steps = kernel_steps(*shape)
+        entry = {"shape": shape, "multiply_adds": macs, "modes": {}}
+        for mode, fn in steps.items():
+            repeats = 5 if shape[3] >= 512 else 30
+            torch.set_num_threads(1)
+            cpu_1 = median_seconds(fn, repeats, clock=time.process_time)
+            torch.set_num_threads(all_threads)
+            wall = median_seconds(fn, repeats)
+            flops = 2 * macs[mode]
+            entry["modes"][mode] = {
+                "cpu_seconds_1_thread": cpu_1,
+                "gflops_1_thread": flops / cpu_1 / 1e9,
+                "fraction_of_peak_1_thread": flops / cpu_1 / 1e9 / result["peak_gflops"][1],
+                "wall_seconds_all_threads": wall,
+                "gflops_all_threads": flops / wall / 1e9,
+                "fraction_of_peak_all_threads": flops / wall / 1e9
+                / result["peak_gflops"][all_threads],
+                "scaling": cpu_1 / wall,
+            }
+        result["shapes"].append(entry)
+    torch.set_num_threads(all_threads)
+    result["tiny"] = tiny_breakdown()
+
+    peak = result["peak_gflops"]
+    print(f"peak (torch.mm 2048^3 fp32): {peak[1]:.1f} GFLOP/s at 1 thread, "
+          f"{peak[all_threads]:.1f} at {all_threads}")
+    for entry in result["shapes"]:
+        for mode, m in entry["modes"].items():
+            print(f"{entry['shape']} {mode:7s}: 1 thread {m['cpu_seconds_1_thread'] * 1e3:8.2f} ms "
+                  f"CPU, {m['gflops_1_thread']:6.1f} GFLOP/s ({m['fraction_of_peak_1_thread']:.0%}); "
+                  f"{all_threads} threads {m['wall_seconds_all_threads'] * 1e3:8.2f} ms, "
+                  f"{m['gflops_all_threads']:6.1f} GFLOP/s ({m['fraction_of_peak_all_threads']:.0%}), "
+                  f"scaling {m['scaling']:.2f}x")
+    tiny = result["tiny"]
+    print(f"tiny {TINY}: fused step {tiny['fused_step_us']:.1f} us = zero_grad "
+          f"{tiny['zero_grad_us']:.1f} + forward recording the graph "
+          f"{tiny['fused_forward_recording_graph_us']:.1f} + backward (the rest); a one-multiply "
+          f"graph's backward {tiny['one_multiply_backward_us']:.1f} us; nn.RNN's step "
+          f"{tiny['nn_rnn_step_us']:.1f} us")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
