@@ -377,3 +377,23 @@ def test_gated_grid_covers_its_preset_within_the_time_it_claims(grid):
     old = {"batch": 2, "seq": 4, "input": 16, "hidden": 32, "layers": 1,
            "bidirectional": True, "dtype": "fp32", "threads": 1}
     assert grid.Point(**old).cell == "rnn" and grid.Point(**old).label.startswith("B2")
+
+
+def test_roofline_script_pieces_run(monkeypatch):
+    """benchmarks/roofline.py (committed output in benchmarks/results/targets/): its step
+    functions run the kernel, its multiply-add count is the textbook one, and the tiny
+    breakdown gives positive times. No timing is asserted."""
+    pytest.importorskip("fastbirnn._C")
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import roofline
+
+    B, T, I, H = 3, 5, 4, 6
+    assert roofline.multiply_adds(B, T, I, H) == {
+        "forward": 2 * T * B * (I * H + H * H),
+        "train": 2 * T * B * (I * H + H * H) * 3,
+    }
+    steps = roofline.kernel_steps(B, T, I, H)
+    steps["forward"]()
+    steps["train"]()
+    tiny = roofline.tiny_breakdown(repeats=8)
+    assert all(v > 0 for k, v in tiny.items() if k.endswith("_us"))
