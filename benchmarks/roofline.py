@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fastbirnn import FastBiRNN
-from fastbirnn.benchmarking import machine_info
+from fastbirnn.benchmarking import forward_step, machine_info, train_step
 
 SHAPES = [(64, 256, 256, 512), (32, 128, 128, 128)]  # (B, T, I, H)
 TINY = (2, 4, 16, 32)
@@ -65,18 +65,7 @@ def kernel_steps(B: int, T: int, I: int, H: int):
     model = FastBiRNN(I, H, backend="cpp")
     x = torch.randn(T, B, I, requires_grad=True)
     grad_out = torch.randn(T, B, 2 * H)
-
-    def forward() -> None:
-        with torch.no_grad():
-            model(x)
-
-    def train() -> None:
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-        out, _ = model(x)
-        out.backward(grad_out)
-
-    return {"forward": forward, "train": train}
+    return {"forward": forward_step(model, x), "train": train_step(model, x, grad_out)}
 
 
 def tiny_breakdown(repeats: int = 2000) -> dict:
@@ -97,23 +86,14 @@ def tiny_breakdown(repeats: int = 2000) -> dict:
         fused.zero_grad(set_to_none=True)
         x.grad = None
 
-    def step(model) -> Callable[[], None]:
-        def run() -> None:
-            model.zero_grad(set_to_none=True)
-            x.grad = None
-            out, _ = model(x)
-            out.backward(grad_out)
-
-        return run
-
     w = torch.randn(T, B, 2 * H, requires_grad=True)
     return {
         "shape": TINY,
-        "fused_step_us": per_call(step(fused)),
+        "fused_step_us": per_call(train_step(fused, x, grad_out)),
         "zero_grad_us": per_call(zero),
         "fused_forward_recording_graph_us": per_call(lambda: fused(x)),
         "one_multiply_backward_us": per_call(lambda: (w * 2).backward(grad_out)),
-        "nn_rnn_step_us": per_call(step(plain), repeats // 4),
+        "nn_rnn_step_us": per_call(train_step(plain, x, grad_out), repeats // 4),
     }
 
 
