@@ -27,20 +27,13 @@
 
 #include "engine_blas.h"
 
-#ifdef FASTBIRNN_X86
-extern "C" {
-__m512 Sleef_expf16_u10(__m512) FASTBIRNN_WEAK;
-__m512d Sleef_expd8_u10(__m512d) FASTBIRNN_WEAK;
-}
-#endif
-
 namespace fastbirnn {
 namespace {
 
 // The widest block the engine hands a gated cell (its column blocks, kBlockWidth).
 constexpr int64_t kMaxBlock = 64;
 
-// ---- the activations, from one vectorised exp --------------------------------------------
+// ---- the activations --------------------------------------------------------------------
 //
 // sigmoid(x) = 1 / (1 + e^-x) on SLEEF's 1-ulp exp (the one ATen uses, linked into
 // libtorch_cpu): SLEEF's 1-ulp tanh costs 5x its exp and was a third of the cells' time. It
@@ -57,40 +50,24 @@ const bool kVectorExp = [] {
 }();
 
 #ifdef FASTBIRNN_X86
-// p[i] = a / (1 + exp(s * p[i])) + b.
-__attribute__((target("avx512f"))) void exp_ratio_avx512(float* p, int64_t n, float s, float a,
-                                                         float b) {
-  const __m512 vs = _mm512_set1_ps(s), va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    const __m512 e = Sleef_expf16_u10(_mm512_mul_ps(vs, _mm512_maskz_loadu_ps(m, p + i)));
-    _mm512_mask_storeu_ps(p + i, m, _mm512_add_ps(_mm512_div_ps(va, _mm512_add_ps(one, e)), vb));
-  }
-}
-__attribute__((target("avx512f"))) void exp_ratio_avx512(double* p, int64_t n, double s,
-                                                         double a, double b) {
-  const __m512d vs = _mm512_set1_pd(s), va = _mm512_set1_pd(a), vb = _mm512_set1_pd(b);
-  const __m512d one = _mm512_set1_pd(1.);
-  for (int64_t i = 0; i < n; i += 8) {
-    const __mmask8 m = n - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (n - i)) - 1);
-    const __m512d e = Sleef_expd8_u10(_mm512_mul_pd(vs, _mm512_maskz_loadu_pd(m, p + i)));
-    _mm512_mask_storeu_pd(p + i, m, _mm512_add_pd(_mm512_div_pd(va, _mm512_add_pd(one, e)), vb));
-  }
-}
-#endif
-
 template <typename T>
-void exp_ratio(T* p, int64_t n, T s, T a, T b) {
-#ifdef FASTBIRNN_X86
-  if (kVectorExp) return exp_ratio_avx512(p, n, s, a, b);
-#endif
-  for (int64_t i = 0; i < n; ++i) p[i] = a / (T(1) + std::exp(s * p[i])) + b;
+__attribute__((target("avx512f"))) void sigmoid_avx512(T* p, int64_t n) {
+  using V = Avx512<T>;
+  const typename V::Vec one = V::broadcast(T(1)), minus_one = V::broadcast(T(-1));
+  for (int64_t i = 0; i < n; i += V::kLanes) {
+    const typename V::Mask m = lanes_avx512<T>(i, n);
+    const typename V::Vec e = V::exp(V::mul(minus_one, V::load(m, p + i)));
+    V::store(p + i, m, V::div(one, V::add(one, e)));
+  }
 }
+#endif
 
 template <typename T>
 void sigmoid_inplace(T* p, int64_t n) {
-  exp_ratio(p, n, T(-1), T(1), T(0));
+#ifdef FASTBIRNN_X86
+  if (kVectorExp) return sigmoid_avx512(p, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) p[i] = T(1) / (T(1) + std::exp(-p[i]));
 }
 
 template <typename T>

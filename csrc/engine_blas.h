@@ -48,6 +48,8 @@ int MKL_Set_Num_Threads_Local(int) FASTBIRNN_WEAK;
 #ifdef FASTBIRNN_X86
 __m512 Sleef_tanhf16_u35(__m512) FASTBIRNN_WEAK;
 __m512d Sleef_tanhd8_u35(__m512d) FASTBIRNN_WEAK;
+__m512 Sleef_expf16_u10(__m512) FASTBIRNN_WEAK;
+__m512d Sleef_expd8_u10(__m512d) FASTBIRNN_WEAK;
 __m256 Sleef_tanhf8_u35avx2(__m256) FASTBIRNN_WEAK;
 __m256d Sleef_tanhd4_u35avx2(__m256d) FASTBIRNN_WEAK;
 #endif
@@ -132,16 +134,22 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
 template <typename T>
 void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                       int64_t ldb, T beta, T* C, int64_t ldc) {
-  std::vector<T> sum(N);  // from zero, C added at the end: as the register tiles
+  // Summed from zero and C added at the end, as on the register tiles; in column chunks so
+  // the sums live on the stack (this runs per step and block on CPUs without AVX-512).
+  constexpr int64_t kChunk = 64;
+  T sum[kChunk];
   for (int64_t i = 0; i < M; ++i) {
-    T* __restrict__ c = C + i * ldc;
-    std::fill(sum.begin(), sum.end(), T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = A[i * lda + k];
-      const T* __restrict__ b = B + k * ldb;
-      for (int64_t j = 0; j < N; ++j) sum[j] += a * b[j];
+    for (int64_t j0 = 0; j0 < N; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, N - j0);
+      std::fill(sum, sum + n, T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const T a = A[i * lda + k];
+        const T* __restrict__ b = B + k * ldb + j0;
+        for (int64_t j = 0; j < n; ++j) sum[j] += a * b[j];
+      }
+      T* __restrict__ c = C + i * ldc + j0;
+      for (int64_t j = 0; j < n; ++j) c[j] = beta == T(0) ? sum[j] : sum[j] + c[j];
     }
-    for (int64_t j = 0; j < N; ++j) c[j] = beta == T(0) ? sum[j] : sum[j] + c[j];
   }
 }
 
@@ -170,6 +178,10 @@ struct Avx512<float> {
     return _mm512_fmadd_ps(a, b, c);
   }
   __attribute__((target("avx512f"))) static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  __attribute__((target("avx512f"))) static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  __attribute__((target("avx512f"))) static Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+  __attribute__((target("avx512f"))) static Vec exp(Vec a) { return Sleef_expf16_u10(a); }
+  __attribute__((target("avx512f"))) static Vec tanh(Vec a) { return Sleef_tanhf16_u35(a); }
 };
 template <>
 struct Avx512<double> {
@@ -190,6 +202,10 @@ struct Avx512<double> {
     return _mm512_fmadd_pd(a, b, c);
   }
   __attribute__((target("avx512f"))) static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
+  __attribute__((target("avx512f"))) static Vec mul(Vec a, Vec b) { return _mm512_mul_pd(a, b); }
+  __attribute__((target("avx512f"))) static Vec div(Vec a, Vec b) { return _mm512_div_pd(a, b); }
+  __attribute__((target("avx512f"))) static Vec exp(Vec a) { return Sleef_expd8_u10(a); }
+  __attribute__((target("avx512f"))) static Vec tanh(Vec a) { return Sleef_tanhd8_u35(a); }
 };
 
 template <typename T, int NV, int MR>
@@ -420,9 +436,10 @@ constexpr int64_t kSmallRows = 256;
 // counter), so the rounding error grows with log(rows) instead of rows (a bias gradient sums
 // T*B rows; the plain loop's error was 2-4x that of ATen's sum). The tree depends only on
 // rows, so the result does too. tmp holds (2 + log2(rows)) * n elements.
+constexpr int64_t kSumRun = 8;
+
 template <typename T>
 void column_sums(const T* src, int64_t ld, int64_t rows, int64_t n, T* out, T* tmp) {
-  constexpr int64_t kSumRun = 8;
   T* run = tmp;            // the current run's sum
   T* levels = tmp + n;     // levels[k]: the sum of 2^k runs, valid where bit k of count is set
   int64_t count = 0;       // runs folded in so far
@@ -449,7 +466,7 @@ void column_sums(const T* src, int64_t ld, int64_t rows, int64_t n, T* out, T* t
 // Elements of column_sums' tmp for rows rows of n columns.
 inline int64_t column_sums_scratch(int64_t rows, int64_t n) {
   int64_t levels = 1;
-  while ((int64_t(1) << levels) * 8 < rows) ++levels;
+  while ((int64_t(1) << levels) * kSumRun < rows) ++levels;
   return (levels + 2) * n;
 }
 
@@ -472,20 +489,19 @@ void transpose(const T* in, int64_t R, int64_t C, T* out) {
 // nn.RNN's own.
 
 #ifdef FASTBIRNN_X86
-__attribute__((target("avx512f"))) void tanh_avx512(float* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, Sleef_tanhf16_u35(_mm512_loadu_ps(p + i)));
-  if (i < n) {
-    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(p + i, m, Sleef_tanhf16_u35(_mm512_maskz_loadu_ps(m, p + i)));
-  }
+// The lanes of vector i of p[0..n), the last one partial.
+template <typename T>
+typename Avx512<T>::Mask lanes_avx512(int64_t i, int64_t n) {
+  const int64_t left = n - i;
+  return typename Avx512<T>::Mask(left >= Avx512<T>::kLanes ? ~0u : (1u << left) - 1);
 }
-__attribute__((target("avx512f"))) void tanh_avx512(double* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm512_storeu_pd(p + i, Sleef_tanhd8_u35(_mm512_loadu_pd(p + i)));
-  if (i < n) {
-    const __mmask8 m = __mmask8((1u << (n - i)) - 1);
-    _mm512_mask_storeu_pd(p + i, m, Sleef_tanhd8_u35(_mm512_maskz_loadu_pd(m, p + i)));
+
+template <typename T>
+__attribute__((target("avx512f"))) void tanh_avx512(T* p, int64_t n) {
+  using V = Avx512<T>;
+  for (int64_t i = 0; i < n; i += V::kLanes) {
+    const typename V::Mask m = lanes_avx512<T>(i, n);
+    V::store(p + i, m, V::tanh(V::load(m, p + i)));
   }
 }
 __attribute__((target("avx2,fma"))) void tanh_avx2(float* p, int64_t n) {
