@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastbirnn.triton.forward import _dot
+from fastbirnn.triton.forward import _dot, _program_rows
 
 
 @triton.jit
@@ -39,14 +39,10 @@ def backward_onchip_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """W_hh of this direction in registers for the whole sequence (H <= BLOCK_H)."""
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     rh = tl.arange(0, BLOCK_H)
-    mask_b = rb < B
     mask_h = rh < H
     mask = mask_b[:, None] & mask_h[None, :]
-    rb64 = rb.to(tl.int64)
 
     # w[j, k] = W[d, j, k]: the carry is dz @ W (not transposed, unlike the forward).
     w = tl.load(
@@ -83,11 +79,7 @@ def backward_streamed_kernel(
     Two phases per step, each closed by a CTA barrier: (1) dz for every hidden unit, written
     to DZ; (2) carry = dz @ W, reading dz back from DZ. Only this program touches its rows.
     """
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = rb < B
-    rb64 = rb.to(tl.int64)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     lengths = tl.load(LENGTHS + rb, mask=mask_b, other=0)
     w_base = W + d.to(tl.int64) * H * H
     carry_ptr = CARRY + (d * B + rb64)[:, None] * H

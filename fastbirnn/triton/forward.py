@@ -39,6 +39,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(B, BLOCK_B: tl.constexpr):
+    """This program's direction d of D (grid axis 0) and its batch rows rb (axis 1), with
+    their mask and 64-bit copy for offsets: the same in every recurrence kernel."""
+    d = tl.program_id(0)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    return d, tl.num_programs(0), rb, rb < B, rb.to(tl.int64)
+
+
+@triton.jit
 def _time_step(s, d, T):
     # Forward direction visits t = s, reverse t = T-1-s. Arithmetic on the program id, not a
     # Python branch: the interpreter and the compiler agree on it. Steps t >= lengths[b] are
@@ -54,14 +63,10 @@ def forward_onchip_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """W_hh of this direction lives in registers for the whole sequence (H <= BLOCK_H)."""
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     rh = tl.arange(0, BLOCK_H)
-    mask_b = rb < B
     mask_h = rh < H
     mask = mask_b[:, None] & mask_h[None, :]
-    rb64 = rb.to(tl.int64)
 
     # Transposed once: wt[k, j] = W[d, j, k], so a step is h @ wt. Padding is zero, so padded
     # hidden units stay at act(0) = 0 and never feed back into real ones.
@@ -100,11 +105,7 @@ def forward_streamed_kernel(
     state lives in STATE [2, D, B, H] fp32 (double buffer: step s reads s % 2, writes the
     other), loaded with .cg (L2) so no stale L1 line is read after the barrier.
     """
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = rb < B
-    rb64 = rb.to(tl.int64)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     lengths = tl.load(LENGTHS + rb, mask=mask_b, other=0)
     w_base = W + d.to(tl.int64) * H * H
     buffer_size = D.to(tl.int64) * B * H

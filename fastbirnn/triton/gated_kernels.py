@@ -23,7 +23,7 @@ import triton.language as tl
 
 from fastbirnn.triton.backward import _backward_time_step
 from fastbirnn.triton.cells import cell_backward, cell_forward
-from fastbirnn.triton.forward import _dot, _time_step
+from fastbirnn.triton.forward import _dot, _program_rows, _time_step
 
 
 @triton.jit
@@ -84,15 +84,11 @@ def gated_forward_onchip_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """All G gate blocks of W_hh in registers for the whole sequence (H <= BLOCK_H)."""
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     rh = tl.arange(0, BLOCK_H)
-    mask_b = rb < B
     mask_h = rh < H
     mask = mask_b[:, None] & mask_h[None, :]
     mask_w = mask_h[:, None] & mask_h[None, :]
-    rb64 = rb.to(tl.int64)
 
     # Transposed once (w_k[i, j] = W[d, k*H + j, i]): a gate is h @ w_k. Zero padding keeps
     # padded units at h = c = 0 (LSTM: c = f*0 + i*tanh(0); GRU: h = (1-z)*tanh(0) + z*0).
@@ -146,11 +142,7 @@ def gated_forward_streamed_kernel(
     in CSTATE [D, B, H] fp32, in place: unit j's c is read and written only by unit j's step.
     The final c is left in CSTATE.
     """
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = rb < B
-    rb64 = rb.to(tl.int64)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     lengths = tl.load(LENGTHS + rb, mask=mask_b, other=0)
     W_dir = W + d.to(tl.int64) * GATES * H * H
     buffer_size = D.to(tl.int64) * B * H
@@ -221,15 +213,11 @@ def gated_backward_onchip_kernel(
     backward from dh = dHs_t + carry (and the LSTM's dc), then carry = pointwise part +
     sum_k dgate_k @ W_k. The carry starts at 0 (h_n's gradient arrives through dHs), dc at
     dc_n's gradient."""
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     rh = tl.arange(0, BLOCK_H)
-    mask_b = rb < B
     mask_h = rh < H
     mask = mask_b[:, None] & mask_h[None, :]
     mask_w = mask_h[:, None] & mask_h[None, :]
-    rb64 = rb.to(tl.int64)
 
     # w_k[j, i] = W[d, k*H + j, i]: the carry is dgate_k @ w_k (not transposed).
     W_dir = W + d.to(tl.int64) * GATES * H * H
@@ -282,11 +270,7 @@ def gated_backward_streamed_kernel(
     closed by a CTA barrier: (1) pointwise, per hidden block: the gates' gradients to DZ/DHN,
     dc updated, the carry replaced by its pointwise part (GRU: z * dh); (2) carry +=
     sum_k dgate_k @ W_k, reading the gradients back from DZ/DHN."""
-    d = tl.program_id(0)
-    D = tl.num_programs(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = rb < B
-    rb64 = rb.to(tl.int64)
+    d, D, rb, mask_b, rb64 = _program_rows(B, BLOCK_B)
     lengths = tl.load(LENGTHS + rb, mask=mask_b, other=0)
     W_dir = W + d.to(tl.int64) * GATES * H * H
     state_rows = (d * B + rb64)[:, None] * H
