@@ -34,6 +34,21 @@ EXAMPLES = {
     "deep": {"cpp": 3000, "auto": 1000, "reference": 600, "triton": 200, "lstm": 500,
              "gru": 500, "cpp_gated": 1500},
 }[PROFILE]
+
+
+def property_settings(max_examples: int):
+    """hypothesis settings for every property test here and in the Triton property files:
+    derandomized with no example database in CI, random with the database in 'deep'."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=PROFILE == "ci",
+        database=None if PROFILE == "ci" else settings.default.database,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 # Each cell: the module under test and the nn class it must match.
 MODULES = {"rnn": (FastBiRNN, nn.RNN), "lstm": (FastBiLSTM, nn.LSTM), "gru": (FastBiGRU, nn.GRU)}
 
@@ -265,14 +280,7 @@ def _property_test(backend: str, strategy, examples: Optional[int] = None):
     # The Triton interpreter computes with NumPy, which warns about the NaN/inf we inject.
     @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
     @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-    @settings(
-        max_examples=examples or EXAMPLES[backend],
-        deadline=None,
-        derandomize=PROFILE == "ci",
-        database=None if PROFILE == "ci" else settings.default.database,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @property_settings(examples or EXAMPLES[backend])
     @given(config=strategy)
     def test(config):
         check_against_nn(config, backend)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import test_properties as props  # noqa: E402
@@ -54,14 +54,7 @@ def _property_test(cell: str):
     # The interpreter computes with NumPy, which warns about the NaN/inf drawn into inputs.
     @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
     @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        derandomize=props.PROFILE == "ci",
-        database=None if props.PROFILE == "ci" else settings.default.database,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @props.property_settings(EXAMPLES)
     @given(config=_gated_configs(cell), streamed=st.booleans())
     def test(config, streamed):
         with _path(streamed):

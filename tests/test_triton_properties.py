@@ -15,7 +15,7 @@ import torch
 
 # Like tests/test_properties.py, whose strategies and checks this reuses.
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import test_properties as props  # noqa: E402
@@ -49,14 +49,7 @@ TILINGS = st.fixed_dictionaries({
 @pytest.mark.skipif(not backends.triton_interpreter_enabled(),
                     reason="CPU tensors need the Triton interpreter; on a GPU the CUDA tests of "
                     "test_triton.py run the multi-CTA path")
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=props.PROFILE == "ci",
-    database=None if props.PROFILE == "ci" else settings.default.database,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@props.property_settings(EXAMPLES)
 @given(
     config=props.configs(max_work=40_000, max_layers=2, max_seq=5, max_batch=40, max_hidden=70,
                          dtypes=(torch.float32,)),
