@@ -38,9 +38,15 @@ pytestmark = pytest.mark.skipif(_toolchain_missing() is not None,
 
 @pytest.fixture(scope="module")
 def aot_results():
+    return compile_ahead_of_time()
+
+
+def compile_ahead_of_time(*args: str) -> list:
+    """`python -m fastbirnn.triton.aot [args] --arch 90 80`: one result per kernel and arch."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "fastbirnn.triton.aot", "--arch", "90", "80", "--jobs", "2"],
+        [sys.executable, "-m", "fastbirnn.triton.aot", *args, "--arch", "90", "80",
+         "--jobs", "2"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode in (0, 1), proc.stderr[-4000:]

@@ -10,13 +10,10 @@ tests/test_triton_aot.py (the interpreter replaces the kernels that ``triton.com
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from test_triton_aot import _toolchain_missing
+from test_triton_aot import _toolchain_missing, compile_ahead_of_time
 
 pytestmark = pytest.mark.skipif(_toolchain_missing() is not None,
                                 reason=str(_toolchain_missing()))
@@ -24,14 +21,7 @@ pytestmark = pytest.mark.skipif(_toolchain_missing() is not None,
 
 @pytest.fixture(scope="module")
 def aot_results():
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastbirnn.triton.aot", "--gated", "--arch", "90", "80",
-         "--jobs", "2"],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    assert proc.returncode in (0, 1), proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return compile_ahead_of_time("--gated")
 
 
 def test_every_gated_configuration_is_compiled(aot_results):
