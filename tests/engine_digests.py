@@ -44,6 +44,10 @@ SHAPES = [
     ("h130-uni", 3, 6, 12, 130, 2, "padded", True, 0.0, False),
     ("h64-long", 2, 80, 10, 64, 1, "padded", False, 0.0, True),
     ("dropout", 4, 6, 8, 40, 3, "packed_unsorted", True, 0.3, True),
+    # Few rows (T * B < 64): the forward multiplies W_hh on BLAS instead of packed tiles.
+    ("h300-short", 3, 5, 20, 300, 1, "padded", True, 0.0, True),
+    # H > 256: the gated cells' per-step products in K chunks, a last block of one column.
+    ("h257-long", 4, 20, 16, 257, 1, "batch_first", False, 0.0, True),
 ]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
