@@ -128,7 +128,7 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
         const int64_t row = t * g.st + b * g.sb;
         T* h = Hs + row * DH + d * H + j0;
         if (b < bound && g.active(t, b)) {
-          cell.forward(G + row * DKH + d * KH + j0, H,
+          cell.forward(Cell::kInPlace ? h : G + row * DKH + d * KH + j0, H,
                        Cell::kInPlace ? nullptr : product + b * KH, bias, bias_h,
                        prev + b * H + j0,
                        Cell::kCellState ? cstate + (d * B + b) * H + j0 : nullptr, h,

@@ -73,7 +73,7 @@ class LayerOutputs {
       : out_(out), mid_(mid), L_(num_layers), rows_(rows), width_(width) {}
   T* operator()(int64_t l) {
     if (l == L_ - 1) return out_.data_ptr<T>();
-    if (mid_.numel() > 0) return mid_.data_ptr<T>() + l * rows_ * width_;
+    if (mid_.defined() && mid_.numel() > 0) return mid_.data_ptr<T>() + l * rows_ * width_;
     Tensor& buffer = scratch_[l % 2];
     if (!buffer.defined())
       buffer = scratch_buffer(l % 2 ? kScratchLayer1 : kScratchLayer0, rows_ * width_,
@@ -225,11 +225,21 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stack_forward_impl(
-    c10::string_view cell, const Tensor& x_, const std::optional<Tensor>& h0_,
-    const std::optional<Tensor>& c0_, at::TensorList weights_,
-    const std::optional<Tensor>& lengths, int64_t num_layers, bool bidirectional,
-    bool has_biases, bool batch_first, bool keep) {
+namespace {
+
+// The results of a forward: out, h_n, c_n (empty but for the LSTM) and, when kept for a
+// backward, the intermediate layers' outputs and a gated cell's gates and saved values.
+struct ForwardResults {
+  Tensor out, hn, cn, mid, gates, saved;
+};
+
+// The forward of every op that runs one. Only what is kept is allocated: at tiny sizes each
+// allocation is a visible part of the call.
+ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
+                           const std::optional<Tensor>& h0_, const std::optional<Tensor>& c0_,
+                           at::TensorList weights_, const std::optional<Tensor>& lengths,
+                           int64_t num_layers, bool bidirectional, bool has_biases,
+                           bool batch_first, bool keep) {
   const StackArgs a = stack_args(cell, num_layers, bidirectional, has_biases, batch_first);
   Tensor lengths_cpu;
   const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
@@ -241,19 +251,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stack_forward_impl(
   const int64_t rows = g.T * g.B;
   const bool lstm = cell == "lstm", gated = a.gates > 1;
   const auto options = x.options();
-  Tensor out = empty_buffer(out_shape(g, batch_first), options);
-  Tensor hn = at::empty({num_layers * a.D, g.B, g.H}, options);
-  Tensor cn = at::empty({lstm ? num_layers * a.D : 0, g.B, g.H}, options);
-  Tensor mid = empty_buffer({keep ? num_layers - 1 : 0, rows, g.DH()}, options);
-  const int64_t kept = keep && gated ? num_layers : 0;
-  Tensor gates = empty_buffer({kept, rows, a.gates * g.DH()}, options);
-  Tensor saved = empty_buffer({kept, rows, g.DH()}, options);
+  ForwardResults r;
+  r.out = empty_buffer(out_shape(g, batch_first), options);
+  r.hn = at::empty({num_layers * a.D, g.B, g.H}, options);
+  r.cn = at::empty({lstm ? num_layers * a.D : 0, g.B, g.H}, options);
+  if (keep) {
+    const int64_t kept = gated ? num_layers : 0;
+    r.mid = empty_buffer({num_layers - 1, rows, g.DH()}, options);
+    r.gates = empty_buffer({kept, rows, a.gates * g.DH()}, options);
+    r.saved = empty_buffer({kept, rows, g.DH()}, options);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastbirnn_stack_forward", [&] {
     with_cell(cell, [&](auto c) {
-      forward_layers<scalar_t>(c, x, h0, c0, weights, g, a, keep, out, hn, cn, mid, gates, saved);
+      forward_layers<scalar_t>(c, x, h0, c0, weights, g, a, keep, r.out, r.hn, r.cn, r.mid,
+                               r.gates, r.saved);
     });
   });
-  return {out, hn, cn, mid, gates, saved};
+  return r;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stack_forward_impl(
+    c10::string_view cell, const Tensor& x, const std::optional<Tensor>& h0,
+    const std::optional<Tensor>& c0, at::TensorList weights,
+    const std::optional<Tensor>& lengths, int64_t num_layers, bool bidirectional,
+    bool has_biases, bool batch_first, bool keep) {
+  ForwardResults r = run_forward(cell, x, h0, c0, weights, lengths, num_layers, bidirectional,
+                                 has_biases, batch_first, keep);
+  if (!keep) {  // the op's schema returns six tensors
+    const auto options = x.options();
+    r.mid = at::empty({0, 0, 0}, options);
+    r.gates = at::empty({0, 0, 0}, options);
+    r.saved = at::empty({0, 0, 0}, options);
+  }
+  return {r.out, r.hn, r.cn, r.mid, r.gates, r.saved};
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
@@ -428,11 +460,9 @@ std::tuple<Tensor, Tensor, Tensor> stack_no_autograd(
     c10::string_view cell, const Tensor& x, const std::optional<Tensor>& h0,
     const std::optional<Tensor>& c0, at::TensorList weights, const std::optional<Tensor>& lengths,
     int64_t num_layers, bool bidirectional, bool has_biases, bool batch_first) {
-  static const auto op =
-      find_op<decltype(stack_forward_impl)>("fastbirnn_cpp::stack_forward_impl");
-  auto [out, hn, cn, mid, gates, saved] = op.call(cell, x, h0, c0, weights, lengths, num_layers,
-                                                  bidirectional, has_biases, batch_first, false);
-  return {out, hn, cn};
+  ForwardResults r = run_forward(cell, x, h0, c0, weights, lengths, num_layers, bidirectional,
+                                 has_biases, batch_first, false);
+  return {r.out, r.hn, r.cn};
 }
 
 std::tuple<Tensor, Tensor, Tensor> stack_autograd(

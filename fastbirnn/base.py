@@ -128,12 +128,9 @@ class FusedRNNMixin:
                 if entry == backends.TORCH:
                     return super().forward(input, hx)
                 # (_call_signature has just checked the weights' identity)
-                backend, config = entry
-                output, final = functional.run_stack(
-                    backends.get(backend).cell_stacks[self.cell], input, None, None,
-                    self._flat_weights, **config,
-                )
-                return output, self._hx(final)
+                stack, config = entry
+                output, final = stack(input, None, None, self._flat_weights, **config)
+                return output, final[0] if len(final) == 1 else final
         backend = self.selected_backend(input)
         if backend == backends.TORCH:
             if key is not None:
@@ -141,7 +138,8 @@ class FusedRNNMixin:
             return super().forward(input, hx)
         result = self._fused_forward(input, hx, backend)
         if key is not None:
-            self._remember("_calls", key, (backend, self._stack_config()))
+            stack = backends.get(backend).cell_stacks[self.cell]
+            self._remember("_calls", key, functional.bind_stack(stack, self._stack_config()))
         return result
 
     # ---- the hot path: a call signature that passed every check before ----------------------

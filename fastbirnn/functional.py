@@ -20,6 +20,7 @@ fused recurrence and h_n, layer by layer.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -67,6 +68,14 @@ def run_stack(
     if batch_first:
         x = x.transpose(0, 1)
     return x, tuple(torch.cat(parts) for parts in zip(*finals))
+
+
+def bind_stack(stack: Callable, config: dict) -> tuple[Callable, dict]:
+    """(function, keyword arguments) that do what ``run_stack(stack, ..., **config)`` does,
+    cheaper to call: the stack itself where no dropout applies (a module's hot path)."""
+    if config["dropout"] > 0 and config["training"] and config["num_layers"] > 1:
+        return functools.partial(run_stack, stack), config
+    return stack, {k: v for k, v in config.items() if k not in ("dropout", "training")}
 
 
 def final_hidden(Hs: Tensor, lengths: Tensor) -> Tensor:

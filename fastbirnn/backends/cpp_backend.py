@@ -10,6 +10,7 @@ the node calls under grad mode (``_differentiable_backward``).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -59,37 +60,28 @@ def preferred_for(x: Tensor, call: "cpu_rule.CallShape") -> bool:
     return _HAS_BLAS and cpu_rule.prefer_cpp(call)
 
 
-def _op_cell(cell: str, nonlinearity: str) -> str:
-    """The op's name for a cell: 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru'."""
-    return f"rnn_{nonlinearity}" if cell == "rnn" else cell
-
-
-def _stack(cell: str):
+def _stack(cell, x, lengths, states, flat_weights, *, num_layers, num_directions, bias,
+           batch_first=False, nonlinearity="tanh", proj_size=0):
     """The layer stack of ``cell`` on the engine (``functional.run_stack``'s contract)."""
-
-    def stack(x, lengths, states, flat_weights, *, num_layers, num_directions, bias,
-              batch_first=False, nonlinearity="tanh", proj_size=0):
-        if proj_size:
-            raise RuntimeError(
-                "fastbirnn backend 'cpp' has no LSTM with projections (proj_size > 0); use "
-                "backend='auto' or 'torch', which run nn.LSTM for it"
-            )
-        name = _op_cell(cell, nonlinearity)
-        h0, c0 = (None, None) if states is None else (states + (None,))[:2]
-        if (
-            h0 is None and c0 is None and lengths is None and _stack_eager is not None
-            and not torch.compiler.is_compiling()
-            and not torch._C._is_torch_function_mode_enabled()
-        ):
-            # The eager hot path: the same op through the dispatcher, minus the boxed call.
-            out, hn, cn = _stack_eager(name, x, flat_weights, num_layers, num_directions == 2,
-                                       bias, batch_first)
-        else:
-            out, hn, cn = _stack_op(name, x, h0, c0, flat_weights, lengths, num_layers,
-                                    num_directions == 2, bias, batch_first)
-        return out, ((hn, cn) if cell == "lstm" else (hn,))
-
-    return stack
+    if proj_size:
+        raise RuntimeError(
+            "fastbirnn backend 'cpp' has no LSTM with projections (proj_size > 0); use "
+            "backend='auto' or 'torch', which run nn.LSTM for it"
+        )
+    name = cell if cell != "rnn" else "rnn_relu" if nonlinearity == "relu" else "rnn_tanh"
+    h0, c0 = (None, None) if states is None else (states + (None,))[:2]
+    if (
+        h0 is None and c0 is None and lengths is None and _stack_eager is not None
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+    ):
+        # The eager hot path: the same op through the dispatcher, minus the boxed call.
+        out, hn, cn = _stack_eager(name, x, flat_weights, num_layers, num_directions == 2,
+                                   bias, batch_first)
+    else:
+        out, hn, cn = _stack_op(name, x, h0, c0, flat_weights, lengths, num_layers,
+                                num_directions == 2, bias, batch_first)
+    return out, ((hn, cn) if cell == "lstm" else (hn,))
 
 
 def _differentiable_backward(cell, inputs, grads, num_layers, bidirectional, has_biases,
@@ -170,7 +162,8 @@ if _C is not None:
 backends.register(
     backends.RecurrenceBackend(
         name="cpp",
-        cell_stacks={cell: _stack(cell) for cell in ("rnn", "lstm", "gru")},
+        # partials of a module-level function: a module's call cache holds them and pickles.
+        cell_stacks={cell: functools.partial(_stack, cell) for cell in ("rnn", "lstm", "gru")},
         unavailable_reason=unavailable_reason,
         unsupported_reason=unsupported_reason,
         preferred_for=preferred_for,
