@@ -61,9 +61,12 @@ def _fmt_mb(b) -> str:
 
 
 def _backend_label(row: dict) -> str:
+    """``auto->cpp``: what 'auto' ran; ``auto->torch/cpp`` where the forward (under no_grad)
+    ran one backend and the training step another."""
     name, resolved = row["backend"], row.get("resolved_backend")
     if name == "auto" and resolved:
-        return f"auto->{resolved}"
+        fwd = row.get("resolved_backend_fwd") or resolved
+        return f"auto->{resolved}" if fwd == resolved else f"auto->{fwd}/{resolved}"
     return name
 
 
@@ -149,7 +152,8 @@ def table(rows: list[dict]) -> str:
         out.append("not run: " + "; ".join(notes))
     out.append(f"fwd x / train x: speedup over {baselines_of(measured)} (its time / this "
                "time), median of interleaved runs; train = forward + backward; "
-               "peak MB: training step; auto->X: what 'auto' ran (torch: the nn class)")
+               "peak MB: training step; auto->X: what 'auto' ran (torch: the nn class), "
+               "auto->X/Y: X in the forward, Y in the training step")
     note = disturbance_note(rows)
     if note:
         out.append(note)
@@ -273,7 +277,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the Elman cell's activation (--cell rnn only; default tanh)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--preset", default="quick", choices=sorted(bm.PRESETS),
-                   help="tiny (seconds), quick (default, <1 min on CPU), cpu (sweeps, minutes), "
+                   help="tiny (seconds), quick (default; on CPU the design's shapes "
+                        "(2,4,16,32), (32,128,128,128) and (64,256,256,512), for lstm and gru "
+                        "(32,128,512,512) in place of the last: under a minute on 2 cores), "
+                        "cpu (sweeps, minutes), "
                         "gpu (CUDA: batch {1,8,32,128} x hidden {128..1024}, T=256, in fp32 "
                         "with TF32 on and off, and bf16)")
     p.add_argument("--backends", default=None,

@@ -397,3 +397,22 @@ def test_roofline_script_pieces_run(monkeypatch):
     steps["train"]()
     tiny = roofline.tiny_breakdown(repeats=8)
     assert all(v > 0 for k, v in tiny.items() if k.endswith("_us"))
+
+
+def test_auto_label_names_what_ran_in_each_timed_step():
+    """The forward is timed under no_grad, where 'auto' may pick another backend than for
+    the training step: the row says what ran in each (issue 26)."""
+    case = bm.Case(1, 16, 512, 512, cell="lstm")  # batch-1 training: cpp; inference: nn.LSTM
+    model = bm.build_models(case, "cpu", ["auto"])["auto"]
+    x, _ = bm.make_inputs(case, "cpu")
+    with torch.no_grad():
+        fwd = bm.resolved_backend(model, x)
+    train = bm.resolved_backend(model, x)
+    row = dict(_row("B1 T16 I512 H512", "auto", []), cell="lstm", resolved_backend=train,
+               resolved_backend_fwd=fwd)
+    label = f"auto->{train}" if fwd == train else f"auto->{fwd}/{train}"
+    assert label in bench.table([row])
+    rows = bm.run_case(case, "cpu", ["auto"], min_rounds=1, max_rounds=1, budget_s=0.0,
+                       memory=False)
+    measured = {r["backend"]: r for r in rows}["auto"]
+    assert (measured["resolved_backend_fwd"], measured["resolved_backend"]) == (fwd, train)
