@@ -181,6 +181,7 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
 
     One curve per backend and fixed other dimensions; colour = the other dimensions,
     line style and marker = the backend. Without any sweep (sparse presets), markers only.
+    Points of rows the table flags as disturbed are drawn hollow, with a legend entry saying so.
     """
     letters = {"batch": "B", "seq": "T", "input": "I", "hidden": "H", "layers": "L"}
     metric = "speedup_train" if mode == "train" else "speedup_fwd"
@@ -193,12 +194,14 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
         for r in measured:
             c = r["case"]
             fixed = tuple(c[k] for k in fixed_keys)
-            series.setdefault((fixed, r["backend"]), []).append((c[xkey], r[metric]))
+            series.setdefault((fixed, r["backend"]), []).append(
+                (c[xkey], r[metric], _disturbed(r)))
         swept = any(len({p[0] for p in pts}) > 1 for pts in series.values())
         if not swept:
             series = {}
             for r in measured:
-                series.setdefault(((), r["backend"]), []).append((r["case"][xkey], r[metric]))
+                series.setdefault(((), r["backend"]), []).append(
+                    (r["case"][xkey], r[metric], _disturbed(r)))
         fixed_values = sorted({f for f, _ in series})
         for (fixed, backend), pts in sorted(series.items()):
             if swept and len({p[0] for p in pts}) < 2:
@@ -207,11 +210,20 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
             style, marker = BACKEND_STYLES[backends.index(backend) % len(BACKEND_STYLES)]
             desc = " ".join(f"{letters[k]}{v}" for k, v in zip(fixed_keys, fixed)
                             if not (k == "layers" and v == 1)) or "various shapes"
+            color = colors[(fixed_values.index(fixed) if swept else backends.index(backend))
+                           % len(colors)]
+            clean = [i for i, p in enumerate(pts) if not p[2]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                    linestyle=style if swept else "none", markersize=5,
-                    color=colors[(fixed_values.index(fixed) if swept else backends.index(backend))
-                                 % len(colors)],
-                    label=f"{backend} ({desc})")
+                    linestyle=style if swept else "none", markersize=5, color=color,
+                    markevery=clean, label=f"{backend} ({desc})")
+            disturbed = [p for p in pts if p[2]]
+            if disturbed:  # hollow: the table flags these rows as disturbed
+                ax.plot([p[0] for p in disturbed], [p[1] for p in disturbed], marker=marker,
+                        linestyle="none", markersize=5, color=color, markerfacecolor="none",
+                        gid="disturbed")
+        if any(p[2] for pts in series.values() for p in pts):
+            ax.plot([], [], marker="o", linestyle="none", markersize=5, color="black",
+                    markerfacecolor="none", label="hollow: disturbed, rerun on an idle machine")
         ax.axhline(1.0, color="grey", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -226,20 +238,36 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
     axes[0].set_ylabel(f"speedup over {baselines_of(measured)} (log scale)")
 
 
+def _disturbed(row: dict) -> bool:
+    return bool(row.get("disturbed_by"))
+
+
 def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
     """Speedup over the nn class vs batch size and vs hidden size (PNG). Returns why not, or None.
 
     One row of two panels per precision and mode (training step, forward); the title names
-    the cell(s).
+    the cell(s). Disturbed rows' points are hollow.
     """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError as error:
         return f"matplotlib not available ({error})"
+    fig = figure(rows, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def figure(rows: list[dict], title: str = ""):
+    """The matplotlib figure that ``plot`` saves (matplotlib must be importable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
     measured = [r for r in rows if "skipped" not in r and not bm.is_baseline(r["backend"])]
     backends = list(dict.fromkeys(r["backend"] for r in measured))
     dtypes = sorted({r["dtype"] for r in measured}, key=list(bm.DTYPES).index) or ["fp32"]
@@ -251,9 +279,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
                   backends, matplotlib)
     cells = ", ".join(dict.fromkeys(row_cell(r) for r in rows)) or "rnn"
     fig.suptitle(f"cell: {cells}" + (f"; {title}" if title else ""), fontsize=9)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+    return fig
 
 
 def _write_json(path: str, doc: dict) -> None:
