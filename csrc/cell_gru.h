@@ -1,6 +1,6 @@
 // The GRU cell (nn.GRU's gate order r, z, n): the pointwise step and its derivative.
 //
-// The interface is in cell_gated.h. What differs from the LSTM: the new gate's hidden-side
+// The interface is in cell.h. What differs from the LSTM: the new gate's hidden-side
 // term is gated, n = tanh(x_n + b_in + r * (W_hn h + b_hn)), so bias holds b_ih + b_hh for
 // r and z but only b_in for n, bias_h holds b_hn (or null), saved keeps W_hn h + b_hn, and
 // backward writes the hidden-side gate gradients (which differ in n: dn_pre * r) to dgh.
@@ -8,16 +8,16 @@
 // h_{t-1}'s gradient, dh * z, to carry, and the engine adds dG_h W_hh to it.
 #pragma once
 
-#include "cell_gated.h"
+#include "cell.h"
 
 namespace fastbirnn {
-namespace {
 
 struct GruCell {
   static constexpr int kGates = 3;
   static constexpr bool kCellState = false;
   static constexpr int kSplitGate = 2;      // n keeps its hidden-side term apart
   static constexpr bool kHiddenCarry = true;  // h = n + z (h_{t-1} - n)
+  static constexpr bool kInPlace = false;
 
   template <typename T>
   void forward(T* gates, int64_t gs, const T* hid, const T* bias, const T* bias_h,
@@ -32,7 +32,7 @@ struct GruCell {
       hn[j] = bias_h ? yn[j] + bias_h[j] : yn[j];
       nn[j] = (bias ? xn[j] + bias[2 * gs + j] : xn[j]) + r[j] * hn[j];
     }
-    gate_tanh_inplace(nn, n);
+    tanh_inplace(nn, n);
     // nn.GRU's form, (h - n) * z + n, so NaN and inf flow the same way.
     for (int64_t j = 0; j < n; ++j) h[j] = (h_prev[j] - nn[j]) * z[j] + nn[j];
     if (saved) {
@@ -60,5 +60,4 @@ struct GruCell {
   }
 };
 
-}  // namespace
 }  // namespace fastbirnn

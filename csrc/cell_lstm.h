@@ -1,17 +1,17 @@
 // The LSTM cell (nn.LSTM's gate order i, f, g, o): the pointwise step and its derivative.
-// The interface is in cell_gated.h; saved holds c_t.
+// The interface is in cell.h; saved holds c_t.
 #pragma once
 
-#include "cell_gated.h"
+#include "cell.h"
 
 namespace fastbirnn {
-namespace {
 
 struct LstmCell {
   static constexpr int kGates = 4;
   static constexpr bool kCellState = true;  // c travels beside h
   static constexpr int kSplitGate = -1;     // every gate adds h W_hh^T + b_hh as it is
   static constexpr bool kHiddenCarry = false;  // h_{t-1} reaches h_t only through the gates
+  static constexpr bool kInPlace = false;
 
   template <typename T>
   void forward(T* gates, int64_t gs, const T* hid, const T* bias, const T*, const T*, T* c,
@@ -19,12 +19,12 @@ struct LstmCell {
     alignas(64) T a[4 * kMaxBlock];  // i, f, g, o of the block
     gate_preactivations(a, gates, gs, hid, bias, 4, n);
     sigmoid_inplace(a, 2 * n);  // i, f
-    gate_tanh_inplace(a + 2 * n, n);
+    tanh_inplace(a + 2 * n, n);
     sigmoid_inplace(a + 3 * n, n);
     const T *i = a, *f = a + n, *g = a + 2 * n, *o = a + 3 * n;
     alignas(64) T tc[kMaxBlock];
     for (int64_t j = 0; j < n; ++j) tc[j] = c[j] = f[j] * c[j] + i[j] * g[j];
-    gate_tanh_inplace(tc, n);
+    tanh_inplace(tc, n);
     for (int64_t j = 0; j < n; ++j) h[j] = o[j] * tc[j];
     if (saved) {
       for (int q = 0; q < 4; ++q) std::memcpy(gates + q * gs, a + q * n, sizeof(T) * n);
@@ -38,7 +38,7 @@ struct LstmCell {
     const T *i = gates, *f = gates + gs, *g = gates + 2 * gs, *o = gates + 3 * gs;
     alignas(64) T tc[kMaxBlock];
     std::memcpy(tc, saved, sizeof(T) * n);  // tanh(c_t), recomputed as forward did
-    gate_tanh_inplace(tc, n);
+    tanh_inplace(tc, n);
     T *di = dgx, *df = dgx + gs, *dg = dgx + 2 * gs, *dout_gate = dgx + 3 * gs;
     for (int64_t j = 0; j < n; ++j) {
       const T dh = dout ? dout[j] + carry[j] : carry[j];
@@ -53,5 +53,4 @@ struct LstmCell {
   }
 };
 
-}  // namespace
 }  // namespace fastbirnn

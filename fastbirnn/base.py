@@ -3,8 +3,9 @@
 ``FusedRNNMixin`` sits in front of the nn class (``class FastBiLSTM(FusedRNNMixin, nn.LSTM)``)
 and is written once for every cell: backend choice, input normalisation (padded,
 ``batch_first``, unbatched, packed sorted or not), the nn class's own argument checks and
-errors, autocast, and packing the results back. A cell class adds only its constructor (the
-nn class's arguments plus ``backend``) and ``_run_layers``, which runs the layer stack.
+errors, autocast, packing the results back, and the layer stack on the chosen backend
+(``fastbirnn.functional.run_stack``). A cell class adds only its constructor (the nn class's
+arguments plus ``backend``) and its cell's own stack arguments (``_cell_config``).
 
 Recurrent state travels as a tuple of tensors: ``(h,)`` for RNN and GRU, ``(h, c)`` for LSTM.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastbirnn import backends
+from fastbirnn import backends, functional
 from fastbirnn.backends.cpu_rule import CallShape
 
 
@@ -117,7 +118,7 @@ class FusedRNNMixin:
             bidirectional=self.bidirectional, dtype=data.dtype, training=training,
             threads=threads, cell=self.cell, proj_size=self.proj_size,
         )
-        return backends.resolve_auto(data, self.hidden_size, batch_size, call, self.cell)
+        return backends.resolve_auto(data, call, self.cell)
 
     def forward(self, input, hx=None):
         key = self._call_signature(input, hx)
@@ -127,17 +128,20 @@ class FusedRNNMixin:
                 if entry == backends.TORCH:
                     return super().forward(input, hx)
                 # (_call_signature has just checked the weights' identity)
-                stack, config = entry
-                return stack(input, None, None, self._flat_weights, **config)
+                backend, config = entry
+                output, final = functional.run_stack(
+                    backends.get(backend).cell_stacks[self.cell], input, None, None,
+                    self._flat_weights, **config,
+                )
+                return output, self._hx(final)
         backend = self.selected_backend(input)
         if backend == backends.TORCH:
             if key is not None:
                 self._remember("_calls", key, backends.TORCH)
             return super().forward(input, hx)
         result = self._fused_forward(input, hx, backend)
-        entry = self._hot_path_entry(backend)
-        if key is not None and entry is not None:
-            self._remember("_calls", key, entry)
+        if key is not None:
+            self._remember("_calls", key, (backend, self._stack_config()))
         return result
 
     # ---- the hot path: a call signature that passed every check before ----------------------
@@ -165,11 +169,6 @@ class FusedRNNMixin:
             grad and (input.requires_grad or any(w.requires_grad for w in weights)),
             weights[0].dtype, weights[0].device, len(weights), torch.get_num_threads(),
         )
-
-    def _hot_path_entry(self, backend: str):
-        """(stack function, its keyword arguments) that a repeated plain call can go straight
-        to on ``backend``, or None (then every call takes the full path)."""
-        return None
 
     def _remember(self, cache_name: str, key, value) -> None:
         """Store in one of the module's memo dicts, emptied at 256 entries (bounded)."""
@@ -290,22 +289,30 @@ class FusedRNNMixin:
         return output, self._hx(final)
 
     def _run_layers(self, x, lengths, states, weights, backend: str, batch_first: bool):
-        """(output, final states tuple) of the layer stack on ``backend``; see subclasses."""
-        raise NotImplementedError
+        """(output, final states tuple) of the layer stack on ``backend``."""
+        stack = backends.get(backend).cell_stacks[self.cell]
+        config = dict(self._stack_config(), batch_first=batch_first)
+        return functional.run_stack(stack, x, lengths, states, weights, **config)
 
     def _autocast_result_dtype(self, device_type: str, autocast_dtype: torch.dtype):
         """The dtype the nn class returns under autocast (its kernels decide; see subclasses)."""
         return autocast_dtype
 
-    def _layer_config(self) -> dict:
-        """The layer-stack arguments every cell shares."""
+    def _stack_config(self) -> dict:
+        """``run_stack``'s keyword arguments for this module."""
         return dict(
             num_layers=self.num_layers,
             num_directions=2 if self.bidirectional else 1,
             bias=self.bias,
             dropout=self.dropout,
             training=self.training,
+            batch_first=self.batch_first,
+            **self._cell_config(),
         )
+
+    def _cell_config(self) -> dict:
+        """The cell's own layer-stack arguments (see subclasses)."""
+        return {}
 
     def _check_same_device_and_dtype(self, data: Tensor, states) -> None:
         weight = self._flat_weights[0]

@@ -1,19 +1,72 @@
-"""The layer stack through the seam: input GEMM, fused recurrence, h_n, dropout.
+"""The layer stack, written once for every cell and backend.
 
-Written once for every recurrence backend. Tensors here are padded: ``x`` is [T, B, I]
-(or [B, T, I] with ``batch_first``), ``lengths`` [B] int64 on ``x``'s device or None (every
-row runs all T steps), ``hx`` [L*D, B, H] or None (zeros).
+A backend runs a cell's layer stack as one function (``RecurrenceBackend.cell_stacks``):
+
+    stack(x, lengths, states, flat_weights, *, num_layers, num_directions, bias,
+          batch_first=False, **cell_config) -> (output, final states)
+
+Tensors are padded: ``x`` is [T, B, I] (or [B, T, I] with ``batch_first``), ``lengths`` [B]
+int64 on ``x``'s device or None (every row runs all T steps), ``states`` a tuple of
+[L*D, B, H] tensors -- ``(h_0,)`` for RNN and GRU, ``(h_0, c_0)`` for LSTM -- or None (zeros).
+``output`` is [T, B, D*H] (zero past each row's length; [B, T, D*H] with ``batch_first``), the
+final states a tuple like ``states``. ``cell_config`` is the cell's own: ``nonlinearity`` for
+the Elman cell, ``proj_size`` for the LSTM.
+
+``run_stack`` adds dropout between layers, the same way for every backend: one call of the
+stack per layer, with nn's masks in between. ``seam_stack`` is the Elman stack of a backend
+whose kernels implement only the recurrence seam (``fastbirnn.ops``): the input GEMM, the
+fused recurrence and h_n, layer by layer.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastbirnn import backends, ops
+from fastbirnn import ops
+
+
+def run_stack(
+    stack: Callable,
+    x: Tensor,
+    lengths: Optional[Tensor],
+    states: Optional[tuple[Tensor, ...]],
+    flat_weights: Sequence[Tensor],
+    *,
+    num_layers: int,
+    dropout: float,
+    training: bool,
+    batch_first: bool = False,
+    **config,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``stack`` over all layers, with dropout between them when training as the nn classes
+    do; ``config`` is the stack's other keyword arguments."""
+    if not (dropout > 0 and training and num_layers > 1):
+        return stack(x, lengths, states, flat_weights, num_layers=num_layers,
+                     batch_first=batch_first, **config)
+    # One layer at a time, drawing the masks as nn does: on time-major layer outputs,
+    # whatever batch_first says.
+    if batch_first:
+        x = x.transpose(0, 1)
+    per_layer = len(flat_weights) // num_layers
+    D = config["num_directions"]
+    finals = []
+    for layer in range(num_layers):
+        rows = slice(layer * D, (layer + 1) * D)
+        x, final = stack(
+            x, lengths, None if states is None else tuple(s[rows] for s in states),
+            flat_weights[layer * per_layer:(layer + 1) * per_layer], num_layers=1,
+            batch_first=False, **config,
+        )
+        finals.append(final)
+        if layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    if batch_first:
+        x = x.transpose(0, 1)
+    return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
 
 def final_hidden(Hs: Tensor, lengths: Tensor) -> Tensor:
@@ -45,66 +98,33 @@ def layer_weights(
     return W_ih, W_hh, b
 
 
-def birnn_forward(
-    x: Tensor,
-    lengths: Optional[Tensor],
-    hx: Optional[Tensor],
-    flat_weights: Sequence[Tensor],
-    *,
-    backend: str,
-    **config,
-) -> tuple[Tensor, Tensor]:
-    """The layer stack on ``backend``: its fused ``stack_forward`` where it has one, else
-    layer by layer through the recurrence seam. ``config`` is ``per_layer_forward``'s keyword
-    arguments (num_layers, num_directions, bias, nonlinearity, dropout, training, batch_first).
-    """
-    stack_forward = backends.get(backend).stack_forward
-    if stack_forward is not None:
-        return stack_forward(x, lengths, hx, flat_weights, **config)
-    return per_layer_forward(x, lengths, hx, flat_weights, backend=backend, **config)
+def seam_stack(backend: str) -> Callable:
+    """The Elman layer stack on ``backend``'s recurrence seam (``stack``'s contract)."""
 
+    def stack(x, lengths, states, flat_weights, *, num_layers, num_directions, bias,
+              batch_first=False, nonlinearity="tanh"):
+        if batch_first:
+            x = x.transpose(0, 1)
+        T, B, _ = x.shape
+        D = num_directions
+        H = flat_weights[1].size(1)  # W_hh is [H, H]
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
+        hx = x.new_zeros(num_layers * D, B, H) if states is None else states[0]
+        layer_input = x
+        final_states = []
+        for layer in range(num_layers):
+            W_ih, W_hh, b = layer_weights(flat_weights, layer, D, bias)
+            flat_input = layer_input.reshape(T * B, -1)
+            # One GEMM projects the input for both directions.
+            Z = torch.addmm(b, flat_input, W_ih.t()) if b is not None else flat_input @ W_ih.t()
+            h0 = hx[layer * D : (layer + 1) * D]
+            Hs = ops.recurrence_forward(
+                Z.view(T, B, D, H), W_hh, h0, lengths, nonlinearity, backend
+            )
+            final_states.append(final_hidden(Hs, lengths))
+            layer_input = Hs.view(T, B, D * H)
+        output = layer_input.transpose(0, 1) if batch_first else layer_input
+        return output, (torch.cat(final_states),)
 
-def per_layer_forward(
-    x: Tensor,
-    lengths: Optional[Tensor],
-    hx: Optional[Tensor],
-    flat_weights: Sequence[Tensor],
-    *,
-    num_layers: int,
-    num_directions: int,
-    bias: bool,
-    nonlinearity: str,
-    dropout: float,
-    training: bool,
-    backend: str,
-    batch_first: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Returns output [T, B, D*H] ([B, T, D*H] with ``batch_first``; zero past each row's
-    length) and h_n [L*D, B, H]. ``lengths=None``: every row runs all T steps; ``hx=None``:
-    zeros."""
-    if batch_first:
-        x = x.transpose(0, 1)
-    T, B, _ = x.shape
-    D = num_directions
-    H = flat_weights[1].size(0)  # W_hh is [H, H]
-    if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
-    if hx is None:
-        hx = x.new_zeros(num_layers * D, B, H)
-    layer_input = x
-    final_states = []
-    for layer in range(num_layers):
-        W_ih, W_hh, b = layer_weights(flat_weights, layer, D, bias)
-        flat_input = layer_input.reshape(T * B, -1)
-        # One GEMM projects the input for both directions.
-        Z = torch.addmm(b, flat_input, W_ih.t()) if b is not None else flat_input @ W_ih.t()
-        h0 = hx[layer * D : (layer + 1) * D]
-        Hs = ops.recurrence_forward(
-            Z.view(T, B, D, H), W_hh, h0, lengths, nonlinearity, backend
-        )
-        final_states.append(final_hidden(Hs, lengths))
-        layer_input = Hs.view(T, B, D * H)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, dropout, training=True)
-    output = layer_input.transpose(0, 1) if batch_first else layer_input
-    return output, torch.cat(final_states)
+    return stack

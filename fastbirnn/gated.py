@@ -1,7 +1,7 @@
 """``FastBiLSTM`` and ``FastBiGRU``: ``nn.LSTM`` and ``nn.GRU`` on fastbirnn's backends.
 
-Each class adds only what its cell owns -- the nn class's constructor arguments and which
-layer-stack function runs -- to the shared ``forward`` of ``fastbirnn.base``.
+Each class adds only what its cell owns -- the nn class's constructor arguments and its
+stack's own arguments -- to the shared ``forward`` of ``fastbirnn.base``.
 """
 
 from __future__ import annotations
@@ -45,18 +45,8 @@ def _nn_autocast_result_dtype(cell: str, device_type: str, autocast_dtype: torch
 
 
 class _GatedMixin(FusedRNNMixin):
-    def _cell_config(self) -> dict:
-        return {}
-
     def _autocast_result_dtype(self, device_type: str, autocast_dtype: torch.dtype):
         return _nn_autocast_result_dtype(self.cell, device_type, autocast_dtype)
-
-    def _run_layers(self, x, lengths, states, weights, backend: str, batch_first: bool):
-        stack = backends.get(backend).cell_stacks[self.cell]
-        return stack(
-            x, lengths, states, weights, batch_first=batch_first, **self._layer_config(),
-            **self._cell_config(),
-        )
 
 
 class FastBiLSTM(_GatedMixin, nn.LSTM):

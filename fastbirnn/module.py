@@ -6,7 +6,6 @@ from torch import nn
 
 from fastbirnn import backends
 from fastbirnn.base import FusedRNNMixin
-from fastbirnn.functional import birnn_forward
 
 
 class FastBiRNN(FusedRNNMixin, nn.RNN):
@@ -51,20 +50,6 @@ class FastBiRNN(FusedRNNMixin, nn.RNN):
         )
         self.backend = backend
 
-    def _stack_config(self) -> dict:
-        return dict(
-            self._layer_config(),
-            # nn.RNN runs what its mode says (set at construction), not the attribute.
-            nonlinearity="relu" if self.mode == "RNN_RELU" else "tanh",
-            batch_first=self.batch_first,
-        )
-
-    def _run_layers(self, x, lengths, states, weights, backend: str, batch_first: bool):
-        config = dict(self._stack_config(), batch_first=batch_first)
-        h0 = None if states is None else states[0]
-        output, h_n = birnn_forward(x, lengths, h0, weights, backend=backend, **config)
-        return output, (h_n,)
-
-    def _hot_path_entry(self, backend: str):
-        stack_forward = backends.get(backend).stack_forward
-        return None if stack_forward is None else (stack_forward, self._stack_config())
+    def _cell_config(self) -> dict:
+        # nn.RNN runs what its mode says (set at construction), not the attribute.
+        return {"nonlinearity": "relu" if self.mode == "RNN_RELU" else "tanh"}

@@ -1,9 +1,10 @@
 """The recurrence as ``torch.library`` custom ops, with fake kernels and autograd.
 
-This is the seam between the module and the kernels: the module does the input GEMM before
-and the weight GEMMs after (autograd differentiates those); the ops run the sequential part
-on the backend named by ``backend``. Registering them as custom ops lets ``torch.compile``
-(``fullgraph=True``) and ``torch.export`` treat each as one opaque node.
+This is the seam between the layer stack and the kernels of a backend that implements only
+the recurrence (triton's Elman kernels; ``fastbirnn.functional.seam_stack``): the stack does
+the input GEMM before and the weight GEMMs after (autograd differentiates those); the ops run
+the sequential part on the backend named by ``backend``. Registering them as custom ops lets
+``torch.compile`` (``fullgraph=True``) and ``torch.export`` treat each as one opaque node.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def _backward(ctx, dHs):
         # create_graph=True: the kernels' gradients are not differentiable, so refuse now
         # rather than hand back a graph that fails (or is wrong) one step later.
         raise RuntimeError(
-            "fastbirnn: double backward (create_graph=True) is not supported by the fused "
-            "backends; use FastBiRNN(..., backend='torch') for gradients of gradients"
+            f"fastbirnn: double backward (create_graph=True) is not supported by backend "
+            f"{ctx.backend!r}; backend='auto', 'cpp', 'reference' or 'torch' compute gradients "
+            "of gradients"
         )
     W_hh, h0, lengths, Hs = ctx.saved_tensors
     dZ, dh0 = recurrence_backward(dHs, Hs, W_hh, lengths, ctx.nonlinearity, ctx.backend)

@@ -1,7 +1,10 @@
-"""Pure-PyTorch reference of the bidirectional recurrence: the executable spec.
+"""Pure-PyTorch reference of the bidirectional recurrences: the executable spec.
 
-Readable and slow (a Python loop over time). Every kernel is tested against these two
-functions and against ``nn.RNN``. Shapes and conventions (the seam every backend implements):
+Readable and slow (a Python loop over time). The layer stacks of every cell (``elman_stack``,
+``lstm_stack``, ``gru_stack``, at the end) are the ``'reference'`` backend; autograd
+differentiates them, to any order. The two recurrence functions first are the spec of the
+seam a kernel backend may implement instead of a whole Elman stack (triton's does). Shapes and
+conventions of the seam:
 
     Z        [T, B, D, H]  input projection with both biases already added
     W_hh     [D, H, H]     recurrent weights, direction 0 = forward, 1 = reverse
@@ -107,7 +110,13 @@ def hidden_weight_grad(dZ: Tensor, Hs: Tensor, h0: Tensor, lengths: Tensor) -> T
     return torch.bmm(dz, hp)
 
 
-# ---- gated cells: the layer stack in plain PyTorch ops (autograd differentiates it) -------
+# ---- every cell: the layer stack in plain PyTorch ops (autograd differentiates it) --------
+
+
+def elman_step(xz: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh, w_hr, nonlinearity: str):
+    """One Elman step, nn.RNN's equation: h = act(x W_ih^T + b_ih + h W_hh^T + b_hh)."""
+    (h,) = state
+    return (activation(xz + torch.nn.functional.linear(h, w_hh, b_hh), nonlinearity),)
 
 
 def lstm_step(xz: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh, w_hr):
@@ -133,9 +142,9 @@ def gru_step(xz: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh, w_hr):
     return ((1 - z) * n + z * h,)
 
 
-def _gated_stack(step, num_states, x, lengths, states, flat_weights, *, num_layers,
-                 num_directions, bias, dropout, training, batch_first=False, proj_size=0):
-    """The layer stack of a gated cell: per_layer_forward's contract with a tuple of states.
+def _layer_stack(step, num_states, x, lengths, states, flat_weights, *, num_layers,
+                 num_directions, bias, batch_first=False, proj_size=0):
+    """The layer stack of one cell (``fastbirnn.functional.run_stack``'s contract).
 
     x [T,B,I] (or [B,T,I] with batch_first); states: tuple of [L*D,B,*] or None (zeros).
     Returns output [T,B,D*P] (zero past each row's length) and the final states tuple.
@@ -172,15 +181,24 @@ def _gated_stack(step, num_states, x, lengths, states, flat_weights, *, num_laye
             outputs.append(torch.stack(hs))
             finals.append(list(state))
         layer_input = torch.cat(outputs, dim=2)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = torch.nn.functional.dropout(layer_input, dropout, training=True)
     output = layer_input.transpose(0, 1) if batch_first else layer_input
     return output, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
+def elman_stack(x, lengths, states, flat_weights, *, nonlinearity="tanh", **config):
+    def step(xz, state, w_hh, b_hh, w_hr):
+        return elman_step(xz, state, w_hh, b_hh, w_hr, nonlinearity)
+
+    return _layer_stack(step, 1, x, lengths, states, flat_weights, **config)
+
+
 def lstm_stack(x, lengths, states, flat_weights, **config):
-    return _gated_stack(lstm_step, 2, x, lengths, states, flat_weights, **config)
+    return _layer_stack(lstm_step, 2, x, lengths, states, flat_weights, **config)
 
 
 def gru_stack(x, lengths, states, flat_weights, **config):
-    return _gated_stack(gru_step, 1, x, lengths, states, flat_weights, **config)
+    return _layer_stack(gru_step, 1, x, lengths, states, flat_weights, **config)
+
+
+# The reference backend's stacks, by cell.
+STACKS = {"rnn": elman_stack, "lstm": lstm_stack, "gru": gru_stack}

@@ -172,7 +172,7 @@ def _fake_backend_without_cells(monkeypatch, name="nocell"):
     from fastbirnn import reference
 
     fake = registry.RecurrenceBackend(
-        name=name, forward=reference.recurrence_forward, backward=reference.recurrence_backward,
+        name=name, cell_stacks={"rnn": reference.elman_stack},
         unavailable_reason=lambda: None, unsupported_reason=lambda x: None)
     monkeypatch.setitem(registry._REGISTRY, name, fake)
     return name

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fastbirnn
-from fastbirnn import FastBiRNN, backends, ops
+from fastbirnn import FastBiRNN, backends
 from parity import PARITY_CASES, Case, assert_parity, make_inputs, make_pair, run
 
 
@@ -80,8 +80,9 @@ def test_gradcheck_stack_op(L, D, batch_first, bias, relu, lengths):
     n = len(weights)
 
     def f(x, hx, *weights):
-        out, h_n = torch.ops.fastbirnn_cpp.stack(
-            x, hx, list(weights), lengths, L, D == 2, bias, relu, batch_first
+        out, h_n, _ = torch.ops.fastbirnn_cpp.stack(
+            "rnn_relu" if relu else "rnn_tanh", x, hx, None, list(weights), lengths, L, D == 2,
+            bias, batch_first
         )
         if relu:  # keep away from relu's kink, where finite differences are wrong
             return out * 1.0, h_n
@@ -91,27 +92,11 @@ def test_gradcheck_stack_op(L, D, batch_first, bias, relu, lengths):
     torch.autograd.gradcheck(f, (x, hx, *weights))
 
 
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_gradcheck_seam_ops(nonlinearity):
-    g = torch.Generator().manual_seed(3)
-    T, B, D, H = 5, 3, 2, 4
-    Z = torch.randn(T, B, D, H, generator=g, dtype=torch.float64, requires_grad=True)
-    W = (torch.randn(D, H, H, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
-    h0 = torch.randn(D, B, H, generator=g, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([5, 2, 4])
-    torch.autograd.gradcheck(
-        lambda Z, W, h0: ops.recurrence_forward(Z, W, h0, lengths, nonlinearity, "cpp"), (Z, W, h0)
-    )
-    reference = ops.recurrence_forward(Z, W, h0, lengths, nonlinearity, "reference")
-    torch.testing.assert_close(
-        ops.recurrence_forward(Z, W, h0, lengths, nonlinearity, "cpp"), reference
-    )
-
-
 def test_opcheck_stack():
     x, hx, weights, lengths = _stack_inputs(lengths=[5, 2, 4])
     torch.library.opcheck(
-        torch.ops.fastbirnn_cpp.stack.default, (x, hx, weights, lengths, 2, True, True, False, False)
+        torch.ops.fastbirnn_cpp.stack.default,
+        ("rnn_tanh", x, hx, None, weights, lengths, 2, True, True, False),
     )
 
 

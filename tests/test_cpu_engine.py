@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastbirnn import FastBiRNN
+from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN
 
 pytest.importorskip("fastbirnn._C")
 
@@ -99,23 +99,25 @@ def test_inference_bit_identical_across_threads(config):
             assert torch.equal(a, b)
 
 
-def test_seam_ops_bit_identical_across_threads():
-    # The per-layer seam (training with dropout between layers) runs on the same team.
-    from fastbirnn import _C
+@pytest.mark.parametrize("cell", [FastBiRNN, FastBiLSTM, FastBiGRU], ids=lambda c: c.__name__)
+def test_training_with_dropout_bit_identical_across_threads(cell):
+    # Dropout between layers runs the stack op once per layer, on the same team, with the
+    # same masks for every thread count (drawn by the calling thread).
+    torch.manual_seed(0)
+    model = cell(12, 200, num_layers=3, dropout=0.4, backend="cpp")
+    x = torch.randn(9, 5, 12, requires_grad=True)
+    lengths = [9, 3, 7, 1, 9]
 
-    g = torch.Generator().manual_seed(0)
-    T, B, D, H = 9, 5, 2, 200
-    Z = torch.randn(T, B, D, H, generator=g)
-    W = torch.randn(D, H, H, generator=g) / H**0.5
-    h0 = torch.randn(D, B, H, generator=g)
-    lengths = torch.tensor([9, 3, 7, 1, 9])
-    dHs = torch.randn(T, B, D, H, generator=g)
+    def step():
+        torch.manual_seed(1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, final = model(packed)
+        out = nn.utils.rnn.pad_packed_sequence(out)[0]
+        h_n = final[0] if isinstance(final, tuple) else final
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h_n.square().sum()
+        return [out, h_n, *torch.autograd.grad(loss, [x, *model.parameters()])]
 
-    def both():
-        Hs = _C.recurrence_forward(Z, W, h0, lengths, False)
-        return [Hs, *_C.recurrence_backward(dHs, Hs, W, lengths, False)]
-
-    results = [_with_threads(n, both) for n in THREADS]
+    results = [_with_threads(n, step) for n in THREADS]
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastbirnn import FastBiRNN, backends
+from fastbirnn import FastBiRNN, backends, reference
 
 BAD_CALLS = {
     "4-D input": lambda m: m(torch.randn(2, 3, 4, 1)),
@@ -84,11 +84,10 @@ def broken_backend():
     backends.register(
         backends.RecurrenceBackend(
             name=name,
-            forward=None,
-            backward=None,
+            cell_stacks={"rnn": reference.elman_stack},
             unavailable_reason=lambda: "its extension failed to build (test)",
             unsupported_reason=lambda x: None,
-            preferred_for=lambda x, hidden, batch: True,
+            preferred_for=lambda x, call: True,
         ),
         auto_priority=0,
     )
@@ -114,14 +113,11 @@ def test_auto_skips_an_unavailable_backend_with_one_warning(broken_backend):
 
 
 def test_backend_that_cannot_run_the_input_says_why():
-    from fastbirnn import reference
-
     name = "test-fp32-only"
     backends.register(
         backends.RecurrenceBackend(
             name=name,
-            forward=reference.recurrence_forward,
-            backward=reference.recurrence_backward,
+            cell_stacks={"rnn": reference.elman_stack},
             unavailable_reason=lambda: None,
             unsupported_reason=lambda x: None if x.dtype == torch.float32 else "fp32 only (test)",
         )

@@ -322,8 +322,7 @@ def test_auto_never_picks_triton_for_gated_cells(monkeypatch):
     """Even where 'auto' would pick triton for the Elman cell, the gated cells do not go to
     triton until their own GPU measurement exists (on CPU tensors the CPU rule decides)."""
     preferring = dataclasses.replace(backends.get("triton"), auto_devices=None,
-                                     preferred_for=lambda x, hidden, batch: True,
-                                     preferred_for_call=None)
+                                     preferred_for=lambda x, call: True)
     monkeypatch.setitem(backends._REGISTRY, "triton", preferring)
     x = torch.randn(5, 3, 4)
     assert FastBiRNN(4, 8).selected_backend(x) == "triton"  # the stand-in does prefer it

@@ -1,20 +1,17 @@
-"""Backend registry: who runs the recurrence, and on which tensors.
+"""Backend registry: who runs the layer stack, and on which tensors.
 
-Every recurrence backend implements the same two functions (see ``fastbirnn.reference``):
-
-    forward(Z, W_hh, h0, lengths, nonlinearity) -> Hs
-    backward(dHs, Hs, W_hh, lengths, nonlinearity) -> (dZ, dh0)
-
-``'torch'`` is special: it is ``nn.RNN``'s own forward and never goes through the seam.
-A backend module registers itself here on import. ``resolve_auto`` picks what ``'auto'``
-runs for a given input; ``require`` checks that a backend asked for by name can run it.
+Every backend implements, for each cell it has ('rnn', 'lstm', 'gru'), the layer stack of
+``fastbirnn.functional.run_stack``'s contract. ``'torch'`` is special: it is the nn class's
+own forward and never goes through the registry. A backend module registers itself here on
+import. ``resolve_auto`` picks what ``'auto'`` runs for a given input; ``require`` checks that a
+backend asked for by name can run it.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -26,35 +23,30 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class RecurrenceBackend:
     name: str
-    forward: Callable
-    backward: Callable
+    # The layer stack of each cell it runs ('rnn', 'lstm', 'gru'), with the arguments and
+    # results of ``fastbirnn.functional.run_stack``'s ``stack``.
+    cell_stacks: Mapping[str, Callable]
     # Why this backend cannot run at all here (missing package, build failure), or None.
     unavailable_reason: Callable[[], Optional[str]]
     # Why it cannot run this input (device, dtype), or None.
     unsupported_reason: Callable[[torch.Tensor], Optional[str]]
-    # Whether 'auto' should pick it for input x (hidden size, batch size): only where
-    # measured faster than nn.RNN.
-    preferred_for: Callable[[torch.Tensor, int, int], bool] = lambda x, hidden, batch: False
-    # Optional fusion of the whole layer stack, same arguments (less ``backend``) and results
-    # as fastbirnn.functional.per_layer_forward; None means that generic path is used.
-    stack_forward: Optional[Callable] = None
+    # Whether 'auto' should pick it for input x and everything 'auto' knows about the call
+    # (a ``cpu_rule.CallShape``): only where measured faster than the nn class.
+    preferred_for: Callable[[torch.Tensor, object], bool] = lambda x, call: False
     # Device types on which 'auto' considers it at all (None: every device). Keeps the
     # per-call choice cheap: on CPU, 'auto' never asks a CUDA-only backend.
     auto_devices: Optional[tuple[str, ...]] = None
-    # Optional finer choice from everything 'auto' knows about the call (a
-    # ``cpu_rule.CallShape``); used instead of ``preferred_for`` when the caller gives it.
-    preferred_for_call: Optional[Callable[[torch.Tensor, object], bool]] = None
-    # The gated cells it runs ('lstm', 'gru'), each as a function of the layer stack with
-    # per_layer_forward's arguments, but a tuple of states for hx (None: zeros) and no
-    # nonlinearity, returning (output, final states tuple). The Elman cell ('rnn') is what
-    # forward/backward/stack_forward run: every backend has it.
-    cell_stacks: Mapping[str, Callable] = field(default_factory=dict)
     # The cells 'auto' may pick it for (None: every cell it has), for a backend whose
     # measurements cover only some of its cells.
     auto_cells: Optional[tuple[str, ...]] = None
+    # The recurrence seam, for a backend whose Elman stack is built on it
+    # (``fastbirnn.functional.seam_stack``): forward(Z, W_hh, h0, lengths, nonlinearity) -> Hs
+    # and backward(dHs, Hs, W_hh, lengths, nonlinearity) -> (dZ, dh0).
+    forward: Optional[Callable] = None
+    backward: Optional[Callable] = None
 
     def supports(self, cell: str) -> bool:
-        return cell == "rnn" or cell in self.cell_stacks
+        return cell in self.cell_stacks
 
 
 _REGISTRY: dict[str, RecurrenceBackend] = {}
@@ -100,13 +92,10 @@ def available() -> dict[str, Optional[str]]:
     return status
 
 
-def resolve_auto(
-    x: torch.Tensor, hidden_size: int, batch_size: int, call=None, cell: str = "rnn"
-) -> str:
+def resolve_auto(x: torch.Tensor, call, cell: str = "rnn") -> str:
     """What ``'auto'`` runs for input ``x``: the first preferred kernel, else ``'torch'``.
 
-    ``call`` (a ``cpu_rule.CallShape``, optional) describes the whole call for backends
-    whose choice depends on more than the hidden and batch sizes; only backends that have
+    ``call`` (a ``cpu_rule.CallShape``) describes the whole call; only backends that have
     the ``cell`` are considered.
     """
     device_type = x.device.type
@@ -121,11 +110,7 @@ def resolve_auto(
         unavailable = backend.unavailable_reason()
         if unavailable is not None:
             _warn_fallback_once(name, unavailable)
-        elif backend.unsupported_reason(x) is None and (
-            backend.preferred_for_call(x, call)
-            if call is not None and backend.preferred_for_call is not None
-            else backend.preferred_for(x, hidden_size, batch_size)
-        ):
+        elif backend.unsupported_reason(x) is None and backend.preferred_for(x, call):
             return name
     return TORCH
 
@@ -169,11 +154,12 @@ def _register_builtin() -> None:
     register(
         RecurrenceBackend(
             name="reference",
-            forward=reference.recurrence_forward,
-            backward=reference.recurrence_backward,
+            cell_stacks=reference.STACKS,
             unavailable_reason=lambda: None,
             unsupported_reason=reference_unsupported,
-            cell_stacks={"lstm": reference.lstm_stack, "gru": reference.gru_stack},
+            # The seam's spec, so the seam ops (fastbirnn.ops) run without a kernel backend.
+            forward=reference.recurrence_forward,
+            backward=reference.recurrence_backward,
         )
     )
 

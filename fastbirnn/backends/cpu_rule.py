@@ -80,7 +80,7 @@ GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
 LSTM_BATCH1_LONG_SEQ = 64  # between the grid's T = 16 and T = 128
 
-# The engine's fixed column blocks (csrc/engine.cpp, kBlockWidth and kSmallHidden).
+# The engine's fixed column blocks (csrc/geometry.h, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
 _SMALL_HIDDEN = 64
 

@@ -81,10 +81,10 @@ def _unsupported_reason(x: torch.Tensor) -> Optional[str]:
     return f"device {x.device.type!r} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
 
 
-def _preferred_for(x: torch.Tensor, hidden_size: int, batch_size: int) -> bool:
+def _preferred_for(x: torch.Tensor, call) -> bool:
     # Only CUDA counts: under the interpreter triton is a test vehicle, never the fast path.
     # With no GPU measurement yet (CUDA_CROSSOVER is empty) this is False: CUDA keeps cuDNN.
-    return x.device.type == "cuda" and crossover_prefers(x.dtype, hidden_size, batch_size)
+    return x.device.type == "cuda" and crossover_prefers(x.dtype, call.hidden, call.batch)
 
 
 def _forward(Z, W_hh, h0, lengths, nonlinearity):
@@ -97,6 +97,12 @@ def _backward(dHs, Hs, W_hh, lengths, nonlinearity):
     from fastbirnn.triton import recurrence_backward
 
     return recurrence_backward(dHs, Hs, W_hh, lengths, nonlinearity)
+
+
+def _elman_stack(*args, **config):
+    from fastbirnn.functional import seam_stack
+
+    return seam_stack("triton")(*args, **config)
 
 
 def _lstm_stack(*args, **config):
@@ -116,7 +122,7 @@ backends.register(
         name="triton",
         forward=_forward,
         backward=_backward,
-        cell_stacks={"lstm": _lstm_stack, "gru": _gru_stack},
+        cell_stacks={"rnn": _elman_stack, "lstm": _lstm_stack, "gru": _gru_stack},
         # 'auto' keeps cuDNN's nn.LSTM / nn.GRU on CUDA: no GPU run has timed the gated
         # kernels yet (benchmarks/gpu_run.sh, stage 'gated', will), and CUDA_CROSSOVER is the
         # Elman cell's table. Add "lstm"/"gru" here with their own measured table.

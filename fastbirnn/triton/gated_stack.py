@@ -1,18 +1,17 @@
 """The LSTM and GRU layer stacks on the Triton kernels: ``cell_stacks`` of the 'triton' backend.
 
-Per layer, as for the Elman cell (``fastbirnn.functional.per_layer_forward``): one GEMM
-projects the input for both directions and every gate (autograd differentiates it), the
-kernels run the recurrence (``fastbirnn::gated_recurrence_forward``, a ``torch.library``
-custom op with its autograd, as ``fastbirnn.ops`` registers the Elman seam, around
-``launcher.gated_forward`` / ``gated_backward``), the weight gradients are GEMMs over all
-steps at once, and dropout between layers is ``F.dropout`` (the same masks as nn.LSTM on CPU;
-cuDNN draws its own).
+Per layer, as for the Elman cell (``fastbirnn.functional.seam_stack``): one GEMM projects the
+input for both directions and every gate (autograd differentiates it), the kernels run the
+recurrence (``fastbirnn::gated_recurrence_forward``, a ``torch.library`` custom op with its
+autograd, as ``fastbirnn.ops`` registers the Elman seam, around ``launcher.gated_forward`` /
+``gated_backward``), and the weight gradients are GEMMs over all steps at once. Dropout
+between layers is ``fastbirnn.functional.run_stack``'s, as for every backend (the same masks
+as nn.LSTM on CPU; cuDNN draws its own).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastbirnn.functional import final_hidden
@@ -121,8 +120,8 @@ def _layer_weights(flat_weights, layer, D, bias, cell, H):
 
 
 def gated_stack(cell, x, lengths, states, flat_weights, *, num_layers, num_directions, bias,
-                dropout, training, batch_first=False, proj_size=0):
-    """``RecurrenceBackend.cell_stacks``' contract (see ``reference._gated_stack``)."""
+                batch_first=False, proj_size=0):
+    """``RecurrenceBackend.cell_stacks``' contract (``fastbirnn.functional.run_stack``)."""
     if proj_size:
         raise RuntimeError(
             "fastbirnn backend 'triton' has no LSTM with proj_size > 0; use backend='torch' "
@@ -155,8 +154,6 @@ def gated_stack(cell, x, lengths, states, flat_weights, *, num_layers, num_direc
         final_h.append(final_hidden(Hs, lengths))
         final_c.append(cn)
         layer_input = Hs.view(T, B, D * H)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, dropout, training=True)
     output = layer_input.transpose(0, 1) if batch_first else layer_input
     if cell == "lstm":
         return output, (torch.cat(final_h), torch.cat(final_c))

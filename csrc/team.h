@@ -14,14 +14,14 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <exception>
 #include <thread>
 
-#include "engine_blas.h"
+#include "blas.h"
 
 namespace fastbirnn {
-namespace {
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -55,7 +55,7 @@ class Team {
   int64_t size() const { return size_; }
 
   // Runs fn(member) on each thread of the team; BLAS is single-threaded inside (see the
-  // determinism note in engine.cpp).
+  // determinism note in recurrence.h).
   template <typename F>
   void run(const F& fn) {
     if (size_ == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
@@ -118,5 +118,4 @@ void run_task_queue(int64_t n, int64_t threads, const F& fn) {
   });
 }
 
-}  // namespace
 }  // namespace fastbirnn

@@ -1,0 +1,81 @@
+// The C++ CPU engine's entry points: the stack ops (torch.ops.fastbirnn_cpp, stack.h) and the
+// extension module fastbirnn._C (the eager fast path and a few queries).
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "activations.h"
+#include "blas.h"
+#include "buffers.h"
+#include "stack.h"
+
+TORCH_LIBRARY(fastbirnn_cpp, m) {
+  // cell: 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru'; c0 and the returned c_n (empty otherwise)
+  // only for the LSTM.
+  m.def(
+      "stack(str cell, Tensor x, Tensor? h0, Tensor? c0, Tensor[] weights, Tensor? lengths, "
+      "int num_layers, bool bidirectional, bool has_biases, bool batch_first) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "stack_forward_impl(str cell, Tensor x, Tensor? h0, Tensor? c0, Tensor[] weights, "
+      "Tensor? lengths, int num_layers, bool bidirectional, bool has_biases, bool batch_first, "
+      "bool keep) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "stack_backward_impl(str cell, Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, "
+      "Tensor x, Tensor? h0, Tensor? c0, Tensor[] weights, Tensor? lengths, Tensor out, "
+      "Tensor mid, Tensor gates, Tensor saved, int num_layers, bool bidirectional, "
+      "bool has_biases, bool batch_first, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(fastbirnn_cpp, CPU, m) {
+  m.impl("stack", &fastbirnn::stack_no_autograd);
+  m.impl("stack_forward_impl", &fastbirnn::stack_forward_impl);
+  m.impl("stack_backward_impl", &fastbirnn::stack_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(fastbirnn_cpp, Autograd, m) {
+  m.impl("stack", &fastbirnn::stack_autograd);
+}
+
+namespace {
+
+// Installs the Python function the autograd node calls for gradients of gradients (stack.h's
+// DifferentiableBackward): fn(cell, inputs, grads, num_layers, bidirectional, has_biases,
+// batch_first) -> a list of gradients, None where there is none.
+void set_differentiable_backward(py::function fn) {
+  // Kept for the life of the process: it must outlive every graph that may call it, and a
+  // Python object must not be destroyed after the interpreter is gone.
+  auto* kept = new py::function(std::move(fn));
+  fastbirnn::set_differentiable_backward(
+      [kept](const std::string& cell, const std::vector<at::Tensor>& inputs,
+             const std::vector<at::Tensor>& grads, int64_t num_layers, bool bidirectional,
+             bool has_biases, bool batch_first) {
+        py::gil_scoped_acquire gil;
+        auto optional = [](const std::vector<at::Tensor>& ts) {
+          py::list list;
+          for (const auto& t : ts) list.append(t.defined() ? py::cast(t) : py::none());
+          return list;
+        };
+        py::object result = (*kept)(cell, optional(inputs), optional(grads), num_layers,
+                                    bidirectional, has_biases, batch_first);
+        std::vector<at::Tensor> out;
+        for (const py::handle item : result)
+          out.push_back(item.is_none() ? at::Tensor() : item.cast<at::Tensor>());
+        return out;
+      });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastbirnn fused C++ CPU kernels (ops live in torch.ops.fastbirnn_cpp)";
+  m.def("stack_eager", &fastbirnn::stack_eager,
+        "torch.ops.fastbirnn_cpp.stack(cell, x, None, None, weights, None, ...) without boxed "
+        "arguments");
+  m.def("has_blas", &fastbirnn::have_blas, "Whether an optimised BLAS was found in libtorch");
+  m.def("tanh_impl", &fastbirnn::tanh_impl_name, "Which vectorised tanh is in use");
+  m.def("release_scratch", &fastbirnn::release_scratch,
+        "Free the scratch buffers the engine keeps for this thread; returns the bytes freed");
+  m.def("set_differentiable_backward", &set_differentiable_backward,
+        "Install the function the stack's autograd node calls under create_graph=True");
+}

@@ -1,0 +1,225 @@
+// The big products of one layer, outside the per-step recurrence: the input projection before
+// it (X W_ih^T for every step at once) and the weight and input gradients after BPTT.
+// Each is a list of fixed tasks (row blocks, weight-row blocks) whose shapes depend only on the
+// problem, so no sum is ever split over workers and the thread count cannot change a result.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "geometry.h"
+#include "matrix.h"
+#include "stack.h"
+#include "team.h"
+#include "tiles.h"
+
+namespace fastbirnn {
+
+// Z = X W_ih^T of one layer as fixed tasks (direction, row block), dealt round-robin to the
+// team; the recurrence then starts at the team's first barrier. Z has `cols` columns per
+// direction (kGates * H).
+template <typename T>
+struct Projection {
+  const T* X;
+  int64_t I, rows, cols;
+  const T* w_ih[2];
+  const T* w_ih_t[2];  // W_ih^T [I, cols] (register tiles / the tiny loops), or null for BLAS
+  int64_t blocks;      // row blocks per direction
+  bool tiny;           // small_gemm on W_ih^T (cols, I <= kSmallHidden, rows <= kSmallRows)
+};
+
+// Projections over at least this many rows run on register tiles from W_ih^T (the one-off
+// transpose costs about as much as the tiles save on a few hundred rows).
+constexpr int64_t kPackedProjectionRows = 512;
+
+// Layer l's W_ih of each direction.
+template <typename T>
+std::array<const T*, 2> input_weights(at::TensorList weights, const StackArgs& a, int64_t l) {
+  std::array<const T*, 2> w{nullptr, nullptr};
+  for (int64_t d = 0; d < a.D; ++d) w[d] = weights[(l * a.D + d) * a.per_dir()].data_ptr<T>();
+  return w;
+}
+
+// The projection of one layer onto cols (kGates * H) columns per direction. W_ih^T goes to
+// tiny_t for the tiny loops, or to `packed` (allocated here) for register tiles over long
+// projections; otherwise BLAS reads W_ih as stored.
+template <typename T>
+Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols, int64_t D,
+                               const T* const w_ih[2], T (&tiny_t)[2][kSmallHidden * kSmallHidden],
+                               Tensor& packed, const at::TensorOptions& options) {
+  const bool tiny = cols <= kSmallHidden && I <= kSmallHidden && rows <= kSmallRows;
+  const bool tiles = !tiny && have_gemm_tiles() && rows >= kPackedProjectionRows;
+  if (tiles) packed = at::empty({D, I, cols}, options);
+  Projection<T> p{X, I, rows, cols, {nullptr, nullptr}, {nullptr, nullptr},
+                  tiny ? 1 : row_blocks(rows), tiny};
+  for (int64_t d = 0; d < D; ++d) {
+    p.w_ih[d] = w_ih[d];
+    if (tiny || tiles) {
+      T* w_t = tiny ? tiny_t[d] : packed.data_ptr<T>() + d * I * cols;
+      transpose(w_ih[d], cols, I, w_t);
+      p.w_ih_t[d] = w_t;
+    }
+  }
+  return p;
+}
+
+template <typename T>
+void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out) {
+  const int64_t H = p.cols, ld = g.D * p.cols, n = g.D * p.blocks;
+  for (int64_t task = 0; task < n; ++task) {
+    if (!m.owns(task)) continue;
+    const int64_t d = task % g.D, blk = task / g.D;
+    const int64_t r0 = p.rows * blk / p.blocks, r1 = p.rows * (blk + 1) / p.blocks;
+    const T* x = p.X + r0 * p.I;
+    T* z = out + r0 * ld + d * H;
+    if (p.tiny)  // register-blocked loops beat a BLAS call's fixed cost
+      small_gemm<T>(r1 - r0, H, p.I, x, p.I, p.w_ih_t[d], H, T(0), z, ld);
+    else if (p.w_ih_t[d])
+      gemm<T>(false, false, r1 - r0, H, p.I, x, p.I, p.w_ih_t[d], H, T(0), z, ld);
+    else
+      gemm<T>(false, true, r1 - r0, H, p.I, x, p.I, p.w_ih[d], p.I, T(0), z, ld);
+  }
+}
+
+// m rows of direction d's dW_hh as nn computes them: a sum over the steps each row actually
+// takes, h0 (or zeros) at its first step. dz points at the rows' gate-gradient columns
+// (leading dimension ldz), Hs at direction d's columns of the outputs. Used only when the
+// layer's states or gradients hold a NaN or inf, where the fast path would differ: its shifted
+// GEMM also multiplies the zero dz of padded steps with the last valid state (0 * NaN = NaN),
+// and it skips the zero h0 term when no h0 was given (NaN * 0 = NaN in nn.RNN).
+template <typename T>
+void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t m, const T* dz, int64_t ldz,
+                                  const T* Hs, const T* h0, T* dW) {
+  const int64_t H = g.H, DH = g.DH();
+  std::fill(dW, dW + m * H, T(0));
+  for (int64_t b = 0; b < g.B; ++b) {
+    const int64_t length = g.lengths ? g.lengths[b] : g.T;
+    for (int64_t s = 0; s < length; ++s) {
+      const int64_t t = d == 0 ? s : length - 1 - s;
+      const T* dz_row = dz + (t * g.st + b * g.sb) * ldz;
+      const T* prev = nullptr;  // nullptr: zeros
+      if (s > 0)
+        prev = Hs + ((d == 0 ? t - 1 : t + 1) * g.st + b * g.sb) * DH;
+      else if (h0)
+        prev = h0 + b * H;
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t k = 0; k < H; ++k) dW[j * H + k] += dz_row[j] * (prev ? prev[k] : T(0));
+    }
+  }
+}
+
+// One layer's operands of its gradient GEMMs: the pre-activation gradients of all steps
+// (written by BPTT, zero at padded steps), the layer's input and outputs. Only a cell with a
+// split gate (GRU) has dGh != dG.
+template <typename T>
+struct GradOperands {
+  const T* dG;   // [rows, D*KH] input-side pre-activation gradients
+  const T* dGh;  // the hidden-side ones (GRU's n gate: dn_pre * r); may be dG
+  int64_t KH;    // pre-activation rows per direction: kGates * H
+  const T* X;    // the layer's input [rows, I]
+  int64_t I;
+  const T* Hs;   // the layer's outputs [rows, D*H]
+  const T* h0;   // the layer's initial hidden state [D, B, H], or null (zeros)
+};
+
+// dW_ih, dW_hh, the bias gradients and dX (when dX is not null) of layer l, as independent
+// tasks of fixed shape: per direction, blocks of weight rows for dW_hh (+ db) and for dW_ih,
+// then fixed row blocks of dX. Splitting over output rows/columns means no sum is ever
+// split, so the thread count cannot change any result. scratch: D * B * KH elements.
+template <typename T>
+void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
+                const GradOperands<T>& p, std::vector<Tensor>& dweights, T* dX, int64_t threads,
+                T* scratch) {
+  const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
+  const int64_t rows = g.T * g.B;
+  const int64_t n_row_blocks = dX ? row_blocks(rows) : 0;
+  // Weight-row blocks per direction: single-threaded MKL loses ~40% of its rate on these
+  // long-K products below m = 256 rows, so blocks stay at >= 512 rows; balance comes from
+  // the dynamic queue and the small dX blocks instead.
+  const int64_t n_wblk = std::max<int64_t>(1, KH / 512);
+  const int64_t wblk = (KH + n_wblk - 1) / n_wblk;
+  const int64_t n_w = D * n_wblk;  // tasks per weight kind
+  // dX = dG [W_ih^f; W_ih^r]: one product with K = D*KH per block (not D with K = KH).
+  const T* w_ih_all = weights[l * D * a.per_dir()].data_ptr<T>();
+  std::vector<T> w_ih_cat;
+  if (dX && D > 1) {
+    w_ih_cat.resize(size_t(DKH) * I);
+    for (int64_t d = 0; d < D; ++d)
+      std::memcpy(w_ih_cat.data() + d * KH * I, weights[(l * D + d) * a.per_dir()].data_ptr<T>(),
+                  sizeof(T) * KH * I);
+    w_ih_all = w_ih_cat.data();
+  }
+  // A NaN or inf anywhere in this layer's states or gradients: dW_hh the exact way.
+  const bool nonfinite = !all_finite(p.Hs, rows * DH) || !all_finite<T>(p.dGh, rows * DKH);
+  // Task order is biggest first: dW_hh blocks (K = H columns), dW_ih blocks, dX blocks.
+  run_task_queue(2 * n_w + n_row_blocks, threads, [&](int64_t task) {
+    if (task < 2 * n_w) {
+      const bool hh = task < n_w;
+      const int64_t w = hh ? task : task - n_w;
+      const int64_t d = w / n_wblk, j0 = (w % n_wblk) * wblk, j1 = std::min(KH, j0 + wblk);
+      const int64_t m = j1 - j0;
+      if (m <= 0) return;
+      const int64_t base = (l * D + d) * a.per_dir();
+      const T* dgd = p.dG + d * KH + j0;    // columns j0..j1 of direction d
+      const T* dghd = p.dGh + d * KH + j0;
+      if (!hh) {
+        // dW_ih = dG^T X over all rows.
+        gemm<T>(true, false, m, I, rows, dgd, DKH, p.X, I, T(0),
+                dweights[base].data_ptr<T>() + j0 * I, I);
+        return;
+      }
+      T* dW_hh = dweights[base + 1].data_ptr<T>() + j0 * H;
+      const T* h0 = p.h0 ? p.h0 + d * g.B * H : nullptr;
+      const T* hsd = p.Hs + d * H;
+      if (nonfinite) {
+        hidden_weight_grad_nonfinite<T>(g, int(d), m, dghd, DKH, hsd, h0, dW_hh);
+      } else {
+        // dW_hh = sum_t dg_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
+        // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
+        const int64_t segments = g.sb == 1 ? 1 : g.B;
+        const int64_t K = g.sb == 1 ? (g.T - 1) * g.B : g.T - 1;
+        for (int64_t seg = 0; seg < segments; ++seg) {
+          const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
+          const T* A = d == 0 ? dghd + (r + g.st) * DKH : dghd + r * DKH;
+          const T* Bm = d == 0 ? hsd + r * DH : hsd + (r + g.st) * DH;
+          gemm<T>(true, false, m, H, K, A, DKH, Bm, DH, seg == 0 ? T(0) : T(1), dW_hh, H);
+        }
+        if (K <= 0) std::fill(dW_hh, dW_hh + m * H, T(0));
+        // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
+        if (h0) {
+          // Each block gathers its own columns j0..j1 of a per-direction [B, KH] buffer.
+          T* gather = scratch + d * g.B * KH + j0;
+          for (int64_t b = 0; b < g.B; ++b) {
+            const int64_t t0 = d == 0 ? 0 : (g.lengths ? g.lengths[b] - 1 : g.T - 1);
+            std::memcpy(gather + b * KH, dghd + (t0 * g.st + b * g.sb) * DKH, sizeof(T) * m);
+          }
+          gemm<T>(true, false, m, H, g.B, gather, KH, h0, H, T(1), dW_hh, H);
+        }
+      }
+      if (a.has_biases) {
+        // db = column sums of the gate gradients (input side for b_ih, hidden side for b_hh).
+        for (int side = 0; side < 2; ++side) {
+          T* db = dweights[base + 2 + side].data_ptr<T>() + j0;
+          if (side == 1 && p.dGh == p.dG) {
+            std::memcpy(db, dweights[base + 2].data_ptr<T>() + j0, sizeof(T) * m);
+            break;
+          }
+          std::vector<T> tmp(column_sums_scratch(rows, m));
+          column_sums<T>(side == 0 ? dgd : dghd, DKH, rows, m, db, tmp.data());
+        }
+      }
+    } else {
+      // dX for one fixed block of rows.
+      const int64_t blk = task - 2 * n_w;
+      const int64_t r0 = rows * blk / n_row_blocks, r1 = rows * (blk + 1) / n_row_blocks;
+      gemm<T>(false, false, r1 - r0, I, DKH, p.dG + r0 * DKH, DKH, w_ih_all, I, T(0),
+              dX + r0 * I, I);
+    }
+  });
+}
+
+}  // namespace fastbirnn

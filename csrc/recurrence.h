@@ -1,0 +1,253 @@
+// The recurrence of one layer, both directions, on a team of workers: one forward loop and one
+// backward (BPTT) loop, templated on the cell (cell_elman.h, cell_lstm.h, cell_gru.h).
+//
+// Parallelism comes from the machine, not from the number of directions: each direction's
+// hidden units are split into fixed column blocks (geometry.h), both directions' blocks
+// interleaved and dealt round-robin to a team of up to torch.get_num_threads() workers
+// (team.h). Each worker keeps its blocks for the whole sequence (so its slice of W_hh stays in
+// its core's cache) and the team meets at one barrier per step.
+//
+// Forward, each step: a block of w hidden units computes h_{t-1} W_hh^T for its K * w gate rows
+// (one small product on W_hh rows packed once per layer), then the cell combines it with the
+// input projection and the biases and writes h_t. Backward, each step, time reversed: a block
+// first adds dG_{prev} W_hh[:, block] to its columns of h's gradient (reading every block's
+// gate gradients, finished at the last barrier), then runs the cell's derivative on its
+// columns. Nothing is ever summed across workers.
+//
+// Determinism: every product is a single-threaded BLAS call or register-tile loop on a block
+// whose shape depends only on the problem, never on the thread count, so results are
+// bit-identical for any torch.get_num_threads().
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "geometry.h"
+#include "team.h"
+#include "tiles.h"
+
+namespace fastbirnn {
+
+// One layer's per-direction operands of the forward recurrence.
+template <typename T>
+struct ForwardOperands {
+  const T* w_hh[2] = {nullptr, nullptr};    // [K*H, H] as nn stores it
+  T* w_packed[2] = {nullptr, nullptr};      // [K*H*H] each, for pack_block, or null (unused)
+  const T* bias[2] = {nullptr, nullptr};    // [K*H] input-side biases, or null
+  const T* bias_h[2] = {nullptr, nullptr};  // the split gate's b_hh [H], or null
+  const T* h0[2] = {nullptr, nullptr};      // [B,H], or null for zeros
+  const T* c0[2] = {nullptr, nullptr};      // LSTM: [B,H], or null for zeros
+  T* hn[2] = {nullptr, nullptr};            // [B,H] results
+  T* cn[2] = {nullptr, nullptr};
+};
+
+// Whether the forward packs W_hh's blocks at all: for the register tiles, and for a gated cell
+// on BLAS (its K gate rows of a block are not contiguous in W_hh; the Elman cell's are).
+inline bool forward_packs(const Geometry& g, int64_t gates) {
+  return forward_block_tiles(g) || gates > 1;
+}
+
+// Packs block [j0, j0 + w) of W_hh [K*H, H] (its K*w gate rows, nn's gate order) for the
+// forward's per-step product h_{t-1} W_block^T: as the [H, K*w] panel small_gemm's register
+// tiles read where `tiles`, else as those rows, contiguous, for one BLAS call. The blocks of a
+// direction tile its [K*H*H] buffer in order.
+template <typename T>
+void pack_block(const T* w_hh, int64_t K, int64_t H, int64_t j0, int64_t w, bool tiles,
+                T* packed) {
+  T* block = packed + K * j0 * H;
+  const int64_t n_all = K * w;
+  for (int64_t q = 0; q < K; ++q) {
+    for (int64_t n = 0; n < w; ++n) {
+      const T* row = w_hh + (q * H + j0 + n) * H;
+      if (tiles)
+        for (int64_t k = 0; k < H; ++k) block[k * n_all + q * w + n] = row[k];
+      else
+        std::memcpy(block + (q * w + n) * H, row, sizeof(T) * H);
+    }
+  }
+}
+
+// Copies (or zeroes, for a null init) columns [j0, j0 + w) of B rows of H.
+template <typename T>
+void copy_block(const T* init, T* dst, int64_t B, int64_t H, int64_t j0, int64_t w) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (init)
+      std::memcpy(dst + b * H + j0, init + b * H + j0, sizeof(T) * w);
+    else
+      std::memset(dst + b * H + j0, 0, sizeof(T) * w);
+  }
+}
+
+// In: G holds x W_ih^T (K*H columns per direction). Out: Hs holds h_t (zero past each row's
+// length), hn/cn the final states; in training (S not null) G the activated gates and S the
+// cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
+// direction's h_{t-1} and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local:
+// updated in place); hid: D * B * K*H (each block's h_{t-1} W_hh^T; unused in place). At step
+// s every block reads all of h_{s-1} and writes its own columns of h_s into the other buffer:
+// one barrier per step.
+template <typename T, typename Cell>
+void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
+                             const Cell& cell, T* G, T* Hs, T* S, const ForwardOperands<T>& p,
+                             T* state, T* cstate, T* hid) {
+  constexpr int64_t K = Cell::kGates;
+  const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
+  const bool tiles = forward_block_tiles(g);
+  auto buffer = [&](int64_t d, int64_t s) { return state + (d * 2 + (s & 1)) * B * H; };
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    // Each worker packs its own blocks: they stay in its core's cache for every step.
+    if (p.w_packed[d]) pack_block(p.w_hh[d], K, H, j0, w, tiles, p.w_packed[d]);
+    copy_block(p.h0[d], buffer(d, 0), B, H, j0, w);
+    if (Cell::kCellState) copy_block(p.c0[d], cstate + d * B * H, B, H, j0, w);
+  }
+  m.sync();  // also orders the input projection before its first use
+  for (int64_t s = 0; s < g.T; ++s) {
+    for (int64_t k = 0; k < nb; ++k) {
+      if (!m.owns(k)) continue;
+      const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+      const int64_t t = g.step(d, s);
+      const T* prev = buffer(d, s);
+      T* next = buffer(d, s + 1);
+      const int64_t bound = g.active_bound(t);
+      // h_{t-1} W_hh^T for the block's K * w gate rows: added onto the projection in the
+      // output row (in place), else into the block's rows of hid.
+      T* product = Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0 : hid + d * B * KH + K * j0;
+      const int64_t ldp = Cell::kInPlace ? g.sb * DKH : KH;
+      const T beta = Cell::kInPlace ? T(1) : T(0);
+      const T* block = p.w_packed[d] ? p.w_packed[d] + K * j0 * H : p.w_hh[d] + j0 * H;
+      if (!tiles)
+        gemm<T>(false, true, bound, K * w, H, prev, H, block, H, beta, product, ldp);
+      else if (Cell::kInPlace)  // one panel, summed over all of H and added once to x W_ih^T
+        small_gemm<T>(bound, K * w, H, prev, H, block, K * w, beta, product, ldp);
+      else
+        tiled_gemm<T>(bound, K * w, H, prev, H, block, K * w, beta, product, ldp);
+      const T* bias = p.bias[d] ? p.bias[d] + j0 : nullptr;
+      const T* bias_h = p.bias_h[d] ? p.bias_h[d] + j0 : nullptr;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = t * g.st + b * g.sb;
+        T* h = Hs + row * DH + d * H + j0;
+        if (b < bound && g.active(t, b)) {
+          cell.forward(G + row * DKH + d * KH + j0, H,
+                       Cell::kInPlace ? nullptr : product + b * KH, bias, bias_h,
+                       prev + b * H + j0,
+                       Cell::kCellState ? cstate + (d * B + b) * H + j0 : nullptr, h,
+                       S ? S + row * DH + d * H + j0 : nullptr, w);
+          std::memcpy(next + b * H + j0, h, sizeof(T) * w);
+        } else {
+          std::memset(h, 0, sizeof(T) * w);
+          std::memcpy(next + b * H + j0, prev + b * H + j0, sizeof(T) * w);
+        }
+      }
+    }
+    if (s + 1 < g.T) m.sync();  // after the last step each block reads only its own columns
+  }
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    copy_block<T>(buffer(d, g.T), p.hn[d], B, H, j0, w);
+    if (Cell::kCellState) copy_block<T>(cstate + d * B * H, p.cn[d], B, H, j0, w);
+  }
+}
+
+// One layer's per-direction operands of the backward recurrence.
+template <typename T>
+struct BackwardOperands {
+  const T* w_hh[2] = {nullptr, nullptr};  // [K*H, H] as nn stores it
+  const T* h0[2] = {nullptr, nullptr};    // [B,H] or null (zeros)
+  const T* c0[2] = {nullptr, nullptr};
+  const T* dhn[2] = {nullptr, nullptr};   // gradients of the final states, or null
+  const T* dcn[2] = {nullptr, nullptr};
+  T* dh0[2] = {nullptr, nullptr};         // results
+  T* dc0[2] = {nullptr, nullptr};
+};
+
+// BPTT, time reversed. dOut (may be null) and Hs share the row layout; G holds the activated
+// gates (Hs itself for an in-place cell) and S the cell's saved values (null in place). What
+// else flows back in time (LSTM's dc, GRU's dh * z) stays in the block. Writes dG and dGh (zero
+// at padded steps; the same buffer unless the cell has a split gate) and dh0/dc0.
+// scratch: D * 3 * B * H (carry, tmp and dc per direction). Carry columns are only ever
+// touched by their block's owner, so one barrier per step suffices.
+template <typename T, typename Cell>
+void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
+                              const Cell& cell, const T* dOut, const T* Hs, const T* G,
+                              const T* S, T* dG, T* dGh, const BackwardOperands<T>& p,
+                              T* scratch) {
+  constexpr int64_t K = Cell::kGates;
+  const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
+  const int64_t ldg = g.sb * DKH;  // between batch rows of one step in dG
+  auto carry_of = [&](int64_t d) { return scratch + d * 3 * B * H; };  // then tmp, then dc
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    copy_block(p.dhn[d], carry_of(d), B, H, j0, w);
+    if (Cell::kCellState) copy_block(p.dcn[d], carry_of(d) + 2 * B * H, B, H, j0, w);
+  }
+  // s = -1 is the last carry update only: dh0 gets dGh_{first step} W_hh for the active rows.
+  for (int64_t s = g.T - 1; s >= -1; --s) {
+    for (int64_t k = 0; k < nb; ++k) {
+      if (!m.owns(k)) continue;
+      const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+      T* carry = carry_of(d);
+      T* tmp = carry + B * H;
+      T* dc = tmp + B * H;
+      if (s + 1 < g.T) {
+        // Rows active at the previous step get dGh W_hh added to the part the cell left
+        // (GRU) or in place of it; the others keep their carry.
+        const int64_t tp = g.step(d, s + 1);
+        const int64_t bound = g.active_bound(tp);
+        const bool all_active = g.all_active_below(tp, bound);
+        T* target = all_active ? carry : tmp;
+        const T beta = all_active && Cell::kHiddenCarry ? T(1) : T(0);
+        const T* dgp = dGh + tp * g.st * DKH + d * KH;
+        if (H <= kSmallHidden)  // W_hh's columns [j0, j0 + w) are a [K*H, w] panel as they are
+          small_gemm<T>(bound, w, KH, dgp, ldg, p.w_hh[d] + j0, H, beta, target + j0, H);
+        else
+          gemm<T>(false, false, bound, w, KH, dgp, ldg, p.w_hh[d] + j0, H, beta, target + j0, H);
+        if (!all_active) {
+          for (int64_t b = 0; b < bound; ++b) {
+            if (!g.active(tp, b)) continue;
+            T* c = carry + b * H + j0;
+            const T* add = tmp + b * H + j0;
+            for (int64_t j = 0; j < w; ++j) c[j] = Cell::kHiddenCarry ? c[j] + add[j] : add[j];
+          }
+        }
+      }
+      if (s >= 0) {
+        const int64_t t = g.step(d, s);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t row = t * g.st + b * g.sb;
+          T* dgx = dG + row * DKH + d * KH + j0;
+          T* dgh = dGh + row * DKH + d * KH + j0;
+          if (!g.active(t, b)) {
+            for (int64_t q = 0; q < K; ++q) {
+              std::memset(dgx + q * H, 0, sizeof(T) * w);
+              if (dgh != dgx) std::memset(dgh + q * H, 0, sizeof(T) * w);
+            }
+            continue;
+          }
+          const int64_t prev = g.previous_row(d, t, b);
+          const T* h_prev = prev >= 0 ? Hs + prev * DH + d * H + j0
+                                      : p.h0[d] ? p.h0[d] + b * H + j0 : nullptr;
+          const T* c_prev = !Cell::kCellState ? nullptr
+                            : prev >= 0       ? S + prev * DH + d * H + j0
+                            : p.c0[d]         ? p.c0[d] + b * H + j0
+                                              : nullptr;
+          const int64_t at = row * DH + d * H + j0;
+          cell.backward(G + row * DKH + d * KH + j0, H, S ? S + at : nullptr, h_prev, c_prev,
+                        dOut ? dOut + at : nullptr, carry + b * H + j0, dc + b * H + j0, dgx,
+                        dgh, w);
+        }
+      }
+    }
+    if (s >= 0) m.sync();
+  }
+  for (int64_t k = 0; k < nb; ++k) {
+    if (!m.owns(k)) continue;
+    const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
+    copy_block<T>(carry_of(d), p.dh0[d], B, H, j0, w);
+    if (Cell::kCellState) copy_block<T>(carry_of(d) + 2 * B * H, p.dc0[d], B, H, j0, w);
+  }
+}
+
+}  // namespace fastbirnn

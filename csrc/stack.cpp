@@ -1,0 +1,465 @@
+// The whole layer stack in one call: layers, both directions, forward and backward, and the one
+// autograd node of every cell.
+//
+// Forward, per layer: the input projection X [W_ih^f; W_ih^r]^T as fixed row-block tasks
+// (layer_gemms.h), then the recurrence on the same team (recurrence.h). Backward, per layer from
+// the top: BPTT on the team, then the weight and input gradients as fixed GEMM tasks over all
+// steps. A gated cell keeps its activated gates and saved values per layer for the backward;
+// the Elman cell keeps only its outputs (its pre-activation is its output, cell.h).
+
+#include "stack.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "buffers.h"
+#include "cell_elman.h"
+#include "cell_gru.h"
+#include "cell_lstm.h"
+#include "checks.h"
+#include "layer_gemms.h"
+#include "recurrence.h"
+
+namespace fastbirnn {
+namespace {
+
+// Runs fn with the cell the op's `cell` argument names.
+template <typename F>
+void with_cell(c10::string_view name, const F& fn) {
+  if (name == "rnn_tanh") return fn(ElmanCell{false});
+  if (name == "rnn_relu") return fn(ElmanCell{true});
+  if (name == "lstm") return fn(LstmCell{});
+  if (name == "gru") return fn(GruCell{});
+  TORCH_CHECK(false, "fastbirnn cpp backend: unknown cell '", std::string(name),
+              "' (expected 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru')");
+}
+
+StackArgs stack_args(c10::string_view cell, int64_t num_layers, bool bidirectional,
+                     bool has_biases, bool batch_first) {
+  int64_t gates = 0;
+  with_cell(cell, [&](auto c) { gates = decltype(c)::kGates; });
+  return {num_layers, bidirectional ? 2 : 1, has_biases, batch_first, gates};
+}
+
+// The checks of every argument, then the call's geometry.
+Geometry checked_geometry(c10::string_view cell, const Tensor& x, const std::optional<Tensor>& h0,
+                          const std::optional<Tensor>& c0, at::TensorList weights,
+                          const std::optional<Tensor>& lengths, const StackArgs& a,
+                          Tensor& lengths_cpu) {
+  check_inputs(x, h0, c0, weights, lengths, a, cell == "lstm");
+  return geometry(x, lengths, a, weights[1].size(1), lengths_cpu);
+}
+
+std::vector<int64_t> out_shape(const Geometry& g, bool batch_first) {
+  return batch_first ? std::vector<int64_t>{g.B, g.T, g.DH()}
+                     : std::vector<int64_t>{g.T, g.B, g.DH()};
+}
+
+Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
+  return t && t->defined() ? t->contiguous() : Tensor();
+}
+
+// Where each layer of a forward writes its [rows, D*H] output: the last layer into the result,
+// the others into the kept intermediates (training) or else two scratch buffers in turn, so
+// layer l reads what layer l-1 wrote while it writes the other.
+template <typename T>
+class LayerOutputs {
+ public:
+  LayerOutputs(Tensor& out, Tensor& mid, int64_t num_layers, int64_t rows, int64_t width)
+      : out_(out), mid_(mid), L_(num_layers), rows_(rows), width_(width) {}
+  T* operator()(int64_t l) {
+    if (l == L_ - 1) return out_.data_ptr<T>();
+    if (mid_.numel() > 0) return mid_.data_ptr<T>() + l * rows_ * width_;
+    Tensor& buffer = scratch_[l % 2];
+    if (!buffer.defined())
+      buffer = scratch_buffer(l % 2 ? kScratchLayer1 : kScratchLayer0, rows_ * width_,
+                              out_.options());
+    return buffer.data_ptr<T>();
+  }
+
+ private:
+  Tensor &out_, &mid_;
+  int64_t L_, rows_, width_;
+  Tensor scratch_[2];
+};
+
+// Layer l's slice of a [L*D, B, H] state tensor for direction d, or null.
+template <typename T>
+T* layer_state(const Tensor& t, int64_t l, int64_t d, int64_t D, int64_t BH) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() + (l * D + d) * BH : nullptr;
+}
+
+template <typename T, typename Cell>
+void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                    at::TensorList weights, const Geometry& g, const StackArgs& a, bool keep,
+                    Tensor& out, Tensor& hn, Tensor& cn, Tensor& mid, Tensor& gates,
+                    Tensor& saved) {
+  constexpr int64_t K = Cell::kGates;
+  const int64_t L = a.num_layers, D = a.D, H = g.H, B = g.B, rows = g.T * g.B;
+  const int64_t KH = K * H, DKH = D * KH;
+  const Blocks blk = column_blocks(D, H);
+  const int64_t workers = team_size(g, blk, K);
+  LayerOutputs<T> layer_output(out, mid, L, rows, g.DH());
+  // A gated cell's gates: kept per layer in training, else one buffer the layers share.
+  const Tensor gate_buf = Cell::kInPlace || keep
+                              ? Tensor() : scratch_buffer(kScratchGates, rows * DKH, x.options());
+  const T* layer_in = x.data_ptr<T>();
+  int64_t in_size = x.size(2);
+  std::vector<T> bias(a.has_biases ? DKH : 0);
+  // Packed W_hh blocks (filled by the workers): on the stack while they fit (an allocation
+  // is a visible part of a tiny call), else in `packed`. W_ih^T for the tiny projection (on
+  // the stack) and for long ones (w_ih_packed).
+  constexpr int64_t kStackPacked = 2 * kSmallHidden * kSmallHidden;
+  alignas(64) T w_small[kStackPacked];
+  const bool packs = forward_packs(g, K);
+  const Tensor packed = packs && D * KH * H > kStackPacked ? at::empty({D * KH * H}, x.options())
+                                                           : Tensor();
+  T* const packed_data = !packs ? nullptr : packed.defined() ? packed.data_ptr<T>() : w_small;
+  alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
+  Tensor w_ih_packed;
+  std::vector<T> state(size_t(D) * 2 * B * H), cstate(Cell::kCellState ? D * B * H : 0);
+  std::vector<T> hid(Cell::kInPlace ? 0 : size_t(D) * B * KH);
+  for (int64_t l = 0; l < L; ++l) {
+    T* layer_out = layer_output(l);
+    T* G = Cell::kInPlace ? layer_out
+           : keep         ? gates.data_ptr<T>() + l * rows * DKH
+                          : gate_buf.data_ptr<T>();
+    T* S = !Cell::kInPlace && keep ? saved.data_ptr<T>() + l * rows * g.DH() : nullptr;
+    const Projection<T> proj = layer_projection<T>(layer_in, in_size, rows, KH, D,
+                                                   input_weights<T>(weights, a, l).data(),
+                                                   w_ih_t, w_ih_packed, x.options());
+    ForwardOperands<T> ops;
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t base = (l * D + d) * a.per_dir();
+      ops.w_hh[d] = weights[base + 1].data_ptr<T>();
+      if (packed_data) ops.w_packed[d] = packed_data + d * KH * H;
+      if (a.has_biases) {
+        // b_ih + b_hh, except where the cell applies b_hh itself (GRU's n: r * (.. + b_hn)).
+        const T* b_ih = weights[base + 2].data_ptr<T>();
+        const T* b_hh = weights[base + 3].data_ptr<T>();
+        for (int64_t q = 0; q < K; ++q)
+          for (int64_t j = 0; j < H; ++j)
+            bias[d * KH + q * H + j] =
+                q == Cell::kSplitGate ? b_ih[q * H + j] : b_ih[q * H + j] + b_hh[q * H + j];
+        ops.bias[d] = bias.data() + d * KH;
+        if (Cell::kSplitGate >= 0) ops.bias_h[d] = b_hh + Cell::kSplitGate * H;
+      }
+      ops.h0[d] = layer_state<T>(h0, l, d, D, B * H);
+      ops.c0[d] = layer_state<T>(c0, l, d, D, B * H);
+      ops.hn[d] = layer_state<T>(hn, l, d, D, B * H);
+      ops.cn[d] = layer_state<T>(cn, l, d, D, B * H);
+    }
+    Team team(workers);
+    team.run([&](Team::Member& m) {
+      project<T>(m, g, proj, G);
+      recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
+                                 cstate.data(), hid.data());
+    });
+    layer_in = layer_out;
+    in_size = g.DH();
+  }
+}
+
+template <typename T, typename Cell>
+void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& grad_hn,
+                     const Tensor& grad_cn, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                     at::TensorList weights, const Geometry& g, const StackArgs& a,
+                     const Tensor& out, const Tensor& mid, const Tensor& gates,
+                     const Tensor& saved, bool need_dx, Tensor& dx, Tensor& dh0, Tensor& dc0,
+                     std::vector<Tensor>& dweights, const Tensor& dG) {
+  constexpr int64_t K = Cell::kGates;
+  const int64_t L = a.num_layers, D = a.D, H = g.H, B = g.B, DH = g.DH(), rows = g.T * g.B;
+  const int64_t KH = K * H, DKH = D * KH;
+  const int64_t threads = worth_threads(rows * KH * H) ? int64_t(at::get_num_threads()) : 1;
+  const Blocks blk = column_blocks(D, H);
+  const int64_t workers = team_size(g, blk, K);
+  std::vector<T> bptt(size_t(D) * 3 * B * H);  // carry, tmp and dc per direction
+  std::vector<T> scratch(size_t(D) * B * KH);  // for gemm_grads
+  const Tensor dGh = Cell::kSplitGate >= 0
+                         ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
+  Tensor dOut_buf;  // the gradient flowing into the current layer's output
+  const T* dOut = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const T* Hs = l == L - 1 ? out.data_ptr<T>() : mid.data_ptr<T>() + l * rows * DH;
+    const T* X = l == 0 ? x.data_ptr<T>() : mid.data_ptr<T>() + (l - 1) * rows * DH;
+    const int64_t I = l == 0 ? x.size(2) : DH;
+    const T* G = Cell::kInPlace ? Hs : gates.data_ptr<T>() + l * rows * DKH;
+    const T* S = Cell::kInPlace ? nullptr : saved.data_ptr<T>() + l * rows * DH;
+
+    // 1. BPTT on the team, column blocks of both directions, one barrier per step.
+    BackwardOperands<T> ops;
+    for (int64_t d = 0; d < D; ++d) {
+      ops.w_hh[d] = weights[(l * D + d) * a.per_dir() + 1].data_ptr<T>();
+      ops.h0[d] = layer_state<T>(h0, l, d, D, B * H);
+      ops.c0[d] = layer_state<T>(c0, l, d, D, B * H);
+      ops.dhn[d] = layer_state<T>(grad_hn, l, d, D, B * H);
+      ops.dcn[d] = layer_state<T>(grad_cn, l, d, D, B * H);
+      ops.dh0[d] = layer_state<T>(dh0, l, d, D, B * H);
+      ops.dc0[d] = layer_state<T>(dc0, l, d, D, B * H);
+    }
+    Team team(workers);
+    team.run([&](Team::Member& m) {
+      recurrence_backward_team<T>(m, g, blk, cell, dOut, Hs, G, S, dG.data_ptr<T>(),
+                                  dGh.data_ptr<T>(), ops, bptt.data());
+    });
+
+    // 2. Weight and input gradients: fixed GEMM tasks over all steps.
+    const bool want_dx = l > 0 || need_dx;
+    Tensor dX_buf = !want_dx ? Tensor() : l == 0 ? dx
+                    : scratch_buffer(l % 2 ? kScratchGradInput1 : kScratchGradInput0, rows * DH,
+                                     x.options());
+    gemm_grads<T>(g, a, weights, l,
+                  {dG.data_ptr<T>(), dGh.data_ptr<T>(), KH, X, I, Hs,
+                   layer_state<T>(h0, l, 0, D, B * H)},
+                  dweights, want_dx ? dX_buf.data_ptr<T>() : nullptr, threads, scratch.data());
+    if (l > 0) {
+      dOut_buf = dX_buf;  // becomes the output gradient of the layer below
+      dOut = dOut_buf.data_ptr<T>();
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stack_forward_impl(
+    c10::string_view cell, const Tensor& x_, const std::optional<Tensor>& h0_,
+    const std::optional<Tensor>& c0_, at::TensorList weights_,
+    const std::optional<Tensor>& lengths, int64_t num_layers, bool bidirectional,
+    bool has_biases, bool batch_first, bool keep) {
+  const StackArgs a = stack_args(cell, num_layers, bidirectional, has_biases, batch_first);
+  Tensor lengths_cpu;
+  const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
+  const Tensor x = x_.contiguous();
+  const Tensor h0 = contiguous_or_undefined(h0_), c0 = contiguous_or_undefined(c0_);
+  std::vector<Tensor> weights;
+  weights.reserve(weights_.size());
+  for (const auto& w : weights_) weights.push_back(w.contiguous());
+  const int64_t rows = g.T * g.B;
+  const bool lstm = cell == "lstm", gated = a.gates > 1;
+  const auto options = x.options();
+  Tensor out = empty_buffer(out_shape(g, batch_first), options);
+  Tensor hn = at::empty({num_layers * a.D, g.B, g.H}, options);
+  Tensor cn = at::empty({lstm ? num_layers * a.D : 0, g.B, g.H}, options);
+  Tensor mid = empty_buffer({keep ? num_layers - 1 : 0, rows, g.DH()}, options);
+  const int64_t kept = keep && gated ? num_layers : 0;
+  Tensor gates = empty_buffer({kept, rows, a.gates * g.DH()}, options);
+  Tensor saved = empty_buffer({kept, rows, g.DH()}, options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastbirnn_stack_forward", [&] {
+    with_cell(cell, [&](auto c) {
+      forward_layers<scalar_t>(c, x, h0, c0, weights, g, a, keep, out, hn, cn, mid, gates, saved);
+    });
+  });
+  return {out, hn, cn, mid, gates, saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
+    c10::string_view cell, const std::optional<Tensor>& grad_out_,
+    const std::optional<Tensor>& grad_hn_, const std::optional<Tensor>& grad_cn_,
+    const Tensor& x_, const std::optional<Tensor>& h0_, const std::optional<Tensor>& c0_,
+    at::TensorList weights_, const std::optional<Tensor>& lengths, const Tensor& out,
+    const Tensor& mid, const Tensor& gates, const Tensor& saved, int64_t num_layers,
+    bool bidirectional, bool has_biases, bool batch_first, bool need_dx) {
+  const StackArgs a = stack_args(cell, num_layers, bidirectional, has_biases, batch_first);
+  Tensor lengths_cpu;
+  const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
+  const at::ScalarType dtype = x_.scalar_type();
+  const bool lstm = cell == "lstm", gated = a.gates > 1;
+  const int64_t rows = g.T * g.B, kept = gated ? num_layers : 0;
+  const std::vector<int64_t> out_sizes = out_shape(g, batch_first);
+  const std::vector<int64_t> state_sizes{num_layers * a.D, g.B, g.H};
+  check_tensor(out, "out", dtype, out_sizes);
+  TORCH_CHECK(mid.dim() == 3 && mid.size(0) == num_layers - 1,
+              "fastbirnn cpp backend: intermediate outputs were not kept for backward");
+  check_tensor(mid, "mid", dtype, {num_layers - 1, rows, g.DH()});
+  check_tensor(gates, "gates", dtype, {kept, rows, a.gates * g.DH()});
+  check_tensor(saved, "saved", dtype, {kept, rows, g.DH()});
+  auto optional = [&](const std::optional<Tensor>& t, const char* name, at::IntArrayRef sizes) {
+    if (!t || !t->defined()) return Tensor();
+    check_tensor(*t, name, dtype, sizes);
+    return t->contiguous();
+  };
+  const Tensor grad_out = optional(grad_out_, "grad_out", out_sizes);
+  const Tensor grad_hn = optional(grad_hn_, "grad_hn", state_sizes);
+  const Tensor grad_cn = optional(grad_cn_, "grad_cn", state_sizes);
+  TORCH_CHECK(lstm || !grad_cn.defined(), "fastbirnn cpp backend: only the LSTM has a c_n");
+  const Tensor x = x_.contiguous();
+  const Tensor h0 = contiguous_or_undefined(h0_), c0 = contiguous_or_undefined(c0_);
+  std::vector<Tensor> weights;
+  std::vector<std::vector<int64_t>> shapes;  // the results: dweights..., dx, dh0, dc0 (, dG)
+  for (const auto& w : weights_) {
+    weights.push_back(w.contiguous());
+    shapes.push_back(w.sizes().vec());
+  }
+  shapes.push_back(need_dx ? x.sizes().vec() : std::vector<int64_t>{0});
+  shapes.push_back(state_sizes);
+  shapes.push_back(lstm ? state_sizes : std::vector<int64_t>{0});
+  // The gate gradients are scratch: carved out with the results while small, else kept per
+  // thread.
+  const int64_t dG_numel = rows * a.gates * g.DH();
+  const bool dG_kept = dG_numel * int64_t(x.element_size()) >= kScratchMinBytes;
+  if (!dG_kept) shapes.push_back({dG_numel});
+  std::vector<Tensor> results = empty_tensors(shapes, x.options());
+  Tensor dG = dG_kept ? scratch_buffer(kScratchGradGates, dG_numel, x.options()) : results.back();
+  if (!dG_kept) results.pop_back();
+  Tensor dc0 = results.back();
+  results.pop_back();
+  Tensor dh0 = results.back();
+  results.pop_back();
+  Tensor dx = results.back();
+  results.pop_back();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastbirnn_stack_backward", [&] {
+    with_cell(cell, [&](auto c) {
+      backward_layers<scalar_t>(c, grad_out, grad_hn, grad_cn, x, h0, c0, weights, g, a,
+                                out.contiguous(), mid.contiguous(), gates.contiguous(),
+                                saved.contiguous(), need_dx, dx, dh0, dc0, results, dG);
+    });
+  });
+  return {dx, dh0, dc0, results};
+}
+
+// ---- autograd: one node for the whole stack --------------------------------------------------
+
+namespace {
+
+DifferentiableBackward& differentiable_backward() {
+  static DifferentiableBackward fn;
+  return fn;
+}
+
+template <typename Op>
+c10::TypedOperatorHandle<Op> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Op>();
+}
+
+std::optional<Tensor> optional_tensor(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+class StackFunction : public torch::autograd::Function<StackFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const std::string& cell, const Tensor& x,
+      const std::optional<Tensor>& h0, const std::optional<Tensor>& c0, at::TensorList weights,
+      const std::optional<Tensor>& lengths, int64_t num_layers, bool bidirectional,
+      bool has_biases, bool batch_first) {
+    static const auto op =
+        find_op<decltype(stack_forward_impl)>("fastbirnn_cpp::stack_forward_impl");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, hn, cn, mid, gates, saved] = op.call(cell, x, h0, c0, weights, lengths, num_layers,
+                                                    bidirectional, has_biases, batch_first, true);
+    auto defined = [](const std::optional<Tensor>& t) { return t ? *t : Tensor(); };
+    std::vector<Tensor> kept{x, defined(h0), defined(c0), defined(lengths), out, mid, gates,
+                             saved};
+    kept.insert(kept.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(kept);
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["num_layers"] = num_layers;
+    ctx->saved_data["bidirectional"] = bidirectional;
+    ctx->saved_data["has_biases"] = has_biases;
+    ctx->saved_data["batch_first"] = batch_first;
+    ctx->saved_data["need_dx"] = x.requires_grad();
+    return {out, hn, cn};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    std::vector<Tensor> weights(saved.begin() + 8, saved.end());
+    const std::string cell = ctx->saved_data["cell"].toStringRef();
+    const bool need_dx = ctx->saved_data["need_dx"].toBool();
+    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
+    const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
+    const bool has_biases = ctx->saved_data["has_biases"].toBool();
+    const bool batch_first = ctx->saved_data["batch_first"].toBool();
+    Tensor dx, dh0, dc0;
+    std::vector<Tensor> dweights;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: gradients that are themselves differentiable, from a recomputation.
+      // Refused loudly where none is installed, never gradients that drop second-order terms.
+      TORCH_CHECK(differentiable_backward(),
+                  "fastbirnn cpp backend: double backward (create_graph=True) needs the Python "
+                  "package's differentiable recomputation, which is not installed");
+      std::vector<Tensor> inputs{saved[0], saved[1], saved[2]};
+      inputs.insert(inputs.end(), weights.begin(), weights.end());
+      inputs.push_back(saved[3]);
+      const std::vector<Tensor> result = differentiable_backward()(
+          cell, inputs, {grads[0], grads[1], cell == "lstm" ? grads[2] : Tensor()}, num_layers,
+          bidirectional, has_biases, batch_first);
+      TORCH_CHECK(result.size() == 3 + weights.size(),
+                  "fastbirnn cpp backend: the differentiable backward returned ", result.size(),
+                  " gradients, expected ", 3 + weights.size());
+      dx = result[0];
+      dh0 = result[1];
+      dc0 = result[2];
+      dweights.assign(result.begin() + 3, result.end());
+    } else {
+      static const auto op =
+          find_op<decltype(stack_backward_impl)>("fastbirnn_cpp::stack_backward_impl");
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(dx, dh0, dc0, dweights) =
+          op.call(cell, optional_tensor(grads[0]), optional_tensor(grads[1]),
+                  cell == "lstm" ? optional_tensor(grads[2]) : std::nullopt, saved[0],
+                  optional_tensor(saved[1]), optional_tensor(saved[2]), weights,
+                  optional_tensor(saved[3]), saved[4], saved[5], saved[6], saved[7], num_layers,
+                  bidirectional, has_biases, batch_first, need_dx);
+    }
+    // One gradient per forward argument (cell, x, h0, c0, the weights, then lengths and the
+    // non-tensor arguments).
+    torch::autograd::variable_list result{Tensor(), need_dx ? dx : Tensor(),
+                                          saved[1].defined() ? dh0 : Tensor(),
+                                          saved[2].defined() ? dc0 : Tensor()};
+    result.insert(result.end(), dweights.begin(), dweights.end());
+    for (int i = 0; i < 5; ++i) result.emplace_back();
+    return result;
+  }
+};
+
+}  // namespace
+
+void set_differentiable_backward(DifferentiableBackward fn) {
+  differentiable_backward() = std::move(fn);
+}
+
+std::tuple<Tensor, Tensor, Tensor> stack_no_autograd(
+    c10::string_view cell, const Tensor& x, const std::optional<Tensor>& h0,
+    const std::optional<Tensor>& c0, at::TensorList weights, const std::optional<Tensor>& lengths,
+    int64_t num_layers, bool bidirectional, bool has_biases, bool batch_first) {
+  static const auto op =
+      find_op<decltype(stack_forward_impl)>("fastbirnn_cpp::stack_forward_impl");
+  auto [out, hn, cn, mid, gates, saved] = op.call(cell, x, h0, c0, weights, lengths, num_layers,
+                                                  bidirectional, has_biases, batch_first, false);
+  return {out, hn, cn};
+}
+
+std::tuple<Tensor, Tensor, Tensor> stack_autograd(
+    c10::string_view cell, const Tensor& x, const std::optional<Tensor>& h0,
+    const std::optional<Tensor>& c0, at::TensorList weights, const std::optional<Tensor>& lengths,
+    int64_t num_layers, bool bidirectional, bool has_biases, bool batch_first) {
+  bool needs_grad = x.requires_grad() || (h0 && h0->defined() && h0->requires_grad()) ||
+                    (c0 && c0->defined() && c0->requires_grad());
+  for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
+  if (!at::GradMode::is_enabled() || !needs_grad) {
+    // No graph to build: skip the autograd node and keep nothing for a backward.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return stack_no_autograd(cell, x, h0, c0, weights, lengths, num_layers, bidirectional,
+                             has_biases, batch_first);
+  }
+  auto outs = StackFunction::apply(std::string(cell), x, h0, c0, weights, lengths, num_layers,
+                                   bidirectional, has_biases, batch_first);
+  return {outs[0], outs[1], outs[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> stack_eager(c10::string_view cell, const Tensor& x,
+                                               const std::vector<Tensor>& weights,
+                                               int64_t num_layers, bool bidirectional,
+                                               bool has_biases, bool batch_first) {
+  static const auto op = find_op<decltype(stack_autograd)>("fastbirnn_cpp::stack");
+  return op.call(cell, x, std::nullopt, std::nullopt, weights, std::nullopt, num_layers,
+                 bidirectional, has_biases, batch_first);
+}
+
+}  // namespace fastbirnn
