@@ -54,5 +54,6 @@ else
 fi
 step "command 2 until pytest starts" "$install2"
 step "command 2: python -m pytest" "python -m pytest"
-grep -a -E "passed|fastbirnn: (compiling.*done|reusing)|WARNING: [0-9]+ of" "$log" |
+# (Python warnings too: the quick start promises a first screen without any.)
+grep -a -E "passed|fastbirnn: (compiling.*done|reusing)|WARNING: [0-9]+ of|[A-Za-z]+Warning:" "$log" |
     sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/.*fastbirnn: /fastbirnn: /' | tr -d '\r' || true

@@ -14,6 +14,8 @@ padded sentences with a mask.
 Each epoch trains the FastBiLSTM model and, interleaved with it, the same model built with
 ``nn.LSTM`` from the same initial weights on the same batches (``--no-compare`` skips it);
 it prints the loss and time per epoch of both, then the held-out token accuracy of both.
+Each FastBiLSTM line says which backend ran, counted over that epoch's batches (with
+``'auto'`` it depends on each batch's size and length; ``'torch'`` is nn.LSTM).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backend_report import BackendCounts, ran  # noqa: E402
 from pos_tagger import (  # noqa: E402  (the POS example's corpus and vocabulary helpers)
     IGNORE,
     N_SHAPES,
@@ -188,8 +191,11 @@ def run(max_sentences: Optional[int] = 3000, epochs: int = 3, batch_size: int = 
         models["nn.LSTM"] = fast.with_nn_lstm()
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=3e-3) for name, m in models.items()}
     results = {name: {"loss": [], "seconds": []} for name in models}
+    # What FastBiLSTM ran, asked of selected_backend on each real batch (not on a probe).
+    counts = BackendCounts(fast.lstm)
+    results["FastBiLSTM"]["backends"] = []
     log(f"{len(train)} training / {len(test)} held-out sentences, {len(vocab.tags)} tags; "
-        f"FastBiLSTM runs {fast.lstm.selected_backend(torch.zeros(1, 1, fast.lstm.input_size))!r}")
+        f"FastBiLSTM backend {backend!r}")
     for epoch in range(1, epochs + 1):
         epoch_batches = batches(train_data, batch_size, torch.Generator().manual_seed(epoch))
         for name, model in models.items():  # the same batches and word dropout for each
@@ -197,11 +203,18 @@ def run(max_sentences: Optional[int] = 3000, epochs: int = 3, batch_size: int = 
                                         generator=torch.Generator().manual_seed(100 + epoch))
             results[name]["loss"].append(loss)
             results[name]["seconds"].append(seconds)
-            log(f"epoch {epoch}  {name:10s}  loss {loss:8.4f}  {seconds:6.2f} s")
+            line = f"epoch {epoch}  {name:10s}  loss {loss:8.4f}  {seconds:6.2f} s"
+            if model is fast:
+                results[name]["backends"].append(counts.take())
+                line += f"  ({ran(results[name]['backends'][-1])})"
+            log(line)
     for name, model in models.items():
         results[name]["accuracy"] = accuracy(model, test_batches)
         log(f"{name:10s}  held-out token accuracy {results[name]['accuracy']:.4f}  "
             f"median {statistics.median(results[name]['seconds']):.2f} s per epoch")
+    results["FastBiLSTM"]["eval_backends"] = counts.take()
+    log(f"held-out evaluation: FastBiLSTM {ran(results['FastBiLSTM']['eval_backends'])}")
+    counts.remove()
     return results
 
 

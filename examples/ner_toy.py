@@ -16,12 +16,17 @@ same initial weights.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from fastbirnn import FastBiRNN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backend_report import BackendCounts, ran  # noqa: E402
 
 VOCAB = {"John": 0, "lives": 1, "in": 2, "Paris": 3, "Mary": 4, "London": 5}
 TAG2IDX = {"B-PER": 0, "O": 1, "B-LOC": 2}
@@ -125,9 +130,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.manual_seed(args.seed)
     model = BiRNNNER(backend=args.backend)
     print(model)
-    print(f"backend running: {model.rnn.selected_backend(torch.zeros(1, 4, EMBEDDING_DIM))!r}")
+    print(f"backend: {args.backend!r}")
     print("Training...")
+    counts = BackendCounts(model.rnn)  # what ran, asked of selected_backend on each real input
     train(model, make_dataset(), epochs=args.epochs)
+    print(f"FastBiRNN {ran(counts.take(), 'training step')}")
     print("Predictions:")
     for sentence, labels in zip(SENTENCES, LABELS):
         tags = predict(model, sentence)

@@ -12,6 +12,8 @@ Brazilian Portuguese (Folha de S.Paulo texts, Universal Dependencies UPOS tags, 
 Each epoch trains the FastBiRNN model and, interleaved with it, the same model with
 ``nn.RNN`` from the same initial weights on the same batches (``--no-compare`` skips it), then
 prints the loss and time per epoch of both and the token accuracy on a held-out split.
+Each epoch line says which backend FastBiRNN ran, counted over that epoch's batches (with
+``'auto'`` it depends on each batch's size and length; ``'torch'`` is nn.RNN).
 
 Batches are padded, then packed with ``pack_padded_sequence(..., enforce_sorted=False)``:
 variable lengths, no sorting by the caller.
@@ -34,6 +36,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from fastbirnn import FastBiRNN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backend_report import BackendCounts, ran  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -268,6 +273,8 @@ class RunResult:
     losses: list[float]
     epoch_seconds: list[float]
     accuracy: float
+    # FastBiRNN only: per epoch, how many batches each backend ran ('torch': nn.RNN).
+    backends: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -322,8 +329,9 @@ def run(
         reference = make(torch_rnn)
         reference.load_state_dict(fast.state_dict(), strict=True)  # same initial weights
         models["nn.RNN"] = reference
-    running = fast.rnn.selected_backend(torch.zeros(1, 1, fast.rnn.input_size))
-    log(f"FastBiRNN backend {backend!r} runs {running!r}; {sum(p.numel() for p in fast.parameters())} parameters")
+    # What FastBiRNN ran, asked of selected_backend on each real batch (not on a probe).
+    counts = BackendCounts(fast.rnn)
+    log(f"FastBiRNN backend {backend!r}; {sum(p.numel() for p in fast.parameters())} parameters")
 
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=lr) for name, m in models.items()}
     # Each model gets its own generators, seeded alike: same batches, same word dropout.
@@ -339,9 +347,13 @@ def run(
             )
             results[name].losses.append(loss)
             results[name].epoch_seconds.append(seconds)
+            if models[name] is fast:
+                results[name].backends.append(counts.take())
         log(f"epoch {epoch}: " + "; ".join(
             f"{name} loss {r.losses[-1]:.4f} in {r.epoch_seconds[-1]:.2f} s"
+            + (f" ({ran(r.backends[-1])})" if r.backends else "")
             for name, r in results.items()))
+    counts.remove()
     for name, model in models.items():
         results[name].accuracy = accuracy(model, test_batches)
     return Results(results, baseline, len(train_sents), len(test_sents), n_train_tokens,

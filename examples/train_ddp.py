@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -25,6 +27,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastbirnn import FastBiRNN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backend_report import BackendCounts, ran  # noqa: E402
 
 VOCAB = 12
 N_TAGS = 3
@@ -83,10 +88,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     model = DDP(Tagger(args.backend).to(device), device_ids=[local_rank] if use_cuda else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     if rank == 0:
-        rnn = model.module.rnn
-        example = torch.zeros(1, 1, rnn.input_size, device=device)
-        print(f"{world} processes ({dist.get_backend()}), FastBiRNN backend {args.backend!r} "
-              f"runs {rnn.selected_backend(example)!r}", flush=True)
+        print(f"{world} processes ({dist.get_backend()}), FastBiRNN backend {args.backend!r}",
+              flush=True)
+    counts = BackendCounts(model.module.rnn)  # what ran, asked of selected_backend per step
 
     # Each rank draws its own shard of fresh data each step (seeded by step and rank).
     for step in range(1, args.steps + 1):
@@ -100,6 +104,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             dist.all_reduce(mean_loss)  # a sum (gloo has no average)
             if rank == 0:
                 print(f"step {step}: loss {mean_loss.item() / world:.4f}", flush=True)
+    if rank == 0:
+        print(f"rank 0: FastBiRNN {ran(counts.take(), 'training step')}", flush=True)
 
     model.eval()
     tokens, tags = make_data(256, args.length, seed=2**31 - 1)

@@ -183,6 +183,14 @@ class FusedRNNMixin:
             return None
         return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
 
+    def _hx_has_nn_form(self, hx) -> bool:
+        """Whether ``hx`` has the nn class's form: ``(h_0, c_0)`` for the LSTM, else a tensor."""
+        if self.cell != "lstm":
+            return isinstance(hx, Tensor)
+        return isinstance(hx, (tuple, list)) and len(hx) == 2 and all(
+            isinstance(s, Tensor) for s in hx
+        )
+
     def _hx(self, states: tuple[Tensor, ...]):
         """The inverse of ``_states``: what the nn class takes and returns as hidden state."""
         return states if len(states) > 1 else states[0]
@@ -191,11 +199,15 @@ class FusedRNNMixin:
         # Normalisation mirrors the nn classes' forward; wherever they raise, they are called
         # to raise, so every error is theirs, word for word.
         self._update_flat_weights()
+        if hx is not None and not self._hx_has_nn_form(hx):
+            return super().forward(input, hx)  # raises the nn class's own error for this hx
         states = self._states(hx)
         is_packed = isinstance(input, PackedSequence)
         if is_packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if hx is not None:
+                if any(s.dim() != 3 for s in states):
+                    return super().forward(input, hx)  # raises the nn class's own error
                 states = self._states(self.permute_hidden(hx, sorted_indices))
         else:
             batch_sizes = sorted_indices = unsorted_indices = None

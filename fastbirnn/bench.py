@@ -61,9 +61,12 @@ def _fmt_mb(b) -> str:
 
 
 def _backend_label(row: dict) -> str:
+    """``auto->cpp``: what 'auto' ran; ``auto->torch/cpp`` where the forward (under no_grad)
+    ran one backend and the training step another."""
     name, resolved = row["backend"], row.get("resolved_backend")
     if name == "auto" and resolved:
-        return f"auto->{resolved}"
+        fwd = row.get("resolved_backend_fwd") or resolved
+        return f"auto->{resolved}" if fwd == resolved else f"auto->{fwd}/{resolved}"
     return name
 
 
@@ -149,7 +152,8 @@ def table(rows: list[dict]) -> str:
         out.append("not run: " + "; ".join(notes))
     out.append(f"fwd x / train x: speedup over {baselines_of(measured)} (its time / this "
                "time), median of interleaved runs; train = forward + backward; "
-               "peak MB: training step; auto->X: what 'auto' ran (torch: the nn class)")
+               "peak MB: training step; auto->X: what 'auto' ran (torch: the nn class), "
+               "auto->X/Y: X in the forward, Y in the training step")
     note = disturbance_note(rows)
     if note:
         out.append(note)
@@ -177,6 +181,7 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
 
     One curve per backend and fixed other dimensions; colour = the other dimensions,
     line style and marker = the backend. Without any sweep (sparse presets), markers only.
+    Points of rows the table flags as disturbed are drawn hollow, with a legend entry saying so.
     """
     letters = {"batch": "B", "seq": "T", "input": "I", "hidden": "H", "layers": "L"}
     metric = "speedup_train" if mode == "train" else "speedup_fwd"
@@ -189,12 +194,14 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
         for r in measured:
             c = r["case"]
             fixed = tuple(c[k] for k in fixed_keys)
-            series.setdefault((fixed, r["backend"]), []).append((c[xkey], r[metric]))
+            series.setdefault((fixed, r["backend"]), []).append(
+                (c[xkey], r[metric], _disturbed(r)))
         swept = any(len({p[0] for p in pts}) > 1 for pts in series.values())
         if not swept:
             series = {}
             for r in measured:
-                series.setdefault(((), r["backend"]), []).append((r["case"][xkey], r[metric]))
+                series.setdefault(((), r["backend"]), []).append(
+                    (r["case"][xkey], r[metric], _disturbed(r)))
         fixed_values = sorted({f for f, _ in series})
         for (fixed, backend), pts in sorted(series.items()):
             if swept and len({p[0] for p in pts}) < 2:
@@ -203,11 +210,20 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
             style, marker = BACKEND_STYLES[backends.index(backend) % len(BACKEND_STYLES)]
             desc = " ".join(f"{letters[k]}{v}" for k, v in zip(fixed_keys, fixed)
                             if not (k == "layers" and v == 1)) or "various shapes"
+            color = colors[(fixed_values.index(fixed) if swept else backends.index(backend))
+                           % len(colors)]
+            clean = [i for i, p in enumerate(pts) if not p[2]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                    linestyle=style if swept else "none", markersize=5,
-                    color=colors[(fixed_values.index(fixed) if swept else backends.index(backend))
-                                 % len(colors)],
-                    label=f"{backend} ({desc})")
+                    linestyle=style if swept else "none", markersize=5, color=color,
+                    markevery=clean, label=f"{backend} ({desc})")
+            disturbed = [p for p in pts if p[2]]
+            if disturbed:  # hollow: the table flags these rows as disturbed
+                ax.plot([p[0] for p in disturbed], [p[1] for p in disturbed], marker=marker,
+                        linestyle="none", markersize=5, color=color, markerfacecolor="none",
+                        gid="disturbed")
+        if any(p[2] for pts in series.values() for p in pts):
+            ax.plot([], [], marker="o", linestyle="none", markersize=5, color="black",
+                    markerfacecolor="none", label="hollow: disturbed, rerun on an idle machine")
         ax.axhline(1.0, color="grey", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -222,20 +238,36 @@ def _plot_row(axes, measured, dtype, mode, backends, matplotlib) -> None:
     axes[0].set_ylabel(f"speedup over {baselines_of(measured)} (log scale)")
 
 
+def _disturbed(row: dict) -> bool:
+    return bool(row.get("disturbed_by"))
+
+
 def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
     """Speedup over the nn class vs batch size and vs hidden size (PNG). Returns why not, or None.
 
     One row of two panels per precision and mode (training step, forward); the title names
-    the cell(s).
+    the cell(s). Disturbed rows' points are hollow.
     """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError as error:
         return f"matplotlib not available ({error})"
+    fig = figure(rows, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def figure(rows: list[dict], title: str = ""):
+    """The matplotlib figure that ``plot`` saves (matplotlib must be importable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
     measured = [r for r in rows if "skipped" not in r and not bm.is_baseline(r["backend"])]
     backends = list(dict.fromkeys(r["backend"] for r in measured))
     dtypes = sorted({r["dtype"] for r in measured}, key=list(bm.DTYPES).index) or ["fp32"]
@@ -247,9 +279,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> Optional[str]:
                   backends, matplotlib)
     cells = ", ".join(dict.fromkeys(row_cell(r) for r in rows)) or "rnn"
     fig.suptitle(f"cell: {cells}" + (f"; {title}" if title else ""), fontsize=9)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+    return fig
 
 
 def _write_json(path: str, doc: dict) -> None:
@@ -273,7 +303,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the Elman cell's activation (--cell rnn only; default tanh)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--preset", default="quick", choices=sorted(bm.PRESETS),
-                   help="tiny (seconds), quick (default, <1 min on CPU), cpu (sweeps, minutes), "
+                   help="tiny (seconds), quick (default; on CPU the design's shapes "
+                        "(2,4,16,32), (32,128,128,128) and (64,256,256,512), for lstm and gru "
+                        "(32,128,512,512) in place of the last: under a minute on 2 cores), "
+                        "cpu (sweeps, minutes), "
                         "gpu (CUDA: batch {1,8,32,128} x hidden {128..1024}, T=256, in fp32 "
                         "with TF32 on and off, and bf16)")
     p.add_argument("--backends", default=None,

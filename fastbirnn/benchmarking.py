@@ -190,10 +190,23 @@ PRESETS: dict[str, dict[str, list[Case]]] = {
 }
 
 
+# (preset, device type, cell) -> cases, where a cell's differ from PRESETS'. With the design's
+# large shape, (64, 256, 256, 512), the quick preset of the LSTM and the GRU took 49 s and 63 s
+# on an idle 2-core VM (issue 26; the Elman one about 20 s): nn.LSTM and nn.GRU are slow
+# there. On CPU their quick preset takes instead (32, 128, 512, 512), a point of the committed
+# LSTM and GRU grids with a quarter of its multiply-adds (benchmarks/results/cpu-grid-lstm,
+# cpu-grid-gru: nn.LSTM's training step 0.64 s there, nn.GRU's 0.70 s).
+CELL_PRESETS: dict[tuple[str, str, str], list[Case]] = {
+    ("quick", "cpu", cell): DESIGN_SHAPES[:2] + [Case(32, 128, 512, 512)]
+    for cell in ("lstm", "gru")
+}
+
+
 def preset_cases(
     preset: str, device: torch.device | str, cell: str = "rnn", nonlinearity: str = "tanh"
 ) -> list[Case]:
-    """The preset's shapes for ``device``, as cases of ``cell`` (the same shapes for every cell)."""
+    """The preset's shapes for ``device``, as cases of ``cell`` (the same shapes for every
+    cell, except where ``CELL_PRESETS`` names others)."""
     kind = torch.device(device).type
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
@@ -203,7 +216,8 @@ def preset_cases(
             f"preset {preset!r} is for {' / '.join(by_device)}, not {kind}; "
             f"presets for {kind}: {', '.join(p for p, d in PRESETS.items() if kind in d)}"
         )
-    return [c.with_cell(cell, nonlinearity) for c in by_device[kind]]
+    cases = CELL_PRESETS.get((preset, kind, cell), by_device[kind])
+    return [c.with_cell(cell, nonlinearity) for c in cases]
 
 
 def default_device() -> torch.device:
@@ -637,6 +651,9 @@ def run_case(
         other_cores = meter.cores()
         peaks = {n: peak_train_memory(fns[(n, "train")], device) if memory else None
                  for n in names}
+        # What ran in each timed step: 'auto' decides by grad mode too (forward: no_grad).
+        with torch.no_grad():
+            resolved_fwd = {n: resolved_backend(models[n], x) for n in names}
         resolved = {n: resolved_backend(models[n], x) for n in names}
     base_name = case.baseline
     base_fwd = timings[(base_name, "fwd")].median
@@ -654,7 +671,8 @@ def run_case(
             continue
         fwd, train = timings[(name, "fwd")], timings[(name, "train")]
         row.update(
-            resolved_backend=resolved[name],
+            resolved_backend=resolved[name],  # the training step's (as before)
+            resolved_backend_fwd=resolved_fwd[name],
             fwd_ms=fwd.median * 1e3,
             train_ms=train.median * 1e3,
             fwd_iqr_ms=fwd.iqr * 1e3,

@@ -397,3 +397,66 @@ def test_roofline_script_pieces_run(monkeypatch):
     steps["train"]()
     tiny = roofline.tiny_breakdown(repeats=8)
     assert all(v > 0 for k, v in tiny.items() if k.endswith("_us"))
+
+
+def test_auto_label_names_what_ran_in_each_timed_step():
+    """The forward is timed under no_grad, where 'auto' may pick another backend than for
+    the training step: the row says what ran in each (issue 26)."""
+    case = bm.Case(1, 16, 512, 512, cell="lstm")  # batch-1 training: cpp; inference: nn.LSTM
+    model = bm.build_models(case, "cpu", ["auto"])["auto"]
+    x, _ = bm.make_inputs(case, "cpu")
+    with torch.no_grad():
+        fwd = bm.resolved_backend(model, x)
+    train = bm.resolved_backend(model, x)
+    row = dict(_row("B1 T16 I512 H512", "auto", []), cell="lstm", resolved_backend=train,
+               resolved_backend_fwd=fwd)
+    label = f"auto->{train}" if fwd == train else f"auto->{fwd}/{train}"
+    assert label in bench.table([row])
+    rows = bm.run_case(case, "cpu", ["auto"], min_rounds=1, max_rounds=1, budget_s=0.0,
+                       memory=False)
+    measured = {r["backend"]: r for r in rows}["auto"]
+    assert (measured["resolved_backend_fwd"], measured["resolved_backend"]) == (fwd, train)
+
+
+def _plot_rows(disturbed_batch=None):
+    rows = []
+    for batch in (1, 8, 32):
+        case = bm.Case(batch, 16, 32, 32).as_dict()
+        for backend, x in ((bm.BASELINE, 1.0), ("cpp", 2.0 + batch / 32)):
+            reasons = ["others 1.30 cores"] if batch == disturbed_batch else []
+            rows.append(dict(_row(f"B{batch} T16 I32 H32", backend, reasons), case=case,
+                             speedup_fwd=x, speedup_train=x))
+    return rows
+
+
+def test_plot_draws_disturbed_points_hollow_with_a_legend_entry():
+    """The points of rows the table flags as disturbed are hollow markers, and the legend
+    says what hollow means (issue 26); a clean run has neither."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    def hollow_and_legend(rows):
+        fig = bench.figure(rows)
+        try:
+            found = []
+            for ax in fig.axes[::2]:  # the speedup-vs-batch panels (train, then forward)
+                filled = [l for l in ax.get_lines() if l.get_label().startswith("cpp")]
+                assert len(filled) == 1
+                line = filled[0]
+                shown = line.get_markevery()
+                hollow = [l for l in ax.get_lines() if l.get_gid() == "disturbed"]
+                found.append((
+                    [line.get_xdata()[i] for i in shown],
+                    [(list(l.get_xdata()), l.get_markerfacecolor()) for l in hollow],
+                    [t.get_text() for t in ax.get_legend().get_texts()],
+                ))
+            return found
+        finally:
+            plt.close(fig)
+
+    for filled, hollow, legend in hollow_and_legend(_plot_rows(disturbed_batch=8)):
+        assert filled == [1, 32] and hollow == [([8], "none")]
+        assert any("hollow: disturbed" in text for text in legend)
+    for filled, hollow, legend in hollow_and_legend(_plot_rows()):
+        assert filled == [1, 8, 32] and hollow == []
+        assert not any("disturbed" in text for text in legend)

@@ -1,5 +1,6 @@
 """The BiLSTM-CRF example: its CRF against brute force, and training on real tagged text."""
 
+import collections
 import itertools
 import os
 import sys
@@ -71,3 +72,33 @@ def test_fast_and_nn_lstm_taggers_train_alike():
     assert fast["loss"][1] < fast["loss"][0]
     assert abs(fast["accuracy"] - plain["accuracy"]) <= 0.02
     assert fast["accuracy"] > 0.3  # 16 tags: well above chance after two epochs
+
+
+def test_printed_backend_is_what_selected_backend_gives_on_the_real_batches(monkeypatch):
+    """Each epoch line names the backends FastBiLSTM ran on that epoch's batches, as its
+    selected_backend answers for each real (packed) batch, not for a made-up probe (issue 26).
+    55 sentences: 49 for training, in batches of 16, 16, 16 and 1 ('auto' may differ)."""
+    _require_corpus()
+    seen = []  # (grad enabled, backend) of every FastBiLSTM call, asked as it runs
+    forward = bilstm_crf_tagger.FastBiLSTM.forward
+
+    def recording_forward(self, input, hx=None):
+        seen.append((torch.is_grad_enabled(), self.selected_backend(input)))
+        return forward(self, input, hx)
+
+    monkeypatch.setattr(bilstm_crf_tagger.FastBiLSTM, "forward", recording_forward)
+    lines = []
+    results = bilstm_crf_tagger.run(max_sentences=55, epochs=2, batch_size=16, hidden_size=64,
+                                    compare=False, log=lines.append)
+    training = [backend for grad, backend in seen if grad]
+    evaluation = [backend for grad, backend in seen if not grad]
+    assert len(training) == 2 * 4 and len(evaluation) == 1
+    expected = []
+    for epoch in range(2):
+        counts = collections.Counter(training[4 * epoch: 4 * epoch + 4])
+        assert results["FastBiLSTM"]["backends"][epoch] == dict(counts)
+        expected.append(bilstm_crf_tagger.ran(dict(counts.most_common())))
+    printed = [line for line in lines if line.startswith("epoch") and "FastBiLSTM" in line]
+    assert [line.rsplit("(", 1)[1].rstrip(")") for line in printed] == expected
+    assert lines[-1] == f"held-out evaluation: FastBiLSTM ran {evaluation[0]!r} on 1 batch"
+    assert not any(" runs " in line for line in lines)  # no probe's answer printed

@@ -144,5 +144,6 @@ def test_train_ddp_example_with_torchrun():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 processes (gloo)" in result.stdout
+    assert "rank 0: FastBiRNN ran '" in result.stdout  # counted on its real batches
     accuracy = float(result.stdout.split("held-out tag accuracy: ")[1].split("%")[0])
     assert accuracy > 90, result.stdout

@@ -1,5 +1,6 @@
 """Bad input raises what nn.RNN raises (same exception type), never a silent wrong answer."""
 
+import re
 import warnings
 
 import pytest
@@ -128,3 +129,57 @@ def test_backend_that_cannot_run_the_input_says_why():
             rnn.double()(torch.randn(2, 1, 4, dtype=torch.float64))
     finally:
         del backends._REGISTRY[name]
+
+
+# hx of the wrong rank or form, for each input form: (input, hx) from (x3, x2, h3, h2).
+HX_CALLS = {
+    "2-D hx, 3-D input": lambda x3, x2, h3, h2: (x3, h2),
+    "3-D hx, 2-D input": lambda x3, x2, h3, h2: (x2, h3),
+    "4-D hx": lambda x3, x2, h3, h2: (x3, h3.unsqueeze(0)),
+    "a tensor for (h, c)": lambda x3, x2, h3, h2: (x3, h3),
+    "a tensor for (h, c), 2-D input": lambda x3, x2, h3, h2: (x2, h2),
+    "(2-D, 2-D) for 3-D input": lambda x3, x2, h3, h2: (x3, (h2, h2)),
+    "(3-D, 2-D) for 3-D input": lambda x3, x2, h3, h2: (x3, (h3, h2)),
+    "(3-D, 3-D) for 2-D input": lambda x3, x2, h3, h2: (x2, (h3, h3)),
+    "(h,) alone": lambda x3, x2, h3, h2: (x3, (h3,)),
+    "(h, c, h)": lambda x3, x2, h3, h2: (x3, (h3, h3, h3)),
+    "a list [h, c]": lambda x3, x2, h3, h2: (x3, [h3, h3]),
+    "packed, a tensor for (h, c)": lambda x3, x2, h3, h2: (_packed(x3), h3),
+    "packed, (2-D, 2-D)": lambda x3, x2, h3, h2: (_packed(x3), (h2, h2)),
+    "packed sorted, (2-D, 2-D)": lambda x3, x2, h3, h2: (_packed(x3, sort=True), (h2, h2)),
+    "packed sorted, 2-D hx": lambda x3, x2, h3, h2: (_packed(x3, sort=True), h2),
+    "packed, (h, c)": lambda x3, x2, h3, h2: (_packed(x3), (h3, h3)),
+}
+
+
+def _packed(x, sort=False):
+    return nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]), enforce_sorted=sort)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "reference", "torch", "triton"])
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+def test_hx_of_the_wrong_rank_or_form_raises_the_nn_class_error(cell, backend):
+    """Exception type and message as the nn class's, for every hx it refuses (issue 26)."""
+    import fastbirnn
+
+    try:
+        fast = getattr(fastbirnn, {"RNN": "FastBiRNN"}.get(cell, f"FastBi{cell}"))(
+            4, 3, backend=backend
+        )
+    except RuntimeError as error:  # a backend this machine cannot run (cpp not built)
+        pytest.skip(str(error))
+    plain = getattr(nn, cell)(4, 3, bidirectional=True)
+    plain.load_state_dict(fast.state_dict())
+    torch.manual_seed(0)
+    tensors = torch.randn(5, 2, 4), torch.randn(5, 4), torch.randn(2, 2, 3), torch.randn(2, 3)
+    refused = 0
+    for name, make in HX_CALLS.items():
+        x, hx = make(*tensors)
+        expected = raised(lambda m: m(x, hx), plain)
+        if expected is None:  # nn takes this hx (e.g. a tuple for the LSTM): so must we
+            fast(x, hx)
+            continue
+        refused += 1
+        with pytest.raises(type(expected), match=f"^{re.escape(str(expected))}$"):
+            fast(x, hx)
+    assert refused >= 8

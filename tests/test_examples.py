@@ -1,6 +1,7 @@
 """The tutorial's NER toy model trains the same with FastBiRNN as with nn.RNN."""
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,6 @@ def test_ner_toy_script_runs():
     assert result.returncode == 0, result.stderr
     assert "Epoch 20: loss = " in result.stdout
     assert result.stdout.count("(ok)") == 2, result.stdout
+    # What ran on its 2 sentences x 20 epochs, counted on the real inputs (issue 26).
+    ran = result.stdout.split("FastBiRNN ran ")[1].splitlines()[0]
+    assert sum(int(n) for n in re.findall(r"on (\d+)", ran)) == 40, ran

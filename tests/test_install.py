@@ -47,3 +47,11 @@ def test_backend_triton_without_the_package_says_how_to_get_it(monkeypatch):
     finally:
         monkeypatch.undo()
         _clear_triton_backend_caches()  # later tests see the real triton again
+
+
+def test_a_plain_install_pulls_numpy():
+    """Without numpy, `import torch` warns "Failed to initialize NumPy" before anything else
+    (torch's wheels do not depend on it): the README's command 1 must install it (issue 26)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert _starts_with(project["dependencies"], "numpy")

@@ -82,6 +82,11 @@ def test_pos_tagger_learns_and_tracks_nn_rnn(backend, one_thread):
     )
     assert abs(fast.accuracy - torch_run.accuracy) < 0.02
     assert len(fast.epoch_seconds) == len(torch_run.epoch_seconds) == EPOCHS
+    # What FastBiRNN ran, counted per epoch on its real batches (32 sentences each).
+    n_batches = -(-results.n_train // 32)
+    assert [sum(counts.values()) for counts in fast.backends] == [n_batches] * EPOCHS
+    if backend != "auto":
+        assert fast.backends == [{backend: n_batches}] * EPOCHS
 
 
 def test_pos_tagger_cli():

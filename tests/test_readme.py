@@ -30,6 +30,14 @@ def test_ci_runs_the_readme_test_command():
     assert install in ci and f"&& {test}" in ci
 
 
+def test_ci_runs_the_slow_tests_after_the_readme_command():
+    """The default run skips the tests marked slow (tests/conftest.py); CI runs them next."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme_command = ci.index("&& python -m pytest\n")
+    assert ci.index("\nFASTBIRNN_SLOW_TESTS=1 python -m pytest -m slow\n") > readme_command
+    assert "FASTBIRNN_SLOW_TESTS=1" in README
+
+
 def test_quick_start_times_are_the_committed_measurement():
     section = README[README.index("## Quick start"):README.index("## Using it")]
     quoted = re.findall(r"\b\d+\.\d s\b", section)
