@@ -97,7 +97,7 @@ GATED_STREAM = {"forward": dict(BLOCK_K=16, num_warps=8, num_stages=1),
                 "backward": dict(BLOCK_K=32, num_warps=8, num_stages=2)}
 
 # Multi-CTA path from this (unpadded) hidden size up, when the single-CTA on-chip kernel does
-# not apply. A placeholder from the per-step budget (see multicta's docstring): a GPU run of
+# not apply. A placeholder from the per-step budget (fastbirnn.triton.budget): a GPU run of
 # benchmarks/gpu_run.sh should replace it with the measured crossover against "streamed".
 MULTICTA_MIN_HIDDEN = {torch.float32: 256, torch.float16: 256, torch.bfloat16: 256}
 # ... and up to this batch size (the issue-13 target is B <= 32; larger batches make cuDNN's
