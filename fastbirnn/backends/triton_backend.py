@@ -84,7 +84,14 @@ def _unsupported_reason(x: torch.Tensor) -> Optional[str]:
 def _preferred_for(x: torch.Tensor, hidden_size: int, batch_size: int) -> bool:
     # Only CUDA counts: under the interpreter triton is a test vehicle, never the fast path.
     # With no GPU measurement yet (CUDA_CROSSOVER is empty) this is False: CUDA keeps cuDNN.
-    return x.device.type == "cuda" and crossover_prefers(x.dtype, hidden_size, batch_size)
+    # Nor where the multi-CTA grid cannot be co-resident on this GPU: the launcher would run
+    # the slow single-CTA streamed kernel there, which the measurements did not time.
+    if x.device.type != "cuda" or not crossover_prefers(x.dtype, hidden_size, batch_size):
+        return False
+    from fastbirnn.triton import launcher
+
+    return launcher.persistent_unavailable_reason(hidden_size, batch_size, x.dtype,
+                                                  x.device) is None
 
 
 def _forward(Z, W_hh, h0, lengths, nonlinearity):

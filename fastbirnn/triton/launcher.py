@@ -11,16 +11,19 @@ device) picks one:
   layer still; no cross-program synchronisation (each program owns whole batch rows).
 - multicta (``fastbirnn.triton.multicta``): large H. Each direction's hidden units are split
   over K CTAs, each keeping its block of W_hh for the whole sequence; a grid barrier per step
-  (persistent mode), or one launch per step (step mode: the interpreter, and GPUs on which the
-  grid cannot be co-resident). ``MULTICTA_MIN_HIDDEN`` is a placeholder until GPU timings.
+  (persistent mode, on a GPU), or one launch per step (step mode: the interpreter, and tests
+  or benchmarks that force it). ``MULTICTA_MIN_HIDDEN`` is a placeholder until GPU timings.
 
-The persistent multi-CTA kernel's barrier gives up after ``BARRIER_MAX_SPIN`` polls and sets
-an error flag instead of hanging; the host reads the flag right after the launch (one
-synchronisation per layer and pass, skipped inside CUDA graph capture) and raises
-RuntimeError: a deferred check would let wrong results flow on. Persistent mode runs only
-when the compiled kernel's registers, shared memory and threads let the whole grid be
-co-resident on the device (``_max_coresident_ctas``); otherwise, or if that cannot be
-checked, the same kernel runs one launch per step.
+Persistent mode is one cooperative launch (``launch_cooperative_grid=True``): the driver runs
+the grid only with every CTA resident, or refuses it (``fastbirnn.triton.residency``). Before
+launching, the compiled kernel's registers, shared memory and threads are checked against the
+device (``_persistent_blocker``). Where the grid cannot be co-resident, the launcher warns once
+with the limit and runs the single-CTA streamed kernel; it never picks step mode by itself on
+a GPU (T launches per layer and pass: slower than cuDNN), and 'auto' keeps cuDNN there
+(``persistent_unavailable_reason``). ``FORCE_MULTICTA_MODE = 'persistent'`` raises instead.
+The barrier itself gives up after ``BARRIER_MAX_SPIN`` polls and sets an error flag instead of
+hanging; the host reads the flag right after the launch (one synchronisation per layer and
+pass, skipped inside CUDA graph capture) and raises RuntimeError.
 
 The gated cells (``gated_forward`` / ``gated_backward``: LSTM and GRU, ``gated_kernels``) go
 through the same rule with their own on-chip limits, and run 'streamed' where the Elman cell
@@ -40,6 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -49,6 +54,7 @@ try:
 except ImportError:  # pragma: no cover - layout of older releases
     from triton.runtime.autotuner import OutOfResources
 
+from fastbirnn.triton import residency
 from fastbirnn.triton.backward import backward_onchip_kernel, backward_streamed_kernel
 from fastbirnn.triton.cells import GATES, SAVED_SLOTS
 from fastbirnn.triton.forward import forward_onchip_kernel, forward_streamed_kernel
@@ -226,90 +232,199 @@ def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int,
     return config
 
 
-def _max_coresident_ctas(compiled, device: torch.device) -> int:
-    """CTAs of this compiled kernel that fit on the device at once (registers, shared memory,
-    threads, the 32-blocks-per-SM limit), as the occupancy calculator counts them."""
-    compiled._init_handles()
-    props = torch.cuda.get_device_properties(device)
-    num_warps = compiled.metadata.num_warps
-    regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # 256-register granules
-    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps)
-    smem = compiled.metadata.shared + 1024  # the runtime reserves 1 KiB per CTA
-    by_smem = props.shared_memory_per_multiprocessor // smem
-    by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
-    return min(by_regs, by_smem, by_threads, 32) * props.multi_processor_count
+@dataclass
+class MultiCTALaunch:
+    """One multi-CTA kernel call over all steps, as the launcher makes it; ``call`` gives
+    ``kernel[grid]``'s arguments for a persistent launch or for one step (the ahead-of-time
+    check, ``fastbirnn.triton.aot``, compiles exactly these)."""
+
+    kernel: Any
+    grid: tuple
+    tensors: tuple  # the kernel's pointer arguments up to COUNTERS
+    sizes: tuple  # (T, B, H)
+    steps: int
+    meta: dict  # constexprs
+    options: dict  # num_warps, num_stages
+
+    @property
+    def ctas(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def call(self, persistent: bool, err: torch.Tensor, first_step: int = 0,
+             end_step: "int | None" = None) -> tuple[tuple, dict]:
+        """(args, kwargs) of ``kernel[grid]`` running steps first_step .. end_step - 1."""
+        end_step = self.steps if end_step is None else end_step
+        args = (*self.tensors, err, *self.sizes, first_step, end_step, BARRIER_MAX_SPIN)
+        kwargs = dict(self.meta, PERSISTENT=persistent, **self.options)
+        if persistent and residency.COOPERATIVE_LAUNCH:
+            kwargs["launch_cooperative_grid"] = True  # all CTAs resident, or no launch
+        return args, kwargs
+
+    def describe(self) -> str:
+        return f"{self.kernel.fn.__name__} with grid {self.grid} ({self.ctas} CTAs)"
+
+    def key(self, device: torch.device) -> tuple:
+        """What decides whether the compiled grid fits the device."""
+        return (self.kernel.fn.__name__, device.index, self.grid, self.tensors[0].dtype,
+                tuple(sorted(self.meta.items())), tuple(sorted(self.options.items())))
 
 
-# (kernel, device, dtype, meta) -> whether the persistent grid is co-resident.
-_PERSISTENT_FITS: dict = {}
-
-
-def _persistent_fits(kernel, grid, args, meta, device) -> bool:
-    key = (kernel.fn.__name__, device.index, grid, tuple(sorted(meta.items())),
-           args[0].dtype)
-    if key not in _PERSISTENT_FITS:
-        try:
-            compiled = kernel.warmup(*args, grid=grid, **meta)
-            fits = grid[0] * grid[1] * grid[2] <= _max_coresident_ctas(compiled, device)
-        except OutOfResources:
-            fits = False
-        except Exception as error:  # noqa: BLE001 - an API this triton lacks: never guess
-            warnings.warn(
-                f"fastbirnn triton: could not check that the multi-CTA grid {grid} is "
-                f"co-resident ({type(error).__name__}: {error}); running it one launch per "
-                "step instead", RuntimeWarning, stacklevel=2,
-            )
-            fits = False
-        _PERSISTENT_FITS[key] = fits
-    return _PERSISTENT_FITS[key]
-
-
-def _run_multicta(kernel, args, steps: int, D: int, B: int, H: int, x: torch.Tensor,
-                  **meta) -> None:
-    """Launch a multi-CTA kernel over ``steps`` steps, persistent when the grid can be
-    co-resident, else one launch per step. ``args`` end where (COUNTERS, ERR, T, B, H, ...)
-    start."""
-    config = multicta_config(H, B, D, x.dtype, _num_sms(x.device), meta["PRECISION"])
-    num_warps = config.pop("num_warps")
-    num_stages = config.pop("num_stages")
-    meta.update(config)
+def multicta_launch(kernel, tensors: tuple, sizes: tuple, steps: int, D: int,
+                    device: torch.device, dtype: torch.dtype, **constexprs) -> MultiCTALaunch:
+    """The launch of ``kernel`` (forward or backward multi-CTA) for these tensors: tiles from
+    ``multicta_config``, a fresh barrier counter per (direction, batch tile) group."""
+    _, B, H = sizes
+    config = multicta_config(H, B, D, dtype, _num_sms(device), constexprs["PRECISION"])
+    options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     grid = (D, triton.cdiv(H, config["BLOCK_N"]), triton.cdiv(B, config["BLOCK_B"]))
+    counters = torch.zeros(D * grid[2], device=device, dtype=torch.int32)
+    return MultiCTALaunch(kernel, grid, (*tensors, counters), sizes, steps,
+                          {**constexprs, **config}, options)
+
+
+def _on_gpu(device: torch.device) -> bool:
+    # One place to ask, so that tests can stand a CPU tensor in for a GPU's decisions.
+    return device.type == "cuda"
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# MultiCTALaunch.key -> why that grid cannot be co-resident, or None.
+_NOT_CORESIDENT: dict = {}
+
+
+def _coresidency(launch: MultiCTALaunch, device: torch.device) -> residency.Residency:
+    """How many CTAs of the compiled persistent kernel the device holds at once (compiling it,
+    with the arguments of the real launch, if it was not yet)."""
+    args, kwargs = launch.call(True, torch.zeros(1, dtype=torch.int32, device=device))
+    compiled = launch.kernel.warmup(*args, grid=launch.grid, **kwargs)
+    return residency.coresidency(compiled, device)
+
+
+def _persistent_blocker(launch: MultiCTALaunch, device: torch.device) -> "str | None":
+    """Why this launch cannot run persistently on the device, or None."""
+    if not residency.COOPERATIVE_LAUNCH:
+        return (f"triton {triton.__version__} has no cooperative launch "
+                "(launch_cooperative_grid), without which nothing guarantees that every CTA "
+                "of the grid barrier is resident")
+    key = launch.key(device)
+    if key not in _NOT_CORESIDENT:
+        try:
+            fit = _coresidency(launch, device)
+            why = None if launch.ctas <= fit.max_ctas else fit.describe()
+        except OutOfResources as error:
+            why = f"it does not compile within the device's resources ({error})"
+        _NOT_CORESIDENT[key] = None if why is None else (
+            f"the persistent grid of {launch.describe()} cannot be co-resident on "
+            f"{_device_name(device)}: {why}")
+    return _NOT_CORESIDENT[key]
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _run_multicta(launch: MultiCTALaunch, device: torch.device) -> bool:
+    """Run a multi-CTA launch: persistent (a cooperative launch, grid barrier per step) on a
+    GPU, one launch per step under the interpreter or when forced. Returns False, after a
+    warning, where the persistent grid cannot be co-resident: the caller then runs the
+    single-CTA streamed kernel. Never falls back to step mode by itself (T launches per layer
+    and pass: slower than cuDNN)."""
     mode = FORCE_MULTICTA_MODE
     if mode not in (None, "persistent", "step"):
         raise ValueError(f"FORCE_MULTICTA_MODE: unknown mode {mode!r}")
-    if x.device.type != "cuda":
+    if not _on_gpu(device):
         if mode == "persistent":
             raise RuntimeError("the persistent multi-CTA kernel needs a GPU: its grid "
                                "barrier deadlocks under the interpreter")
         mode = "step"
-    counters = torch.zeros(D * grid[2], device=x.device, dtype=torch.int32)
-    err = torch.zeros(1, device=x.device, dtype=torch.int32)
-    T = args[0].shape[0]
-    full = (*args, counters, err, T, B, H)
-    if mode is None:
-        probe = dict(meta, PERSISTENT=True, num_warps=num_warps, num_stages=num_stages)
-        fits = _persistent_fits(kernel, grid, (*full, 0, steps, BARRIER_MAX_SPIN), probe,
-                                x.device)
-        mode = "persistent" if fits else "step"
     LAST_MULTICTA.clear()
-    LAST_MULTICTA.update(meta, mode=mode, grid=grid, num_warps=num_warps,
-                         num_stages=num_stages)
-    if mode == "persistent":
-        kernel[grid](*full, 0, steps, BARRIER_MAX_SPIN, **meta, PERSISTENT=True,
-                     num_warps=num_warps, num_stages=num_stages)
-        # Checked at once (one sync per layer and pass): a timed-out barrier means wrong
-        # results, which must not flow on. Not checkable inside a CUDA graph capture.
-        if not torch.cuda.is_current_stream_capturing() and err.item() != 0:
-            raise RuntimeError(
-                "fastbirnn triton: the multi-CTA grid barrier timed out (a CTA never "
-                f"arrived) in {kernel.fn.__name__} with grid {grid}; results are invalid. "
-                "Set fastbirnn.triton.launcher.FORCE_MULTICTA_MODE = 'step' to avoid it "
-                "and please report it."
-            )
-    else:
-        for s in range(steps):
-            kernel[grid](*full, s, s + 1, BARRIER_MAX_SPIN, **meta, PERSISTENT=False,
-                         num_warps=num_warps, num_stages=num_stages)
+    LAST_MULTICTA.update(launch.meta, **launch.options, grid=launch.grid)
+    if mode != "step":
+        why_not = _persistent_blocker(launch, device)
+        if why_not is None:
+            why_not = _launch_persistent(launch, device)
+        if why_not is None:
+            LAST_MULTICTA["mode"] = "persistent"
+            return True
+        if mode == "persistent":
+            raise RuntimeError(f"fastbirnn triton: {why_not}.")
+        LAST_MULTICTA.update(mode="streamed", not_persistent=why_not)
+        _warn_once(f"fastbirnn triton: {why_not}. Running the single-CTA streamed kernel "
+                   "instead (correct, but slow at this hidden size; backend='torch' runs "
+                   "cuDNN).")
+        return False
+    LAST_MULTICTA["mode"] = "step"
+    no_flag = torch.zeros(1, dtype=torch.int32, device=device)  # step mode never sets it
+    for s in range(launch.steps):
+        args, kwargs = launch.call(False, no_flag, s, s + 1)
+        launch.kernel[launch.grid](*args, **kwargs)
+    return True
+
+
+def _launch_persistent(launch: MultiCTALaunch, device: torch.device) -> "str | None":
+    """One cooperative launch over all steps; why it could not run (the driver refused to
+    make the grid co-resident), or None."""
+    err = torch.zeros(1, dtype=torch.int32, device=device)
+    args, kwargs = launch.call(True, err)
+    try:
+        launch.kernel[launch.grid](*args, **kwargs)
+    except RuntimeError as error:
+        if not residency.is_cooperative_refusal(error):
+            raise
+        key = launch.key(device)
+        _NOT_CORESIDENT[key] = (f"the driver refused the cooperative launch of "
+                                f"{launch.describe()} on {_device_name(device)} ({error})")
+        return _NOT_CORESIDENT[key]
+    # Checked at once (one sync per layer and pass): a timed-out barrier means wrong
+    # results, which must not flow on. Not checkable inside a CUDA graph capture.
+    if not _capturing(device) and err.item() != 0:
+        raise RuntimeError(
+            "fastbirnn triton: the multi-CTA grid barrier timed out (a CTA never "
+            f"arrived) in {launch.describe()}; results are invalid. Please report it."
+        )
+    return None
+
+
+def persistent_unavailable_reason(H: int, B: int, dtype: torch.dtype,
+                                  device: torch.device) -> "str | None":
+    """Why this shape's multi-CTA kernels would not run persistently on ``device`` (the
+    launcher then warns and runs the slow single-CTA streamed kernel), or None, also where the
+    shape takes another path. 'auto' keeps cuDNN where this says why. Compiles the kernels on
+    first use; checks the bidirectional grid (the larger one)."""
+    if not _on_gpu(device):
+        return None
+    precision = "tf32" if dtype == torch.float32 and use_tf32(device) else "ieee"
+    if choose_path(H, B, dtype, precision, device) != "multicta":
+        return None
+    # Stand-ins for the tensors: only their dtypes and alignment shape the compiled kernel.
+    x = torch.empty(1, dtype=dtype, device=device)
+    lengths = torch.empty(1, dtype=torch.int64, device=device)
+    T = 64  # a multiple of 16, as in a typical training call
+    constexprs = dict(ACT=0, PRECISION=precision, UPCAST=False)
+    launches = (
+        multicta_launch(forward_multicta_kernel, (x, x, lengths, x, x), (T, B, H), T, 2,
+                        device, dtype, **constexprs),
+        multicta_launch(backward_multicta_kernel, (x, x, x, lengths, x, x, x), (T, B, H),
+                        T + 1, 2, device, dtype, **constexprs),
+    )
+    for launch in launches:
+        why_not = _persistent_blocker(launch, device)
+        if why_not is not None:
+            return why_not
+    return None
 
 
 def _num_warps(block_h: int) -> int:
@@ -354,6 +469,26 @@ def _check(x: torch.Tensor, *others: torch.Tensor) -> None:
             )
 
 
+def forward_multicta_launch(Z, W_hh, h0, lengths, Hs, act: int, precision: str,
+                            upcast: bool) -> MultiCTALaunch:
+    """The multi-CTA forward of Z [T, B, D, H] into Hs; the state double buffer starts at h0."""
+    T, B, D, H = Z.shape
+    state = torch.empty(2, D, B, H, device=Z.device, dtype=W_hh.dtype)
+    state[0].copy_(h0)
+    return multicta_launch(forward_multicta_kernel, (Z, W_hh, lengths, Hs, state), (T, B, H),
+                           T, D, Z.device, Z.dtype, ACT=act, PRECISION=precision, UPCAST=upcast)
+
+
+def backward_multicta_launch(dHs, Hs, W_hh, lengths, dZ, dh0, act: int, precision: str,
+                             upcast: bool) -> MultiCTALaunch:
+    """The multi-CTA backward: T + 1 steps, the last one writes dh0."""
+    T, B, D, H = Hs.shape
+    state = torch.zeros(2, D, B, H, device=Hs.device, dtype=W_hh.dtype)
+    return multicta_launch(backward_multicta_kernel, (dHs, Hs, W_hh, lengths, dZ, dh0, state),
+                           (T, B, H), T + 1, D, Hs.device, Hs.dtype, ACT=act,
+                           PRECISION=precision, UPCAST=upcast)
+
+
 def recurrence_forward(
     Z: torch.Tensor, W_hh: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor,
     nonlinearity: str,
@@ -372,15 +507,15 @@ def recurrence_forward(
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Z):
         if path == "multicta":
-            state = torch.empty(2, D, B, H, device=Z.device, dtype=W_hh.dtype)
-            state[0].copy_(h0)
-            _run_multicta(forward_multicta_kernel, (Z, W_hh, lengths, Hs, state), T, D, B, H,
-                          Z, ACT=act, PRECISION=precision, UPCAST=upcast)
-        elif not (path == "onchip" and _launch_onchip(
-            forward_onchip_kernel, grid, (Z, W_hh, h0, lengths, Hs, T, B, H), Z,
-            ACT=act, PRECISION=precision, UPCAST=upcast,
-            BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
-        )):
+            ran = _run_multicta(forward_multicta_launch(Z, W_hh, h0, lengths, Hs, act, precision,
+                                                        upcast), Z.device)
+        else:
+            ran = path == "onchip" and _launch_onchip(
+                forward_onchip_kernel, grid, (Z, W_hh, h0, lengths, Hs, T, B, H), Z,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
+                BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
+            )
+        if not ran:
             block_n, block_k = _stream_blocks(H)
             state = torch.empty(2, D, B, H, device=Z.device, dtype=torch.float32)
             forward_streamed_kernel[grid](
@@ -412,15 +547,15 @@ def recurrence_backward(
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Hs):
         if path == "multicta":
-            state = torch.zeros(2, D, B, H, device=Hs.device, dtype=W_hh.dtype)
-            # T + 1 steps: the last one writes dh0.
-            _run_multicta(backward_multicta_kernel, (dHs, Hs, W_hh, lengths, dZ, dh0, state),
-                          T + 1, D, B, H, Hs, ACT=act, PRECISION=precision, UPCAST=upcast)
-        elif not (path == "onchip" and _launch_onchip(
-            backward_onchip_kernel, grid, (dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H), Hs,
-            ACT=act, PRECISION=precision, UPCAST=upcast,
-            BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
-        )):
+            ran = _run_multicta(backward_multicta_launch(dHs, Hs, W_hh, lengths, dZ, dh0, act,
+                                                         precision, upcast), Hs.device)
+        else:
+            ran = path == "onchip" and _launch_onchip(
+                backward_onchip_kernel, grid, (dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H), Hs,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
+                BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
+            )
+        if not ran:
             block_n, block_k = _stream_blocks(H)
             carry = torch.zeros(D, B, H, device=Hs.device, dtype=torch.float32)
             backward_streamed_kernel[grid](
