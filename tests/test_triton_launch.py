@@ -82,12 +82,13 @@ def simulate_limit(launcher, monkeypatch, max_ctas: int, limited_by="shared memo
 
 
 class FakeKernel:
-    """Stands in for a multi-CTA kernel: records every launch's keyword arguments and does
-    nothing, or fails as the driver does when it refuses a cooperative launch."""
+    """Stands in for a multi-CTA kernel: records every launch's keyword arguments and computes
+    nothing; fails as the driver does when it refuses a cooperative launch (``refuse``), or
+    sets the barrier-timeout flag as a timed-out barrier does (``time_out``)."""
 
-    def __init__(self, name: str, refuse: bool):
+    def __init__(self, name: str, refuse: bool = False, time_out: bool = False):
         self.fn = types.SimpleNamespace(__name__=name)
-        self.refuse = refuse
+        self.refuse, self.time_out = refuse, time_out
         self.launches: list[dict] = []
 
     def __getitem__(self, grid):
@@ -95,7 +96,19 @@ class FakeKernel:
             self.launches.append(kwargs)
             if self.refuse and kwargs.get("launch_cooperative_grid"):
                 raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+            if self.time_out:
+                err = args[6 if self.fn.__name__.startswith("forward") else 8]  # ERR
+                err.fill_(1)
         return launch
+
+
+def fake_kernels(launcher, monkeypatch, **behaviour) -> dict:
+    """Both multi-CTA kernels replaced by FakeKernels with the same behaviour."""
+    fakes = {}
+    for name in ("forward_multicta_kernel", "backward_multicta_kernel"):
+        fakes[name] = FakeKernel(name, **behaviour)
+        monkeypatch.setattr(launcher, name, fakes[name])
+    return fakes
 
 
 def seam_forward(device):
@@ -183,8 +196,7 @@ def test_not_coresident_runs_streamed_with_one_warning_never_step_mode(launcher,
 def test_coresident_grid_is_launched_cooperatively_once(launcher, device, monkeypatch):
     """Where the grid fits: one persistent launch with launch_cooperative_grid=True."""
     simulate_limit(launcher, monkeypatch, max_ctas=GRID_CTAS)
-    fake = FakeKernel("forward_multicta_kernel", refuse=False)
-    monkeypatch.setattr(launcher, "forward_multicta_kernel", fake)
+    fake = fake_kernels(launcher, monkeypatch)["forward_multicta_kernel"]
     seam_forward(device)
     assert launcher.LAST_MULTICTA["mode"] == "persistent"
     assert len(fake.launches) == 1
@@ -196,8 +208,7 @@ def test_driver_refusing_the_cooperative_launch(launcher, device, monkeypatch, f
     """The driver knows better than the calculator: its refusal is the same verdict."""
     simulate_limit(launcher, monkeypatch, max_ctas=GRID_CTAS)
     monkeypatch.setattr(launcher, "FORCE_MULTICTA_MODE", forced)
-    monkeypatch.setattr(launcher, "forward_multicta_kernel",
-                        FakeKernel("forward_multicta_kernel", refuse=True))
+    fake_kernels(launcher, monkeypatch, refuse=True)
     if forced:
         with pytest.raises(RuntimeError, match="driver refused the cooperative launch"):
             seam_forward(device)
@@ -259,3 +270,76 @@ def test_auto_prefers_triton_only_where_the_grid_can_run(monkeypatch):
 def test_auto_never_picks_triton_on_cpu():
     assert not triton_backend._preferred_for(torch.empty(1), 1024, 1)
     assert backends.resolve_auto(torch.empty(3, 2, 4), 1024, 2) != "triton"
+
+
+# --- the barrier-timeout flag: read once per call, before the call returns ------------------
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the host reads of the barrier-timeout flags."""
+    from fastbirnn.triton import barrier_check
+
+    count = []
+    original = barrier_check.PendingCheck.read
+    monkeypatch.setattr(barrier_check.PendingCheck, "read",
+                        lambda self: (count.append(len(self.launches)), original(self))[1])
+    return count
+
+
+def module_and_input(device, num_layers=3):
+    torch.manual_seed(0)
+    module = tt.FastBiRNN(4, H, num_layers=num_layers, backend="triton", device=device)
+    return module, torch.randn(T, B, 4, device=device, requires_grad=True)
+
+
+def test_a_seam_call_reads_the_flag_right_after_its_launch(launcher, device, monkeypatch,
+                                                           reads):
+    simulate_limit(launcher, monkeypatch, max_ctas=GRID_CTAS)
+    fake_kernels(launcher, monkeypatch, time_out=True)
+    with pytest.raises(RuntimeError, match="barrier timed out.*forward_multicta_kernel"):
+        seam_forward(device)
+    assert reads == [1]
+
+
+def test_a_forward_reads_the_flag_once_after_its_last_layer(launcher, device, monkeypatch,
+                                                            reads):
+    simulate_limit(launcher, monkeypatch, max_ctas=GRID_CTAS)
+    fakes = fake_kernels(launcher, monkeypatch)
+    module, x = module_and_input(device)
+    module(x)
+    module(x)  # the repeated call's shortcut too
+    assert reads == [3, 3]  # one read per call, of three layers' launches
+    fakes["forward_multicta_kernel"].time_out = True
+    with pytest.raises(RuntimeError, match="barrier timed out"):
+        module(x)
+    assert reads == [3, 3, 3] and len(fakes["forward_multicta_kernel"].launches) == 9
+
+
+def test_a_backward_pass_reads_the_flag_once_when_autograd_is_done(launcher, device,
+                                                                   monkeypatch, reads):
+    simulate_limit(launcher, monkeypatch, max_ctas=GRID_CTAS)
+    fakes = fake_kernels(launcher, monkeypatch)
+    module, x = module_and_input(device)
+    module(x)[0].sum().backward()
+    assert reads == [3, 3]  # the forward's, then the backward pass's
+    fakes["backward_multicta_kernel"].time_out = True
+    with pytest.raises(RuntimeError, match="barrier timed out.*backward_multicta_kernel"):
+        module(x)[0].sum().backward()
+    assert reads == [3, 3, 3, 3]
+    from fastbirnn.triton import barrier_check
+
+    assert barrier_check._backward_checks == {}
+
+
+def test_a_cuda_graph_capture_of_a_persistent_launch_is_refused(launcher, device,
+                                                                monkeypatch):
+    simulate_limit(launcher, monkeypatch, max_ctas=GRID_CTAS)
+    fakes = fake_kernels(launcher, monkeypatch)
+    monkeypatch.setattr(launcher, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        seam_forward(device)
+    assert fakes["forward_multicta_kernel"].launches == []
+    monkeypatch.setattr(launcher, "FORCE_MULTICTA_MODE", "step")  # no barrier: capturable
+    seam_forward(device)
+    assert fakes["forward_multicta_kernel"].launches[0]["PERSISTENT"] is False

@@ -106,6 +106,20 @@ def _backward(dHs, Hs, W_hh, lengths, nonlinearity):
     return recurrence_backward(dHs, Hs, W_hh, lengths, nonlinearity)
 
 
+def _stack_forward(x, lengths, hx, flat_weights, **config):
+    """The Elman layer stack through the seam (``functional.per_layer_forward``), reading the
+    persistent kernels' barrier-timeout flag once at its end instead of after every layer
+    (``fastbirnn.triton.barrier_check``)."""
+    from fastbirnn.functional import per_layer_forward
+
+    if torch.compiler.is_compiling():  # traced: each seam call then reads its own flag
+        return per_layer_forward(x, lengths, hx, flat_weights, backend="triton", **config)
+    from fastbirnn.triton import barrier_check
+
+    return barrier_check.one_check_per_call(per_layer_forward, x, lengths, hx, flat_weights,
+                                            backend="triton", **config)
+
+
 def _lstm_stack(*args, **config):
     from fastbirnn.triton.gated_stack import lstm_stack
 
@@ -123,6 +137,7 @@ backends.register(
         name="triton",
         forward=_forward,
         backward=_backward,
+        stack_forward=_stack_forward,
         cell_stacks={"lstm": _lstm_stack, "gru": _gru_stack},
         # 'auto' keeps cuDNN's nn.LSTM / nn.GRU on CUDA: no GPU run has timed the gated
         # kernels yet (benchmarks/gpu_run.sh, stage 'gated', will), and CUDA_CROSSOVER is the

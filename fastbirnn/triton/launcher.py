@@ -22,8 +22,9 @@ with the limit and runs the single-CTA streamed kernel; it never picks step mode
 a GPU (T launches per layer and pass: slower than cuDNN), and 'auto' keeps cuDNN there
 (``persistent_unavailable_reason``). ``FORCE_MULTICTA_MODE = 'persistent'`` raises instead.
 The barrier itself gives up after ``BARRIER_MAX_SPIN`` polls and sets an error flag instead of
-hanging; the host reads the flag right after the launch (one synchronisation per layer and
-pass, skipped inside CUDA graph capture) and raises RuntimeError.
+hanging; the host reads the flag once per call (a module's forward, a backward pass), not per
+layer and pass, and raises RuntimeError before the call returns (``barrier_check``). A CUDA
+graph capture of a persistent launch is refused: its replay would skip that read.
 
 The gated cells (``gated_forward`` / ``gated_backward``: LSTM and GRU, ``gated_kernels``) go
 through the same rule with their own on-chip limits, and run 'streamed' where the Elman cell
@@ -54,7 +55,7 @@ try:
 except ImportError:  # pragma: no cover - layout of older releases
     from triton.runtime.autotuner import OutOfResources
 
-from fastbirnn.triton import residency
+from fastbirnn.triton import barrier_check, residency
 from fastbirnn.triton.backward import backward_onchip_kernel, backward_streamed_kernel
 from fastbirnn.triton.cells import GATES, SAVED_SLOTS
 from fastbirnn.triton.forward import forward_onchip_kernel, forward_streamed_kernel
@@ -353,6 +354,12 @@ def _run_multicta(launch: MultiCTALaunch, device: torch.device) -> bool:
     LAST_MULTICTA.clear()
     LAST_MULTICTA.update(launch.meta, **launch.options, grid=launch.grid)
     if mode != "step":
+        if _capturing(device):
+            raise RuntimeError(
+                f"fastbirnn triton: the persistent multi-CTA kernel ({launch.describe()}) "
+                "cannot be captured in a CUDA graph: the host reads its barrier-timeout flag "
+                "after each call, which a replay would skip. Capture with backend='torch', or "
+                "with fastbirnn.triton.launcher.FORCE_MULTICTA_MODE = 'step' (no barrier).")
         why_not = _persistent_blocker(launch, device)
         if why_not is None:
             why_not = _launch_persistent(launch, device)
@@ -376,25 +383,19 @@ def _run_multicta(launch: MultiCTALaunch, device: torch.device) -> bool:
 
 def _launch_persistent(launch: MultiCTALaunch, device: torch.device) -> "str | None":
     """One cooperative launch over all steps; why it could not run (the driver refused to
-    make the grid co-resident), or None."""
-    err = torch.zeros(1, dtype=torch.int32, device=device)
-    args, kwargs = launch.call(True, err)
+    make the grid co-resident), or None. Its barrier-timeout flag is read once per call
+    (``barrier_check``)."""
     try:
-        launch.kernel[launch.grid](*args, **kwargs)
+        with barrier_check.flag_for(device, launch.describe()) as err:
+            args, kwargs = launch.call(True, err)
+            launch.kernel[launch.grid](*args, **kwargs)
     except RuntimeError as error:
         if not residency.is_cooperative_refusal(error):
             raise
-        key = launch.key(device)
-        _NOT_CORESIDENT[key] = (f"the driver refused the cooperative launch of "
-                                f"{launch.describe()} on {_device_name(device)} ({error})")
-        return _NOT_CORESIDENT[key]
-    # Checked at once (one sync per layer and pass): a timed-out barrier means wrong
-    # results, which must not flow on. Not checkable inside a CUDA graph capture.
-    if not _capturing(device) and err.item() != 0:
-        raise RuntimeError(
-            "fastbirnn triton: the multi-CTA grid barrier timed out (a CTA never "
-            f"arrived) in {launch.describe()}; results are invalid. Please report it."
-        )
+        _NOT_CORESIDENT[launch.key(device)] = (
+            f"the driver refused the cooperative launch of {launch.describe()} on "
+            f"{_device_name(device)} ({error})")
+        return _NOT_CORESIDENT[launch.key(device)]
     return None
 
 
