@@ -79,11 +79,11 @@ MAX_ONCHIP_HIDDEN_FP32_IEEE = 64
 # The gated cells (all G blocks of W_hh on chip), from compiling for sm_80 and sm_90 (python
 # -m fastbirnn.triton.aot --gated), not from timings: at 64 every dtype compiles without
 # spills within sm_80's shared memory in one pipeline stage; bf16 at 128 spills in the
-# backward. Exact fp32: 16, since the LSTM forward at 32 makes Triton 3.9's LLVM abort the
-# process when compiling for sm_90 (an SLPVectorizer assertion), which no fallback can catch
-# (Triton 3.6 compiles it).
+# backward. Exact fp32: never, since the LSTM forward makes Triton 3.9's LLVM abort the
+# process when compiling for sm_90 as launched (aligned, divisible sizes), even at 16 units
+# (an SLPVectorizer assertion, which no fallback can catch; Triton 3.6 compiles it).
 MAX_ONCHIP_HIDDEN_GATED = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
-MAX_ONCHIP_HIDDEN_GATED_FP32_IEEE = 16
+MAX_ONCHIP_HIDDEN_GATED_FP32_IEEE = 0
 # The time loop gains nothing from software pipelining; 3 stages (the default) cost shared
 # memory and registers (the bf16 backward at 64 spills on sm_80).
 GATED_ONCHIP_NUM_STAGES = 1
@@ -96,12 +96,13 @@ BLOCK_B = 16
 STREAM_BLOCK_N = 32
 STREAM_BLOCK_K = 32
 STREAM_NUM_STAGES = 2
-# The gated streamed kernels (G accumulators, G weight tiles a step), per pass: the only
-# settings among those tried (4/8 warps, 16/32/64-wide tiles, 1/2 stages) with which every
-# cell and dtype compiles without spills for both sm_80 and sm_90 with Triton 3.9 (python -m
-# fastbirnn.triton.aot --gated; 3.6 too); the spills elsewhere were 8-32 bytes.
-GATED_STREAM = {"forward": dict(BLOCK_K=16, num_warps=8, num_stages=1),
-                "backward": dict(BLOCK_K=32, num_warps=8, num_stages=2)}
+# The gated streamed kernels (G accumulators, G weight tiles a step), per pass: among those
+# tried (2/4/8 warps, 16/32/64-wide k tiles, 1/2 stages), compiled as launched (aligned
+# pointers, sizes divisible by 16), the settings with which every cell and dtype compiles
+# without spills for both sm_80 and sm_90 with both Triton 3.6 and 3.9 (python -m
+# fastbirnn.triton.aot --gated); the previous 8-warp settings spilled 8-32 bytes there.
+GATED_STREAM = {"forward": dict(BLOCK_K=32, num_warps=4, num_stages=2),
+                "backward": dict(BLOCK_K=32, num_warps=4, num_stages=2)}
 
 # Multi-CTA path from this (unpadded) hidden size up, when the single-CTA on-chip kernel does
 # not apply. A placeholder from the per-step budget (fastbirnn.triton.budget): a GPU run of
@@ -122,10 +123,16 @@ MULTICTA_MAX_BATCH = 64
 MULTICTA_RESIDENT_ELEMENTS = {torch.float32: 32 * 1024, torch.float16: 24 * 1024,
                               torch.bfloat16: 24 * 1024}
 MULTICTA_BLOCK_K = 32
+MULTICTA_BLOCK_K_FP32_IEEE = 16  # FMA dots: 32-wide k tiles spill 8 bytes in some backwards
 MULTICTA_MAX_BLOCK_B = 32
 MULTICTA_MAX_BLOCK_B_FP32_IEEE = 16  # FMA dots: 32-row tiles spill
 MULTICTA_MAX_BLOCK_N = 64  # 128-unit blocks spill
 MULTICTA_NUM_WARPS = 8
+# The k-tiled variant's tiles are small (at most 64 x 32 of W, 32 x 32 of state): with 8 warps
+# ptxas spills 8-24 bytes in some backward kernels once compiled as launched (aligned,
+# divisible sizes), with 4 (and 16-wide k tiles in exact fp32) in none, with Triton 3.6 and
+# 3.9 (python -m fastbirnn.triton.aot, sm_80 and sm_90).
+MULTICTA_NUM_WARPS_K_TILED = 4
 # No software pipelining of the k loop: with 2 stages the streamed variant spills.
 MULTICTA_NUM_STAGES = 1
 # Polls of the grid barrier before it gives up, flags the error and stops waiting (~seconds:
@@ -223,9 +230,11 @@ def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int,
         block_n *= 2
     block_h = _hidden_block(H)
     resident = (block_n + block_b) * block_h <= MULTICTA_RESIDENT_ELEMENTS[dtype] and not exact_fp32
+    block_k = MULTICTA_BLOCK_K_FP32_IEEE if exact_fp32 else MULTICTA_BLOCK_K
     config = dict(
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(MULTICTA_BLOCK_K, block_h),
-        W_RESIDENT=resident, num_warps=MULTICTA_NUM_WARPS, num_stages=MULTICTA_NUM_STAGES,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(block_k, block_h),
+        W_RESIDENT=resident, num_stages=MULTICTA_NUM_STAGES,
+        num_warps=MULTICTA_NUM_WARPS if resident else MULTICTA_NUM_WARPS_K_TILED,
     )
     config.update(MULTICTA_OVERRIDES)
     # Only the resident variant uses BLOCK_H: one compiled kernel per k-tiled config.
