@@ -21,15 +21,16 @@ active dz, so that ``dh0 = dz_last @ W`` falls out of one extra step s = T at th
 
 The same tile code runs in two launch modes (one kernel, ``PERSISTENT`` constexpr):
 
-- persistent: one launch, time loop inside, a grid barrier per (d, b) group between steps.
-  Every CTA must be co-resident (the launcher checks it from the compiled kernel); the
-  barrier is a release ``atomic_add`` arrival on a counter that only grows (target
-  ``K * (steps done)``, so no reset race) and an acquire ``atomic_add(ptr, 0)`` spin (a
+- persistent: one cooperative launch, time loop inside, a grid barrier per (d, b) group
+  between steps. Every CTA must be co-resident (the launcher checks it from the compiled
+  kernel, and the cooperative launch makes the driver guarantee it); the barrier is a release
+  ``atomic_add`` arrival on a counter that only grows (target ``K * (steps done)``, so no
+  reset race) and an acquire ``atomic_add(ptr, 0)`` spin (compiled to ``ld.acquire.gpu``; a
   volatile load is not an acquire), bounded by ``MAX_SPIN`` polls: past it the CTA sets
   ``ERR`` and stops waiting (later steps do not wait either), and the host raises.
 - step mode: one launch per step, no barrier (kernel boundaries order the steps). This is
   what the Triton interpreter runs in CI (it runs programs one after another, so a spin
-  barrier would deadlock there), and the GPU fallback when the grid cannot be co-resident.
+  barrier would deadlock there); on a GPU only when forced (tests, benchmarks).
 
 Double-buffer safety: a CTA writes ``BUF[(s+1)%2]`` at step s while others may still read
 ``BUF[s%2]``; it writes ``BUF[s%2]`` again only at step s+1, after the barrier that every CTA
