@@ -64,8 +64,9 @@ def residency(registers: int, num_warps: int, shared_bytes: int, props) -> Resid
     """Residency from the compiled kernel's resources and the device's properties (a
     ``torch.cuda.get_device_properties`` result, or anything with the same fields)."""
     regs_per_warp = -(-max(registers, 1) * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
     limits = {
-        "registers": getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps),
+        "registers": regs_per_sm // (regs_per_warp * num_warps),
         "shared memory": props.shared_memory_per_multiprocessor
         // (shared_bytes + RESERVED_SHARED_PER_CTA),
         "threads": props.max_threads_per_multi_processor // (32 * num_warps),
