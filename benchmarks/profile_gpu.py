@@ -208,7 +208,8 @@ def _with_path(fn, path, mode):
     return run
 
 
-def compare_paths(case: bm.Case, device, budget_s: float) -> dict:
+def compare_paths(case: bm.Case, device, budget_s: float, rounds: int = 3,
+                  warmup: int = 2) -> dict:
     """Times (ms), ratios (cuDNN time / path time) and output errors of every Triton path."""
     from fastbirnn.triton import launcher
 
@@ -243,8 +244,8 @@ def compare_paths(case: bm.Case, device, budget_s: float) -> dict:
             entry["paths"][name] = info
             fns[(name, "forward")] = _with_path(bm.forward_step(fused, x), path, mode)
             fns[(name, "train")] = _with_path(bm.train_step(fused, x, grad_out), path, mode)
-        timings = bm.measure_interleaved(fns, device, warmup=2, min_rounds=3, max_rounds=9,
-                                         budget_s=budget_s)
+        timings = bm.measure_interleaved(fns, device, warmup=warmup, min_rounds=rounds,
+                                         max_rounds=max(rounds, 9), budget_s=budget_s)
     base_ms = {m: timings[(bm.BASELINE, m)].median * 1e3 for m in ("forward", "train")}
     entry["cudnn_ms"] = base_ms
     for name, info in entry["paths"].items():
@@ -258,7 +259,7 @@ def compare_paths(case: bm.Case, device, budget_s: float) -> dict:
 
 
 def run_paths(args, device) -> int:
-    from fastbirnn.triton import launcher
+    from fastbirnn.triton import launcher, residency
 
     specs = args.shape or PATH_SHAPES
     report = {
@@ -269,7 +270,9 @@ def run_paths(args, device) -> int:
                      "MULTICTA_RESIDENT_ELEMENTS": {str(k): v for k, v in
                                                     launcher.MULTICTA_RESIDENT_ELEMENTS.items()},
                      "MULTICTA_BLOCK_K": launcher.MULTICTA_BLOCK_K,
-                     "MULTICTA_NUM_WARPS": launcher.MULTICTA_NUM_WARPS},
+                     "MULTICTA_NUM_WARPS": launcher.MULTICTA_NUM_WARPS,
+                     "MULTICTA_NUM_WARPS_K_TILED": launcher.MULTICTA_NUM_WARPS_K_TILED,
+                     "cooperative_launch": residency.COOPERATIVE_LAUNCH},
         "note": "speedup = cuDNN nn.RNN median time / path median time (>1: path faster)",
         "cases": [],
     }
@@ -282,7 +285,8 @@ def run_paths(args, device) -> int:
             report["cases"].append({"shape": spec, "skipped": "out of --paths-budget"})
             continue
         try:
-            entry = compare_paths(case, device, budget_s=args.case_budget)
+            entry = compare_paths(case, device, budget_s=args.case_budget, rounds=args.rounds,
+                                  warmup=args.warmup)
         except Exception as error:  # keep the other shapes
             status = 1
             entry = {"shape": spec, "failed": f"{type(error).__name__}: {error}"[:500]}
@@ -309,7 +313,7 @@ GATED_DTYPES = ("tf32", "bf16")
 
 
 def compare_gated(cell: str, batch: int, seq: int, hidden: int, dtype_label: str, device,
-                  budget_s: float) -> dict:
+                  budget_s: float, rounds: int = 3, warmup: int = 2) -> dict:
     """Times (ms) and ratios (cuDNN time / triton time) of a forward under no_grad and of a
     training step, and the forward's largest deviation from cuDNN's output."""
     from torch import nn
@@ -340,8 +344,8 @@ def compare_gated(cell: str, batch: int, seq: int, hidden: int, dtype_label: str
                for name, model in (("cudnn", base), ("triton", fused))
                for mode, step in (("forward", bm.forward_step(model, x)),
                                   ("train", bm.train_step(model, x, grad_out)))}
-        timings = bm.measure_interleaved(fns, device, warmup=2, min_rounds=3, max_rounds=9,
-                                         budget_s=budget_s)
+        timings = bm.measure_interleaved(fns, device, warmup=warmup, min_rounds=rounds,
+                                         max_rounds=max(rounds, 9), budget_s=budget_s)
     for mode in ("forward", "train"):
         cudnn, triton_ms = (timings[(n, mode)].median * 1e3 for n in ("cudnn", "triton"))
         entry[f"cudnn_{mode}_ms"] = cudnn
@@ -379,7 +383,7 @@ def run_gated(args, device) -> int:
                     continue
                 try:
                     entry = compare_gated(cell, batch, seq, hidden, dtype_label, device,
-                                          args.case_budget)
+                                          args.case_budget, args.rounds, args.warmup)
                     print(f"{cell} B{batch} T{seq} H{hidden} {dtype_label} ({entry['path']}): "
                           f"train {entry['triton_train_ms']:.2f} ms vs cuDNN "
                           f"{entry['cudnn_train_ms']:.2f} ms "
@@ -415,6 +419,10 @@ def main(argv=None) -> int:
                    help="--paths, --gated: seconds after which no new shape starts")
     p.add_argument("--case-budget", type=float, default=2.0,
                    help="--paths, --gated: timing seconds per shape")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--paths, --gated: timed rounds per shape at least")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="--paths, --gated: untimed calls of each contender first")
     p.add_argument("--gated", action="store_true",
                    help="time the triton LSTM/GRU against cuDNN; adds 'gated' to paths.json")
     p.add_argument("--gated-shape", action="append", default=[], metavar="B,T,H",

@@ -593,7 +593,9 @@ def test_cuda_multicta_modes_agree(mode, multicta, monkeypatch, exact_fp32):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the grid barrier runs only on a GPU")
 def test_cuda_barrier_timeout_raises(multicta, monkeypatch):
-    """A barrier that cannot complete (MAX_SPIN = 0 polls) raises instead of hanging."""
+    """A barrier that cannot complete (MAX_SPIN = 0 polls) raises instead of hanging: at the
+    seam at once, in a module's forward once after its last layer, in a backward pass once
+    autograd is done (the flag is read once per call)."""
     from fastbirnn import triton as kernels
 
     monkeypatch.setattr(multicta, "FORCE_MULTICTA_MODE", "persistent")
@@ -601,3 +603,28 @@ def test_cuda_barrier_timeout_raises(multicta, monkeypatch):
     (Z, W, h0, _), lengths = seam_inputs(8, 4, 2, 512, torch.device("cuda"), torch.float32)
     with pytest.raises(RuntimeError, match="barrier timed out"):
         kernels.recurrence_forward(Z, W, h0, lengths, "tanh")
+    module = FastBiRNN(16, 512, num_layers=2, backend="triton", device="cuda")
+    x = torch.randn(8, 4, 16, device="cuda", requires_grad=True)
+    with pytest.raises(RuntimeError, match="barrier timed out"):
+        module(x)
+    monkeypatch.setattr(multicta, "BARRIER_MAX_SPIN", 1 << 22)
+    out = module(x)[0]
+    monkeypatch.setattr(multicta, "BARRIER_MAX_SPIN", 0)
+    with pytest.raises(RuntimeError, match="barrier timed out.*backward_multicta_kernel"):
+        out.sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_of_the_persistent_kernel_is_refused(multicta):
+    module = FastBiRNN(16, 512, backend="triton", device="cuda")
+    x = torch.randn(8, 4, 16, device="cuda")
+    with torch.no_grad():
+        module(x)  # compiled and run once outside the capture
+        graph = torch.cuda.CUDAGraph()
+        refusal = None
+        with torch.cuda.graph(graph):
+            try:
+                module(x)
+            except RuntimeError as error:  # caught inside, so that the capture ends cleanly
+                refusal = error
+    assert refusal is not None and "cannot be captured in a CUDA graph" in str(refusal)

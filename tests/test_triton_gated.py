@@ -58,8 +58,8 @@ def streamed(monkeypatch):
 @pytest.fixture
 def onchip(device, monkeypatch):
     """The on-chip kernels on CPU at any test size: the interpreter computes in exact fp32,
-    where the rule keeps the gated cells on chip only up to 16 units. On CUDA the rule
-    decides (exact fp32 at 16 units, TF32 and bf16 at larger sizes)."""
+    where the rule never keeps the gated cells on chip. On CUDA the rule decides (TF32 and
+    bf16 up to 64 units)."""
     from fastbirnn.triton import launcher
 
     if device.type == "cpu":
@@ -89,7 +89,7 @@ class Case:
 CASES = [
     Case(),  # H and B not multiples of 16, h_0 (and c_0)
     Case(batch=5, num_layers=2, packed=True),  # unsorted packed, variable lengths, 2 layers
-    # Two batch tiles, no bias, zero initial states; on CUDA the exact-fp32 on-chip limit.
+    # Two batch tiles, no bias, zero initial states.
     Case(batch=17, seq_len=3, hidden_size=16, bias=False, with_hx=False, cuda_hidden=16),
     Case(bidirectional=False, batch_first=True, num_layers=2, seq_len=4),
 ]
@@ -309,8 +309,9 @@ def test_gated_paths():
     # G blocks of W_hh on chip within one Elman block's budget; no multi-CTA gated kernel.
     assert launcher.choose_path(64, 8, torch.float32, "tf32", cpu, gates=4) == "onchip"
     assert launcher.choose_path(65, 8, torch.float32, "tf32", cpu, gates=4) == "streamed"
-    assert launcher.choose_path(16, 8, torch.float32, "ieee", cpu, gates=4) == "onchip"
-    assert launcher.choose_path(17, 8, torch.float32, "ieee", cpu, gates=3) == "streamed"
+    # Exact fp32 streams W_hh at any size (Triton 3.9 aborts compiling the on-chip LSTM).
+    assert launcher.choose_path(16, 8, torch.float32, "ieee", cpu, gates=4) == "streamed"
+    assert launcher.choose_path(16, 8, torch.float32, "ieee", cpu, gates=3) == "streamed"
     assert launcher.choose_path(64, 8, torch.float32, "ieee", cpu, gates=1) == "onchip"
     assert launcher.choose_path(64, 8, torch.bfloat16, "ieee", cpu, gates=4) == "onchip"
     assert launcher.choose_path(128, 8, torch.bfloat16, "ieee", cpu, gates=4) == "streamed"

@@ -2,9 +2,11 @@
 
 Every gated configuration the launcher can choose (``fastbirnn.triton.aot.gated_configurations``:
 on-chip at its largest hidden block, streamed with each pass's tiles), per cell, dtype and fp32
-precision, compiled with Triton's bundled toolchain for A100 (sm_80) and H100/H200 (sm_90): no
-register spills, shared memory within the architecture's limit. A subprocess, as in
-tests/test_triton_aot.py (the interpreter replaces the kernels that ``triton.compile`` needs).
+precision, compiled with Triton's bundled toolchain for A100 (sm_80) and H100/H200 (sm_90) as
+launched (Triton's own binder specialises the arguments: aligned pointers, sizes divisible by
+16): no register spills, shared memory within the architecture's limit, vector loads. A
+subprocess, as in tests/test_triton_aot.py (the interpreter replaces the kernels that
+``triton.compile`` needs).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def test_every_gated_configuration_is_compiled(aot_results):
             for kernel in ("forward", "backward"):
                 for dtype, precision in (("torch.float32", "tf32"), ("torch.float32", "ieee"),
                                          ("torch.bfloat16", "ieee")):
-                    assert (cell, path, kernel, dtype, precision) in seen
+                    # Exact fp32 never runs the gated cells on chip (see the launcher).
+                    if (path, precision, dtype) != ("onchip", "ieee", "torch.float32"):
+                        assert (cell, path, kernel, dtype, precision) in seen
 
 
 @pytest.mark.parametrize("arch", [90, 80])
@@ -47,3 +51,9 @@ def test_no_spills_and_shared_memory_fits(aot_results, arch):
     assert rows
     bad = [r for r in rows if r["spill_stores"] or r["shared"] > SHARED_LIMIT[arch]]
     assert not bad, json.dumps(bad, indent=1)
+
+
+def test_compiled_as_launched_with_vector_loads(aot_results):
+    for row in aot_results:
+        assert {"T", "B", "H", "W", "LENGTHS"} <= set(row["divisible"]), row
+        assert row["vector_loads"] > 0, row

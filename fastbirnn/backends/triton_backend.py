@@ -84,7 +84,14 @@ def _unsupported_reason(x: torch.Tensor) -> Optional[str]:
 def _preferred_for(x: torch.Tensor, call) -> bool:
     # Only CUDA counts: under the interpreter triton is a test vehicle, never the fast path.
     # With no GPU measurement yet (CUDA_CROSSOVER is empty) this is False: CUDA keeps cuDNN.
-    return x.device.type == "cuda" and crossover_prefers(x.dtype, call.hidden, call.batch)
+    # Nor where the multi-CTA grid cannot be co-resident on this GPU: the launcher would run
+    # the slow single-CTA streamed kernel there, which the measurements did not time.
+    if x.device.type != "cuda" or not crossover_prefers(x.dtype, call.hidden, call.batch):
+        return False
+    from fastbirnn.triton import launcher
+
+    return launcher.persistent_unavailable_reason(call.hidden, call.batch, x.dtype,
+                                                  x.device) is None
 
 
 def _forward(Z, W_hh, h0, lengths, nonlinearity):
@@ -100,9 +107,17 @@ def _backward(dHs, Hs, W_hh, lengths, nonlinearity):
 
 
 def _elman_stack(*args, **config):
+    """The Elman layer stack through the seam (``functional.seam_stack``), reading the
+    persistent kernels' barrier-timeout flag once at its end instead of after every layer
+    (``fastbirnn.triton.barrier_check``)."""
     from fastbirnn.functional import seam_stack
 
-    return seam_stack("triton")(*args, **config)
+    stack = seam_stack("triton")
+    if torch.compiler.is_compiling():  # traced: each seam call then reads its own flag
+        return stack(*args, **config)
+    from fastbirnn.triton import barrier_check
+
+    return barrier_check.one_check_per_call(stack, *args, **config)
 
 
 def _lstm_stack(*args, **config):

@@ -11,16 +11,20 @@ device) picks one:
   layer still; no cross-program synchronisation (each program owns whole batch rows).
 - multicta (``fastbirnn.triton.multicta``): large H. Each direction's hidden units are split
   over K CTAs, each keeping its block of W_hh for the whole sequence; a grid barrier per step
-  (persistent mode), or one launch per step (step mode: the interpreter, and GPUs on which the
-  grid cannot be co-resident). ``MULTICTA_MIN_HIDDEN`` is a placeholder until GPU timings.
+  (persistent mode, on a GPU), or one launch per step (step mode: the interpreter, and tests
+  or benchmarks that force it). ``MULTICTA_MIN_HIDDEN`` is a placeholder until GPU timings.
 
-The persistent multi-CTA kernel's barrier gives up after ``BARRIER_MAX_SPIN`` polls and sets
-an error flag instead of hanging; the host reads the flag right after the launch (one
-synchronisation per layer and pass, skipped inside CUDA graph capture) and raises
-RuntimeError: a deferred check would let wrong results flow on. Persistent mode runs only
-when the compiled kernel's registers, shared memory and threads let the whole grid be
-co-resident on the device (``_max_coresident_ctas``); otherwise, or if that cannot be
-checked, the same kernel runs one launch per step.
+Persistent mode is one cooperative launch (``launch_cooperative_grid=True``): the driver runs
+the grid only with every CTA resident, or refuses it (``fastbirnn.triton.residency``). Before
+launching, the compiled kernel's registers, shared memory and threads are checked against the
+device (``_persistent_blocker``). Where the grid cannot be co-resident, the launcher warns once
+with the limit and runs the single-CTA streamed kernel; it never picks step mode by itself on
+a GPU (T launches per layer and pass: slower than cuDNN), and 'auto' keeps cuDNN there
+(``persistent_unavailable_reason``). ``FORCE_MULTICTA_MODE = 'persistent'`` raises instead.
+The barrier itself gives up after ``BARRIER_MAX_SPIN`` polls and sets an error flag instead of
+hanging; the host reads the flag once per call (a module's forward, a backward pass), not per
+layer and pass, and raises RuntimeError before the call returns (``barrier_check``). A CUDA
+graph capture of a persistent launch is refused: its replay would skip that read.
 
 The gated cells (``gated_forward`` / ``gated_backward``: LSTM and GRU, ``gated_kernels``) go
 through the same rule with their own on-chip limits, and run 'streamed' where the Elman cell
@@ -40,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -49,6 +55,7 @@ try:
 except ImportError:  # pragma: no cover - layout of older releases
     from triton.runtime.autotuner import OutOfResources
 
+from fastbirnn.triton import barrier_check, residency
 from fastbirnn.triton.backward import backward_onchip_kernel, backward_streamed_kernel
 from fastbirnn.triton.cells import GATES, SAVED_SLOTS
 from fastbirnn.triton.forward import forward_onchip_kernel, forward_streamed_kernel
@@ -72,11 +79,11 @@ MAX_ONCHIP_HIDDEN_FP32_IEEE = 64
 # The gated cells (all G blocks of W_hh on chip), from compiling for sm_80 and sm_90 (python
 # -m fastbirnn.triton.aot --gated), not from timings: at 64 every dtype compiles without
 # spills within sm_80's shared memory in one pipeline stage; bf16 at 128 spills in the
-# backward. Exact fp32: 16, since the LSTM forward at 32 makes Triton 3.9's LLVM abort the
-# process when compiling for sm_90 (an SLPVectorizer assertion), which no fallback can catch
-# (Triton 3.6 compiles it).
+# backward. Exact fp32: never, since the LSTM forward makes Triton 3.9's LLVM abort the
+# process when compiling for sm_90 as launched (aligned, divisible sizes), even at 16 units
+# (an SLPVectorizer assertion, which no fallback can catch; Triton 3.6 compiles it).
 MAX_ONCHIP_HIDDEN_GATED = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
-MAX_ONCHIP_HIDDEN_GATED_FP32_IEEE = 16
+MAX_ONCHIP_HIDDEN_GATED_FP32_IEEE = 0
 # The time loop gains nothing from software pipelining; 3 stages (the default) cost shared
 # memory and registers (the bf16 backward at 64 spills on sm_80).
 GATED_ONCHIP_NUM_STAGES = 1
@@ -89,15 +96,16 @@ BLOCK_B = 16
 STREAM_BLOCK_N = 32
 STREAM_BLOCK_K = 32
 STREAM_NUM_STAGES = 2
-# The gated streamed kernels (G accumulators, G weight tiles a step), per pass: the only
-# settings among those tried (4/8 warps, 16/32/64-wide tiles, 1/2 stages) with which every
-# cell and dtype compiles without spills for both sm_80 and sm_90 with Triton 3.9 (python -m
-# fastbirnn.triton.aot --gated; 3.6 too); the spills elsewhere were 8-32 bytes.
-GATED_STREAM = {"forward": dict(BLOCK_K=16, num_warps=8, num_stages=1),
-                "backward": dict(BLOCK_K=32, num_warps=8, num_stages=2)}
+# The gated streamed kernels (G accumulators, G weight tiles a step), per pass: among those
+# tried (2/4/8 warps, 16/32/64-wide k tiles, 1/2 stages), compiled as launched (aligned
+# pointers, sizes divisible by 16), the settings with which every cell and dtype compiles
+# without spills for both sm_80 and sm_90 with both Triton 3.6 and 3.9 (python -m
+# fastbirnn.triton.aot --gated); the previous 8-warp settings spilled 8-32 bytes there.
+GATED_STREAM = {"forward": dict(BLOCK_K=32, num_warps=4, num_stages=2),
+                "backward": dict(BLOCK_K=32, num_warps=4, num_stages=2)}
 
 # Multi-CTA path from this (unpadded) hidden size up, when the single-CTA on-chip kernel does
-# not apply. A placeholder from the per-step budget (see multicta's docstring): a GPU run of
+# not apply. A placeholder from the per-step budget (fastbirnn.triton.budget): a GPU run of
 # benchmarks/gpu_run.sh should replace it with the measured crossover against "streamed".
 MULTICTA_MIN_HIDDEN = {torch.float32: 256, torch.float16: 256, torch.bfloat16: 256}
 # ... and up to this batch size (the issue-13 target is B <= 32; larger batches make cuDNN's
@@ -115,10 +123,16 @@ MULTICTA_MAX_BATCH = 64
 MULTICTA_RESIDENT_ELEMENTS = {torch.float32: 32 * 1024, torch.float16: 24 * 1024,
                               torch.bfloat16: 24 * 1024}
 MULTICTA_BLOCK_K = 32
+MULTICTA_BLOCK_K_FP32_IEEE = 16  # FMA dots: 32-wide k tiles spill 8 bytes in some backwards
 MULTICTA_MAX_BLOCK_B = 32
 MULTICTA_MAX_BLOCK_B_FP32_IEEE = 16  # FMA dots: 32-row tiles spill
 MULTICTA_MAX_BLOCK_N = 64  # 128-unit blocks spill
 MULTICTA_NUM_WARPS = 8
+# The k-tiled variant's tiles are small (at most 64 x 32 of W, 32 x 32 of state): with 8 warps
+# ptxas spills 8-24 bytes in some backward kernels once compiled as launched (aligned,
+# divisible sizes), with 4 (and 16-wide k tiles in exact fp32) in none, with Triton 3.6 and
+# 3.9 (python -m fastbirnn.triton.aot, sm_80 and sm_90).
+MULTICTA_NUM_WARPS_K_TILED = 4
 # No software pipelining of the k loop: with 2 stages the streamed variant spills.
 MULTICTA_NUM_STAGES = 1
 # Polls of the grid barrier before it gives up, flags the error and stops waiting (~seconds:
@@ -216,9 +230,11 @@ def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int,
         block_n *= 2
     block_h = _hidden_block(H)
     resident = (block_n + block_b) * block_h <= MULTICTA_RESIDENT_ELEMENTS[dtype] and not exact_fp32
+    block_k = MULTICTA_BLOCK_K_FP32_IEEE if exact_fp32 else MULTICTA_BLOCK_K
     config = dict(
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(MULTICTA_BLOCK_K, block_h),
-        W_RESIDENT=resident, num_warps=MULTICTA_NUM_WARPS, num_stages=MULTICTA_NUM_STAGES,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(block_k, block_h),
+        W_RESIDENT=resident, num_stages=MULTICTA_NUM_STAGES,
+        num_warps=MULTICTA_NUM_WARPS if resident else MULTICTA_NUM_WARPS_K_TILED,
     )
     config.update(MULTICTA_OVERRIDES)
     # Only the resident variant uses BLOCK_H: one compiled kernel per k-tiled config.
@@ -226,90 +242,199 @@ def multicta_config(H: int, B: int, D: int, dtype: torch.dtype, num_sms: int,
     return config
 
 
-def _max_coresident_ctas(compiled, device: torch.device) -> int:
-    """CTAs of this compiled kernel that fit on the device at once (registers, shared memory,
-    threads, the 32-blocks-per-SM limit), as the occupancy calculator counts them."""
-    compiled._init_handles()
-    props = torch.cuda.get_device_properties(device)
-    num_warps = compiled.metadata.num_warps
-    regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # 256-register granules
-    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps)
-    smem = compiled.metadata.shared + 1024  # the runtime reserves 1 KiB per CTA
-    by_smem = props.shared_memory_per_multiprocessor // smem
-    by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
-    return min(by_regs, by_smem, by_threads, 32) * props.multi_processor_count
+@dataclass
+class MultiCTALaunch:
+    """One multi-CTA kernel call over all steps, as the launcher makes it; ``call`` gives
+    ``kernel[grid]``'s arguments for a persistent launch or for one step (the ahead-of-time
+    check, ``fastbirnn.triton.aot``, compiles exactly these)."""
+
+    kernel: Any
+    grid: tuple
+    tensors: tuple  # the kernel's pointer arguments up to COUNTERS
+    sizes: tuple  # (T, B, H)
+    steps: int
+    meta: dict  # constexprs
+    options: dict  # num_warps, num_stages
+
+    @property
+    def ctas(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def call(self, persistent: bool, err: torch.Tensor, first_step: int = 0,
+             end_step: "int | None" = None) -> tuple[tuple, dict]:
+        """(args, kwargs) of ``kernel[grid]`` running steps first_step .. end_step - 1."""
+        end_step = self.steps if end_step is None else end_step
+        args = (*self.tensors, err, *self.sizes, first_step, end_step, BARRIER_MAX_SPIN)
+        kwargs = dict(self.meta, PERSISTENT=persistent, **self.options)
+        if persistent and residency.COOPERATIVE_LAUNCH:
+            kwargs["launch_cooperative_grid"] = True  # all CTAs resident, or no launch
+        return args, kwargs
+
+    def describe(self) -> str:
+        return f"{self.kernel.fn.__name__} with grid {self.grid} ({self.ctas} CTAs)"
+
+    def key(self, device: torch.device) -> tuple:
+        """What decides whether the compiled grid fits the device."""
+        return (self.kernel.fn.__name__, device.index, self.grid, self.tensors[0].dtype,
+                tuple(sorted(self.meta.items())), tuple(sorted(self.options.items())))
 
 
-# (kernel, device, dtype, meta) -> whether the persistent grid is co-resident.
-_PERSISTENT_FITS: dict = {}
-
-
-def _persistent_fits(kernel, grid, args, meta, device) -> bool:
-    key = (kernel.fn.__name__, device.index, grid, tuple(sorted(meta.items())),
-           args[0].dtype)
-    if key not in _PERSISTENT_FITS:
-        try:
-            compiled = kernel.warmup(*args, grid=grid, **meta)
-            fits = grid[0] * grid[1] * grid[2] <= _max_coresident_ctas(compiled, device)
-        except OutOfResources:
-            fits = False
-        except Exception as error:  # noqa: BLE001 - an API this triton lacks: never guess
-            warnings.warn(
-                f"fastbirnn triton: could not check that the multi-CTA grid {grid} is "
-                f"co-resident ({type(error).__name__}: {error}); running it one launch per "
-                "step instead", RuntimeWarning, stacklevel=2,
-            )
-            fits = False
-        _PERSISTENT_FITS[key] = fits
-    return _PERSISTENT_FITS[key]
-
-
-def _run_multicta(kernel, args, steps: int, D: int, B: int, H: int, x: torch.Tensor,
-                  **meta) -> None:
-    """Launch a multi-CTA kernel over ``steps`` steps, persistent when the grid can be
-    co-resident, else one launch per step. ``args`` end where (COUNTERS, ERR, T, B, H, ...)
-    start."""
-    config = multicta_config(H, B, D, x.dtype, _num_sms(x.device), meta["PRECISION"])
-    num_warps = config.pop("num_warps")
-    num_stages = config.pop("num_stages")
-    meta.update(config)
+def multicta_launch(kernel, tensors: tuple, sizes: tuple, steps: int, D: int,
+                    device: torch.device, dtype: torch.dtype, **constexprs) -> MultiCTALaunch:
+    """The launch of ``kernel`` (forward or backward multi-CTA) for these tensors: tiles from
+    ``multicta_config``, a fresh barrier counter per (direction, batch tile) group."""
+    _, B, H = sizes
+    config = multicta_config(H, B, D, dtype, _num_sms(device), constexprs["PRECISION"])
+    options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     grid = (D, triton.cdiv(H, config["BLOCK_N"]), triton.cdiv(B, config["BLOCK_B"]))
+    counters = torch.zeros(D * grid[2], device=device, dtype=torch.int32)
+    return MultiCTALaunch(kernel, grid, (*tensors, counters), sizes, steps,
+                          {**constexprs, **config}, options)
+
+
+def _on_gpu(device: torch.device) -> bool:
+    # One place to ask, so that tests can stand a CPU tensor in for a GPU's decisions.
+    return device.type == "cuda"
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# MultiCTALaunch.key -> why that grid cannot be co-resident, or None.
+_NOT_CORESIDENT: dict = {}
+
+
+def _coresidency(launch: MultiCTALaunch, device: torch.device) -> residency.Residency:
+    """How many CTAs of the compiled persistent kernel the device holds at once (compiling it,
+    with the arguments of the real launch, if it was not yet)."""
+    args, kwargs = launch.call(True, torch.zeros(1, dtype=torch.int32, device=device))
+    compiled = launch.kernel.warmup(*args, grid=launch.grid, **kwargs)
+    return residency.coresidency(compiled, device)
+
+
+def _persistent_blocker(launch: MultiCTALaunch, device: torch.device) -> "str | None":
+    """Why this launch cannot run persistently on the device, or None."""
+    if not residency.COOPERATIVE_LAUNCH:
+        return (f"triton {triton.__version__} has no cooperative launch "
+                "(launch_cooperative_grid), without which nothing guarantees that every CTA "
+                "of the grid barrier is resident")
+    key = launch.key(device)
+    if key not in _NOT_CORESIDENT:
+        try:
+            fit = _coresidency(launch, device)
+            why = None if launch.ctas <= fit.max_ctas else fit.describe()
+        except OutOfResources as error:
+            why = f"it does not compile within the device's resources ({error})"
+        _NOT_CORESIDENT[key] = None if why is None else (
+            f"the persistent grid of {launch.describe()} cannot be co-resident on "
+            f"{_device_name(device)}: {why}")
+    return _NOT_CORESIDENT[key]
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _run_multicta(launch: MultiCTALaunch, device: torch.device) -> bool:
+    """Run a multi-CTA launch: persistent (a cooperative launch, grid barrier per step) on a
+    GPU, one launch per step under the interpreter or when forced. Returns False, after a
+    warning, where the persistent grid cannot be co-resident: the caller then runs the
+    single-CTA streamed kernel. Never falls back to step mode by itself (T launches per layer
+    and pass: slower than cuDNN)."""
     mode = FORCE_MULTICTA_MODE
     if mode not in (None, "persistent", "step"):
         raise ValueError(f"FORCE_MULTICTA_MODE: unknown mode {mode!r}")
-    if x.device.type != "cuda":
+    if not _on_gpu(device):
         if mode == "persistent":
             raise RuntimeError("the persistent multi-CTA kernel needs a GPU: its grid "
                                "barrier deadlocks under the interpreter")
         mode = "step"
-    counters = torch.zeros(D * grid[2], device=x.device, dtype=torch.int32)
-    err = torch.zeros(1, device=x.device, dtype=torch.int32)
-    T = args[0].shape[0]
-    full = (*args, counters, err, T, B, H)
-    if mode is None:
-        probe = dict(meta, PERSISTENT=True, num_warps=num_warps, num_stages=num_stages)
-        fits = _persistent_fits(kernel, grid, (*full, 0, steps, BARRIER_MAX_SPIN), probe,
-                                x.device)
-        mode = "persistent" if fits else "step"
     LAST_MULTICTA.clear()
-    LAST_MULTICTA.update(meta, mode=mode, grid=grid, num_warps=num_warps,
-                         num_stages=num_stages)
-    if mode == "persistent":
-        kernel[grid](*full, 0, steps, BARRIER_MAX_SPIN, **meta, PERSISTENT=True,
-                     num_warps=num_warps, num_stages=num_stages)
-        # Checked at once (one sync per layer and pass): a timed-out barrier means wrong
-        # results, which must not flow on. Not checkable inside a CUDA graph capture.
-        if not torch.cuda.is_current_stream_capturing() and err.item() != 0:
+    LAST_MULTICTA.update(launch.meta, **launch.options, grid=launch.grid)
+    if mode != "step":
+        if _capturing(device):
             raise RuntimeError(
-                "fastbirnn triton: the multi-CTA grid barrier timed out (a CTA never "
-                f"arrived) in {kernel.fn.__name__} with grid {grid}; results are invalid. "
-                "Set fastbirnn.triton.launcher.FORCE_MULTICTA_MODE = 'step' to avoid it "
-                "and please report it."
-            )
-    else:
-        for s in range(steps):
-            kernel[grid](*full, s, s + 1, BARRIER_MAX_SPIN, **meta, PERSISTENT=False,
-                         num_warps=num_warps, num_stages=num_stages)
+                f"fastbirnn triton: the persistent multi-CTA kernel ({launch.describe()}) "
+                "cannot be captured in a CUDA graph: the host reads its barrier-timeout flag "
+                "after each call, which a replay would skip. Capture with backend='torch', or "
+                "with fastbirnn.triton.launcher.FORCE_MULTICTA_MODE = 'step' (no barrier).")
+        why_not = _persistent_blocker(launch, device)
+        if why_not is None:
+            why_not = _launch_persistent(launch, device)
+        if why_not is None:
+            LAST_MULTICTA["mode"] = "persistent"
+            return True
+        if mode == "persistent":
+            raise RuntimeError(f"fastbirnn triton: {why_not}.")
+        LAST_MULTICTA.update(mode="streamed", not_persistent=why_not)
+        _warn_once(f"fastbirnn triton: {why_not}. Running the single-CTA streamed kernel "
+                   "instead (correct, but slow at this hidden size; backend='torch' runs "
+                   "cuDNN).")
+        return False
+    LAST_MULTICTA["mode"] = "step"
+    no_flag = torch.zeros(1, dtype=torch.int32, device=device)  # step mode never sets it
+    for s in range(launch.steps):
+        args, kwargs = launch.call(False, no_flag, s, s + 1)
+        launch.kernel[launch.grid](*args, **kwargs)
+    return True
+
+
+def _launch_persistent(launch: MultiCTALaunch, device: torch.device) -> "str | None":
+    """One cooperative launch over all steps; why it could not run (the driver refused to
+    make the grid co-resident), or None. Its barrier-timeout flag is read once per call
+    (``barrier_check``)."""
+    try:
+        with barrier_check.flag_for(device, launch.describe()) as err:
+            args, kwargs = launch.call(True, err)
+            launch.kernel[launch.grid](*args, **kwargs)
+    except RuntimeError as error:
+        if not residency.is_cooperative_refusal(error):
+            raise
+        _NOT_CORESIDENT[launch.key(device)] = (
+            f"the driver refused the cooperative launch of {launch.describe()} on "
+            f"{_device_name(device)} ({error})")
+        return _NOT_CORESIDENT[launch.key(device)]
+    return None
+
+
+def persistent_unavailable_reason(H: int, B: int, dtype: torch.dtype,
+                                  device: torch.device) -> "str | None":
+    """Why this shape's multi-CTA kernels would not run persistently on ``device`` (the
+    launcher then warns and runs the slow single-CTA streamed kernel), or None, also where the
+    shape takes another path. 'auto' keeps cuDNN where this says why. Compiles the kernels on
+    first use; checks the bidirectional grid (the larger one)."""
+    if not _on_gpu(device):
+        return None
+    precision = "tf32" if dtype == torch.float32 and use_tf32(device) else "ieee"
+    if choose_path(H, B, dtype, precision, device) != "multicta":
+        return None
+    # Stand-ins for the tensors: only their dtypes and alignment shape the compiled kernel.
+    x = torch.empty(1, dtype=dtype, device=device)
+    lengths = torch.empty(1, dtype=torch.int64, device=device)
+    T = 64  # a multiple of 16, as in a typical training call
+    constexprs = dict(ACT=0, PRECISION=precision, UPCAST=False)
+    launches = (
+        multicta_launch(forward_multicta_kernel, (x, x, lengths, x, x), (T, B, H), T, 2,
+                        device, dtype, **constexprs),
+        multicta_launch(backward_multicta_kernel, (x, x, x, lengths, x, x, x), (T, B, H),
+                        T + 1, 2, device, dtype, **constexprs),
+    )
+    for launch in launches:
+        why_not = _persistent_blocker(launch, device)
+        if why_not is not None:
+            return why_not
+    return None
 
 
 def _num_warps(block_h: int) -> int:
@@ -354,6 +479,26 @@ def _check(x: torch.Tensor, *others: torch.Tensor) -> None:
             )
 
 
+def forward_multicta_launch(Z, W_hh, h0, lengths, Hs, act: int, precision: str,
+                            upcast: bool) -> MultiCTALaunch:
+    """The multi-CTA forward of Z [T, B, D, H] into Hs; the state double buffer starts at h0."""
+    T, B, D, H = Z.shape
+    state = torch.empty(2, D, B, H, device=Z.device, dtype=W_hh.dtype)
+    state[0].copy_(h0)
+    return multicta_launch(forward_multicta_kernel, (Z, W_hh, lengths, Hs, state), (T, B, H),
+                           T, D, Z.device, Z.dtype, ACT=act, PRECISION=precision, UPCAST=upcast)
+
+
+def backward_multicta_launch(dHs, Hs, W_hh, lengths, dZ, dh0, act: int, precision: str,
+                             upcast: bool) -> MultiCTALaunch:
+    """The multi-CTA backward: T + 1 steps, the last one writes dh0."""
+    T, B, D, H = Hs.shape
+    state = torch.zeros(2, D, B, H, device=Hs.device, dtype=W_hh.dtype)
+    return multicta_launch(backward_multicta_kernel, (dHs, Hs, W_hh, lengths, dZ, dh0, state),
+                           (T, B, H), T + 1, D, Hs.device, Hs.dtype, ACT=act,
+                           PRECISION=precision, UPCAST=upcast)
+
+
 def recurrence_forward(
     Z: torch.Tensor, W_hh: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor,
     nonlinearity: str,
@@ -372,15 +517,15 @@ def recurrence_forward(
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Z):
         if path == "multicta":
-            state = torch.empty(2, D, B, H, device=Z.device, dtype=W_hh.dtype)
-            state[0].copy_(h0)
-            _run_multicta(forward_multicta_kernel, (Z, W_hh, lengths, Hs, state), T, D, B, H,
-                          Z, ACT=act, PRECISION=precision, UPCAST=upcast)
-        elif not (path == "onchip" and _launch_onchip(
-            forward_onchip_kernel, grid, (Z, W_hh, h0, lengths, Hs, T, B, H), Z,
-            ACT=act, PRECISION=precision, UPCAST=upcast,
-            BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
-        )):
+            ran = _run_multicta(forward_multicta_launch(Z, W_hh, h0, lengths, Hs, act, precision,
+                                                        upcast), Z.device)
+        else:
+            ran = path == "onchip" and _launch_onchip(
+                forward_onchip_kernel, grid, (Z, W_hh, h0, lengths, Hs, T, B, H), Z,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
+                BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
+            )
+        if not ran:
             block_n, block_k = _stream_blocks(H)
             state = torch.empty(2, D, B, H, device=Z.device, dtype=torch.float32)
             forward_streamed_kernel[grid](
@@ -412,15 +557,15 @@ def recurrence_backward(
     grid = (D, triton.cdiv(B, BLOCK_B))
     with _device_guard(Hs):
         if path == "multicta":
-            state = torch.zeros(2, D, B, H, device=Hs.device, dtype=W_hh.dtype)
-            # T + 1 steps: the last one writes dh0.
-            _run_multicta(backward_multicta_kernel, (dHs, Hs, W_hh, lengths, dZ, dh0, state),
-                          T + 1, D, B, H, Hs, ACT=act, PRECISION=precision, UPCAST=upcast)
-        elif not (path == "onchip" and _launch_onchip(
-            backward_onchip_kernel, grid, (dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H), Hs,
-            ACT=act, PRECISION=precision, UPCAST=upcast,
-            BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
-        )):
+            ran = _run_multicta(backward_multicta_launch(dHs, Hs, W_hh, lengths, dZ, dh0, act,
+                                                         precision, upcast), Hs.device)
+        else:
+            ran = path == "onchip" and _launch_onchip(
+                backward_onchip_kernel, grid, (dHs, Hs, W_hh, lengths, dZ, dh0, T, B, H), Hs,
+                ACT=act, PRECISION=precision, UPCAST=upcast,
+                BLOCK_B=BLOCK_B, BLOCK_H=_hidden_block(H),
+            )
+        if not ran:
             block_n, block_k = _stream_blocks(H)
             carry = torch.zeros(D, B, H, device=Hs.device, dtype=torch.float32)
             backward_streamed_kernel[grid](
