@@ -15,9 +15,10 @@ if not torch.cuda.is_available():
 # every Triton configuration ahead of time, Inductor on the pure-PyTorch reference. CI runs
 # them after the README's test command (.ci/run), so the default run stays short.
 SLOW_TESTS = os.environ.get("FASTBIRNN_SLOW_TESTS") == "1"
-# Files whose every test is slow: each compiles all Triton kernel configurations for sm_80
-# and sm_90 (about 80 s of CPU time with a cold Triton cache).
-SLOW_FILES = {"test_triton_aot.py", "test_triton_gated_aot.py"}
+# Files whose every test is slow: the ahead-of-time ones compile all Triton kernel
+# configurations for sm_80 and sm_90 (about 80 s of CPU time with a cold Triton cache); the GPU
+# script's dry run runs every stage of benchmarks/gpu_run.sh in the interpreter (about 20 s).
+SLOW_FILES = {"test_triton_aot.py", "test_triton_gated_aot.py", "test_gpu_run.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,7 @@ raises.
 
 Never a silent wrong answer. Gradients of gradients (create_graph=True) are exact on 'auto',
 'cpp' and 'reference' for every cell ('cpp' recomputes the stack with the reference under
-grad mode); torch.func transforms are not implemented by the fused kernels, so named fused
+grad mode) and 'triton' raises; torch.func transforms are not implemented by the fused kernels, so named fused
 backends refuse them and 'auto' hands transforms to the nn class.
 """
 
@@ -94,6 +94,20 @@ def test_gradients_of_gradients_are_exact(cell, backend, packed):
         return [dx, *torch.autograd.grad(dx.square().sum(), [xs, *params])]
 
     torch.testing.assert_close(penalty_grads(fast), penalty_grads(expected_module))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_triton_refuses_double_backward_with_a_clear_error(cell):
+    """'triton' (here through the interpreter) keeps its kernels' gradients non-differentiable:
+    create_graph=True raises, naming the backends that compute gradients of gradients."""
+    if fastbirnn.available_backends().get("triton", "") is not None:
+        pytest.skip("triton not available here")
+    _, fast = _cell_pair(cell, "triton")
+    fast = fast.float()
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    out = fast(x)[0]
+    with pytest.raises(RuntimeError, match="double backward.*'triton'.*'auto', 'cpp'"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
 
 
 def test_auto_matches_nn_rnn_under_torch_func_jvp_and_grad():

@@ -69,8 +69,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dHs, dcn, _):
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "fastbirnn: double backward (create_graph=True) is not supported by the fused "
-            "backends; use backend='torch' for gradients of gradients"
+            "fastbirnn: double backward (create_graph=True) is not supported by backend "
+            "'triton'; backend='auto', 'cpp', 'reference' or 'torch' compute gradients of "
+            "gradients"
         )
     W_hh, h0, lengths, Hs, saved = ctx.saved_tensors
     lstm = ctx.cell == "lstm"
