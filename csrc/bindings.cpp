@@ -76,6 +76,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tanh_impl", &fastbirnn::tanh_impl_name, "Which vectorised tanh is in use");
   m.def("release_scratch", &fastbirnn::release_scratch,
         "Free the scratch buffers the engine keeps for this thread; returns the bytes freed");
+  m.def("kept_scratch_bytes", [] { return fastbirnn::ScratchCaches::instance().kept_bytes(); },
+        "The bytes of scratch buffers all threads keep together");
+  m.def("set_scratch_limit",
+        [](int64_t bytes) { return fastbirnn::ScratchCaches::instance().set_limit(bytes); },
+        "Cap the scratch all threads keep (bytes); returns the previous cap");
+  m.def("advises_huge_pages", [] { return fastbirnn::kAdviseHugePages; },
+        "Whether large buffers are advised as transparent huge pages (FASTBIRNN_HUGE_PAGES)");
   m.def("set_differentiable_backward", &set_differentiable_backward,
         "Install the function the stack's autograd node calls under create_graph=True");
 }

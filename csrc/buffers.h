@@ -5,8 +5,12 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -24,6 +28,13 @@ using at::Tensor;
 // faults: 9 % of a (64, 256, 256, 512) forward's time was the kernel zeroing pages.
 constexpr int64_t kHugePageAdviceBytes = int64_t(32) << 20;
 
+// Whether to give that advice: FASTBIRNN_HUGE_PAGES=0, read once at load, turns it off (for
+// machines where khugepaged's compaction stalls cost more than the faults it saves).
+inline const bool kAdviseHugePages = [] {
+  const char* value = std::getenv("FASTBIRNN_HUGE_PAGES");
+  return value == nullptr || std::string(value) != "0";
+}();
+
 // at::empty that asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
 // a large buffer before anything touches it (what PyTorch's THP_MEM_ALLOC_ENABLE does for
 // every allocation): one fault per 2 MiB instead of 512. Only advice: where THP is off or
@@ -32,7 +43,7 @@ inline Tensor empty_buffer(at::IntArrayRef shape, const at::TensorOptions& optio
   Tensor t = at::empty(shape, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = t.numel() * int64_t(t.element_size());
-  if (bytes >= kHugePageAdviceBytes) {
+  if (kAdviseHugePages && bytes >= kHugePageAdviceBytes) {
     constexpr uintptr_t kHuge = uintptr_t(2) << 20;
     const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
@@ -77,54 +88,151 @@ inline std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>
   return out;
 }
 
-// ---- scratch buffers, kept per calling thread ----------------------------------------------
+// ---- scratch buffers, kept per calling thread, capped process-wide -----------------------
 
 // The buffers a call uses internally and never returns (the inference gates, the backward's
 // gate gradients, layer-to-layer activations and gradients). A fresh multi-MiB allocation
 // faults in every page on first touch whenever glibc has handed the memory back, which came
 // and went with the allocator's state: (32, 128, 128, 128) LSTM inference took 14 ms with no
 // faults and 25 ms with 4,700. Each slot keeps its buffer for the next call on the thread.
+//
+// What all threads keep together is capped (a server calling from 64 threads would otherwise
+// keep 64 x 128 MiB): to keep a new buffer past the cap, the caches of the threads that called
+// least recently are freed first; a buffer that still does not fit is not kept.
 enum Scratch : int {
   kScratchGates, kScratchGradGates, kScratchGradGatesHidden,
   kScratchLayer0, kScratchLayer1, kScratchGradInput0, kScratchGradInput1, kScratchSlots
 };
-constexpr int64_t kScratchMinBytes = int64_t(1) << 20;     // below: allocating is cheap
-constexpr int64_t kScratchCacheBytes = int64_t(128) << 20;  // kept per thread, all slots
+constexpr int64_t kScratchMinBytes = int64_t(1) << 20;          // below: allocating is cheap
+constexpr int64_t kScratchThreadBytes = int64_t(128) << 20;     // kept per thread, all slots
+constexpr int64_t kScratchProcessBytes = int64_t(256) << 20;    // kept by all threads: default
 
-inline std::array<Tensor, kScratchSlots>& scratch_cache() {
-  thread_local std::array<Tensor, kScratchSlots> cache;
-  return cache;
+class ScratchCaches {
+ public:
+  // Leaked on purpose: threads (and their caches' destructors) may outlive static destruction.
+  static ScratchCaches& instance() {
+    static ScratchCaches* caches = new ScratchCaches;
+    return *caches;
+  }
+
+  // A buffer of at least numel elements for one slot of the calling thread.
+  Tensor buffer(Scratch slot, int64_t numel, const at::TensorOptions& options) {
+    const int64_t bytes = numel * int64_t(options.dtype().itemsize());
+    if (bytes < kScratchMinBytes) return at::empty({numel}, options);
+    PerThread& self = this_thread();  // registers itself: before taking the lock
+    std::lock_guard<std::mutex> lock(mutex_);
+    self.last_use = ++clock_;
+    Tensor& cached = self.slots[slot];
+    if (cached.defined() && cached.use_count() == 1 && cached.dtype() == options.dtype() &&
+        cached.numel() >= numel)
+      return cached;
+    if (cached.defined() && cached.use_count() > 1)  // still held by an earlier result
+      return empty_buffer({numel}, options);
+    drop(self, cached);  // the smaller one first
+    if (self.bytes + bytes > kScratchThreadBytes || !make_room(bytes, &self))
+      return empty_buffer({numel}, options);
+    cached = empty_buffer({numel}, options);
+    self.bytes += int64_t(cached.nbytes());
+    kept_ += int64_t(cached.nbytes());
+    return cached;
+  }
+
+  // Frees the calling thread's buffers; returns the bytes freed.
+  int64_t release_this_thread() {
+    PerThread& self = this_thread();
+    std::lock_guard<std::mutex> lock(mutex_);
+    return release(self);
+  }
+
+  int64_t kept_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return kept_;
+  }
+
+  // Sets the process-wide cap (bytes, >= 0), freeing least recently used caches to meet it;
+  // returns the previous cap.
+  int64_t set_limit(int64_t bytes) {
+    TORCH_CHECK(bytes >= 0, "fastbirnn: the scratch limit must be >= 0 bytes, got ", bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t previous = limit_;
+    limit_ = bytes;
+    make_room(0, nullptr);
+    return previous;
+  }
+
+ private:
+  struct PerThread {
+    std::array<Tensor, kScratchSlots> slots;  // all below: guarded by the caches' mutex
+    int64_t bytes = 0;
+    uint64_t last_use = 0;
+    PerThread() { instance().add(this); }
+    ~PerThread() { instance().remove(this); }
+  };
+
+  static PerThread& this_thread() {
+    thread_local PerThread caches;
+    return caches;
+  }
+
+  void add(PerThread* t) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    threads_.push_back(t);
+  }
+  void remove(PerThread* t) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    release(*t);
+    threads_.erase(std::remove(threads_.begin(), threads_.end(), t), threads_.end());
+  }
+
+  void drop(PerThread& t, Tensor& slot) {  // one of t's buffers
+    if (!slot.defined()) return;
+    t.bytes -= int64_t(slot.nbytes());
+    kept_ -= int64_t(slot.nbytes());
+    slot = Tensor();
+  }
+  int64_t release(PerThread& t) {
+    const int64_t freed = t.bytes;
+    for (Tensor& slot : t.slots) drop(t, slot);
+    return freed;
+  }
+
+  // Frees the least recently used other threads' caches until `bytes` more fit under the
+  // cap; whether they do. (A buffer still in use elsewhere stays alive with its user.)
+  bool make_room(int64_t bytes, const PerThread* keep) {
+    while (kept_ + bytes > limit_) {
+      PerThread* oldest = nullptr;
+      for (PerThread* t : threads_)
+        if (t != keep && t->bytes > 0 && (!oldest || t->last_use < oldest->last_use)) oldest = t;
+      if (oldest == nullptr) return false;
+      release(*oldest);
+    }
+    return true;
+  }
+
+  static int64_t limit_from_environment() {
+    const char* mib = std::getenv("FASTBIRNN_SCRATCH_MIB");
+    if (mib == nullptr || *mib == '\0') return kScratchProcessBytes;
+    char* end = nullptr;
+    const long long value = std::strtoll(mib, &end, 10);
+    TORCH_CHECK(*end == '\0' && value >= 0,
+                "fastbirnn: FASTBIRNN_SCRATCH_MIB must be a whole number of MiB >= 0, got '",
+                mib, "'");
+    return int64_t(value) << 20;
+  }
+
+  std::mutex mutex_;
+  std::vector<PerThread*> threads_;
+  int64_t kept_ = 0;
+  int64_t limit_ = limit_from_environment();
+  uint64_t clock_ = 0;
+};
+
+inline Tensor scratch_buffer(Scratch slot, int64_t numel, const at::TensorOptions& options) {
+  return ScratchCaches::instance().buffer(slot, numel, options);
 }
 
 // Frees this thread's kept scratch buffers; returns the bytes freed. (The benchmarks' peak
 // memory calls it first, so a step's scratch counts as that step's allocation.)
-inline int64_t release_scratch() {
-  int64_t bytes = 0;
-  for (Tensor& t : scratch_cache()) {
-    if (t.defined()) bytes += int64_t(t.nbytes());
-    t = Tensor();
-  }
-  return bytes;
-}
-
-// A buffer of at least numel elements for one slot (a fresh one if the slot's buffer is
-// still held elsewhere, or if keeping it would pass kScratchCacheBytes).
-inline Tensor scratch_buffer(Scratch slot, int64_t numel, const at::TensorOptions& options) {
-  std::array<Tensor, kScratchSlots>& cache = scratch_cache();
-  const int64_t bytes = numel * int64_t(options.dtype().itemsize());
-  if (bytes < kScratchMinBytes) return at::empty({numel}, options);
-  Tensor& cached = cache[slot];
-  if (cached.defined() && cached.use_count() == 1 && cached.dtype() == options.dtype() &&
-      cached.numel() >= numel)
-    return cached;
-  int64_t kept = 0;
-  for (int i = 0; i < kScratchSlots; ++i)
-    if (i != slot && cache[i].defined()) kept += int64_t(cache[i].nbytes());
-  if (kept + bytes > kScratchCacheBytes || (cached.defined() && cached.use_count() > 1))
-    return empty_buffer({numel}, options);
-  cached = Tensor();  // free the smaller one first
-  cached = empty_buffer({numel}, options);
-  return cached;
-}
+inline int64_t release_scratch() { return ScratchCaches::instance().release_this_thread(); }
 
 }  // namespace fastbirnn

@@ -94,9 +94,17 @@ inline Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths,
   g.sb = a.batch_first ? g.T : 1;
   g.lengths = nullptr;
   if (lengths && lengths->defined()) g.lengths = checked_lengths(*lengths, g.B, g.T, lengths_cpu);
-  // 32-bit BLAS.
-  TORCH_CHECK(g.T * g.B <= INT32_MAX && a.gates * g.DH() <= INT32_MAX && x.size(2) <= INT32_MAX,
-              "fastbirnn cpp backend: tensor too large for 32-bit BLAS");
+  // 32-bit BLAS: every size and leading dimension a product passes, checked here because a
+  // worker must not be the first to throw. The largest leading dimension is the gate buffer's
+  // between batch rows of one step: T steps of gates * D * H apart when batch_first.
+  const int64_t gate_columns = a.gates * g.DH();
+  TORCH_CHECK(g.T * g.B <= INT32_MAX && gate_columns <= INT32_MAX && x.size(2) <= INT32_MAX,
+              "fastbirnn cpp backend: tensor too large for 32-bit BLAS (T * B = ", g.T * g.B,
+              ", gates * D * H = ", gate_columns, ", input size ", x.size(2), ")");
+  TORCH_CHECK(g.sb * gate_columns <= INT32_MAX,
+              "fastbirnn cpp backend: tensor too large for 32-bit BLAS: with batch_first, the "
+              "gate buffer's leading dimension T * gates * D * H = ", g.sb * gate_columns,
+              " passes 2^31 - 1 (use batch_first=False, or shorter sequences)");
   return g;
 }
 

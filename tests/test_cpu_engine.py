@@ -4,7 +4,9 @@ thread count (1-4, also above the core count), for every block layout the engine
 team never deadlocks (concurrent callers, more threads than cores).
 """
 
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -281,3 +283,104 @@ def test_scratch_buffers_kept_between_calls_never_leak_into_results(cell):
 
     assert release_scratch() >= 1 << 20
     assert release_scratch() == 0
+
+
+def test_sizes_past_32_bit_blas_raise_before_any_work_and_auto_declines_them():
+    """With batch_first the gate buffer's rows of one step lie T * gates * D * H apart: past
+    2^31 - 1, BLAS's int leading dimension would overflow. The op refuses before allocating
+    (an expanded 1-element input: no 16 GiB output is made), and 'auto' never picks it."""
+    model = FastBiRNN(1, 1024, batch_first=True, backend="cpp")
+    x = torch.zeros(1, 1, 1).expand(1, 2**21, 1)  # T * 1 gate * 2 * 1024 = 2^32
+    with torch.no_grad(), pytest.raises(RuntimeError, match="leading dimension T \\* gates"):
+        model(x)
+    model.backend = "auto"
+    assert model.selected_backend(x) == "torch"
+    assert model.selected_backend(x[:, : 2**10]) == "cpp"  # the same model, a shorter input
+
+
+def _scratch_user(seed):
+    """An LSTM whose inference keeps one 8 MiB gate buffer as scratch: B16 T128 H128 bi."""
+    torch.manual_seed(seed)
+    model = FastBiLSTM(32, 128, backend="cpp")
+    x = torch.randn(128, 16, 32)
+    return model, x
+
+
+def test_scratch_kept_by_many_threads_stays_under_the_process_cap():
+    """Eight Python threads each keep an 8 MiB gate buffer: under a 20 MiB cap the caches of
+    the threads that called least recently are freed, so at most two are kept at any time, and
+    every result still equals the one computed alone."""
+    from fastbirnn.backends import cpp_backend
+
+    model, x = _scratch_user(0)
+    with torch.no_grad():
+        expected = model(x)[0]
+    cpp_backend.release_scratch()
+    previous = cpp_backend.set_scratch_limit(20 << 20)
+    try:
+        kept, results = [], []
+        lock = threading.Lock()
+
+        def call():
+            with torch.no_grad():
+                out = model(x)[0]
+            with lock:
+                results.append(out)
+                kept.append(cpp_backend.kept_scratch_bytes())
+
+        for _ in range(2):  # the second round reuses or evicts what the first kept
+            threads = [threading.Thread(target=call) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert len(results) == 16 and 8 << 20 <= max(kept) <= 20 << 20  # cached, capped
+        # A thread's caches go when it ends (its thread-local destructor may run just after
+        # join returns).
+        deadline = time.monotonic() + 5
+        while cpp_backend.kept_scratch_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cpp_backend.kept_scratch_bytes() == 0
+        for out in results:
+            assert torch.equal(out, expected)
+        cpp_backend.set_scratch_limit(0)  # keep nothing: frees what is kept, and results hold
+        assert cpp_backend.kept_scratch_bytes() == 0
+        with torch.no_grad():
+            assert torch.equal(model(x)[0], expected)
+        assert cpp_backend.kept_scratch_bytes() == 0
+    finally:
+        cpp_backend.set_scratch_limit(previous)
+    with pytest.raises(RuntimeError, match="scratch limit must be >= 0"):
+        cpp_backend.set_scratch_limit(-1)
+
+
+def test_environment_sets_the_scratch_cap_and_turns_huge_page_advice_off():
+    """FASTBIRNN_SCRATCH_MIB and FASTBIRNN_HUGE_PAGES=0 are read at load (a fresh process);
+    results do not change with either."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, fastbirnn\n"
+        "from fastbirnn import _C\n"
+        "from fastbirnn.backends import cpp_backend\n"
+        "print(_C.advises_huge_pages(), cpp_backend.set_scratch_limit(0) >> 20)\n"
+        "torch.manual_seed(0)\n"
+        "m = fastbirnn.FastBiRNN(8, 64, backend='cpp')\n"  # 64 MiB of outputs: advised
+        "x = torch.randn(256, 512, 8)\n"
+        "with torch.no_grad(): print(float(m(x)[0].double().square().sum()))\n"
+    )
+
+    def run(**env):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    advised, default_mib, total = run()
+    assert (advised, default_mib) == ("True", "256")
+    assert run(FASTBIRNN_HUGE_PAGES="0", FASTBIRNN_SCRATCH_MIB="64") == ["False", "64", total]
+    done = subprocess.run([sys.executable, "-c", "from fastbirnn import _C\n_C.kept_scratch_bytes()"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "FASTBIRNN_SCRATCH_MIB": "lots"})
+    assert done.returncode != 0 and "FASTBIRNN_SCRATCH_MIB must be a whole number" in done.stderr

@@ -38,6 +38,20 @@ def release_scratch() -> int:
     (those of 1 MiB and more, up to 128 MiB per thread); returns the bytes freed."""
     return 0 if _C is None else int(_C.release_scratch())
 
+
+def kept_scratch_bytes() -> int:
+    """The bytes of scratch buffers all threads keep together between calls."""
+    return 0 if _C is None else int(_C.kept_scratch_bytes())
+
+
+def set_scratch_limit(nbytes: int) -> int:
+    """Cap the scratch buffers all threads keep together (default 256 MiB, or
+    ``FASTBIRNN_SCRATCH_MIB`` read at load); the caches of the threads that called least
+    recently are freed to meet it. 0 keeps nothing. Returns the previous cap."""
+    if _C is None:
+        raise RuntimeError(f"fastbirnn: the cpp backend is not available: {_UNAVAILABLE}")
+    return int(_C.set_scratch_limit(int(nbytes)))
+
 # Read once: a plain bool is traceable by Dynamo, a pybind call is not.
 _HAS_BLAS = _C is not None and bool(_C.has_blas())
 
@@ -57,7 +71,20 @@ def unsupported_reason(x: Tensor) -> Optional[str]:
 def preferred_for(x: Tensor, call: "cpu_rule.CallShape") -> bool:
     # Where the committed CPU grid shows the fused kernel at least as fast as the nn class
     # (fastbirnn/backends/cpu_rule.py); unsupported inputs never get here.
-    return _HAS_BLAS and cpu_rule.prefer_cpp(call)
+    return _HAS_BLAS and _fits_32bit_blas(x, call) and cpu_rule.prefer_cpp(call)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _fits_32bit_blas(x: Tensor, call: "cpu_rule.CallShape") -> bool:
+    """Whether the engine's sizes and leading dimensions fit 32-bit BLAS (csrc/checks.h
+    refuses the call otherwise), counted as for the widest cell (4 gates) laid out batch
+    first, so that 'auto' never picks a call the engine would refuse."""
+    directions = 2 if call.bidirectional else 1
+    gate_columns = 4 * directions * call.hidden
+    return (call.seq * call.batch <= _INT32_MAX and x.shape[-1] <= _INT32_MAX
+            and call.seq * gate_columns <= _INT32_MAX)
 
 
 def _stack(cell, x, lengths, states, flat_weights, *, num_layers, num_directions, bias,
