@@ -3,8 +3,9 @@
 from fastbirnn import backends
 from fastbirnn.gated import FastBiGRU, FastBiLSTM
 from fastbirnn.module import FastBiRNN
+from fastbirnn.tuning import autotune
 
-__all__ = ["FastBiRNN", "FastBiLSTM", "FastBiGRU", "available_backends"]
+__all__ = ["FastBiRNN", "FastBiLSTM", "FastBiGRU", "autotune", "available_backends"]
 __version__ = "0.1.0"
 
 

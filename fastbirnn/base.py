@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastbirnn import backends, functional
+from fastbirnn import backends, functional, tuning
 from fastbirnn.backends.cpu_rule import CallShape
 
 
@@ -101,12 +101,40 @@ class FusedRNNMixin:
             return self._resolve_auto(data, batch_size, seq_len, training, _threads_seen[0])
         threads = _threads_seen[0] = torch.get_num_threads()
         # The choice depends only on this signature: cached per module, off the hot path.
-        key = (batch_size, seq_len, data.dtype, data.device, training, threads)
+        key = (batch_size, seq_len, data.dtype, data.device, training, threads,
+               tuning._enabled, isinstance(input, PackedSequence))
         backend = self.__dict__.get("_auto_cache", {}).get(key)
         if backend is None:
             backend = self._resolve_auto(data, batch_size, seq_len, training, threads)
+            if tuning._enabled and data.device.type == "cpu":
+                backend = self._autotuned(input, backend, key)
             self._remember("_auto_cache", key, backend)
         return backend
+
+    def _autotuned(self, input, rule_choice: str, call_key: tuple) -> str:
+        """``fastbirnn.autotune``: the rule's choice or the other CPU candidate, whichever
+        ran this signature faster here (measured once per process; fastbirnn/tuning.py)."""
+        other = backends.TORCH if rule_choice != backends.TORCH else "cpp"
+        candidates = [rule_choice]
+        if other == backends.TORCH or (
+            other in backends.names() and backends.get(other).supports(self.cell)
+            and backends.get(other).unavailable_reason() is None
+        ):
+            candidates.append(other)
+        if len(candidates) == 1:
+            return rule_choice
+        signature = (type(self).__name__, self.input_size, self.hidden_size, self.num_layers,
+                     self.bias, self.bidirectional, self.batch_first, self.proj_size,
+                     self.dropout if self.training else 0.0, self._cell_config().get(
+                         "nonlinearity"), *call_key)
+        return tuning.choose(signature, candidates,
+                             tuning.step_runner(self, input, training=call_key[4]))
+
+    def _forward_on(self, backend: str, input):
+        """``forward`` with ``backend`` instead of the module's (for the calibration)."""
+        if backend == backends.TORCH:
+            return super().forward(input)
+        return self._fused_forward(input, None, backend)
 
     def _resolve_auto(self, data, batch_size, seq_len, training, threads) -> str:
         if not isinstance(batch_size, int) or not isinstance(seq_len, int):
@@ -166,6 +194,7 @@ class FusedRNNMixin:
             input.dtype, input.device, grad,
             grad and (input.requires_grad or any(w.requires_grad for w in weights)),
             weights[0].dtype, weights[0].device, len(weights), torch.get_num_threads(),
+            tuning._enabled,
         )
 
     def _remember(self, cache_name: str, key, value) -> None:
