@@ -182,3 +182,20 @@ def test_grid_covers_the_space_it_claims(grid):
     named = {tuple(n) for n in grid.NAMED}
     assert all(p.macs <= 4e9 or p.seq == 4
                or (p.batch, p.seq, p.input, p.hidden, p.bidirectional) in named for p in points)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_outside_the_measured_machines_the_rule_is_conservative(cell, training):
+    """An instruction set no grid measured gets the nn class; more threads than any grid
+    measured fuse only small steps, and only where the measured thread count fuses too."""
+    for B, H, bi in itertools.product((1, 8, 32, 128), (32, 128, 512), (False, True)):
+        base = dict(batch=B, hidden=H, bidirectional=bi, cell=cell, training=training)
+        assert not cpu_rule.prefer_cpp(shape(isa="scalar", **base))
+        measured = cpu_rule.prefer_cpp(shape(threads=cpu_rule.MEASURED_MAX_THREADS, **base))
+        many = shape(threads=64, **base)
+        expected = measured and many.step_macs <= cpu_rule.UNMEASURED_STEP_LIMIT
+        assert cpu_rule.prefer_cpp(many) == expected, many
+    # The tagger's and the tutorial's small steps stay fused on a 64-thread machine.
+    assert cpu_rule.prefer_cpp(shape(batch=32, hidden=128, threads=64))
+    assert not cpu_rule.prefer_cpp(shape(batch=64, hidden=512, threads=64))

@@ -16,7 +16,7 @@ there than our single-threaded-BLAS blocks by more than noise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +35,7 @@ class CallShape:
     threads: int  # torch.get_num_threads() at the call
     cell: str = "rnn"  # 'rnn', 'lstm' or 'gru'
     proj_size: int = 0  # LSTM projections, which the engine does not have
+    isa: str = "avx512"  # the engine's vector paths here: 'avx512', 'avx2' or 'scalar'
 
     @property
     def step_macs(self) -> int:
@@ -91,11 +92,28 @@ def workers(s: CallShape) -> int:
     return max(1, min(s.threads, (2 if s.bidirectional else 1) * per_dir))
 
 
+# What the committed grids measured: the engine's instruction set (csrc/simd.h) and the
+# thread counts. Outside them the rule is conservative. Without vector paths the engine lost
+# (0.46-0.66x nn at small shapes, issue 22): the nn class. With more threads than measured,
+# the nn class's per-step GEMMs use all of them while the engine's team is capped at
+# D * ceil(H / 64) workers: fused only where a whole step (both directions, every gate) is at
+# most UNMEASURED_STEP_LIMIT multiply-adds, where the per-step dispatch the engine saves
+# outweighs what more threads give one small GEMM, and where the measured rule fuses too.
+MEASURED_ISAS = ("avx512",)
+MEASURED_MAX_THREADS = 2
+UNMEASURED_STEP_LIMIT = 1 << 20  # 1 M: (32, 128, 128, 128) bidirectional Elman
+
+
 def prefer_cpp(s: CallShape) -> bool:
     """True where the grids show the fused kernel faster than the nn class (False: the nn
-    class)."""
+    class); conservative where they measured nothing (see MEASURED_ISAS)."""
     if s.proj_size:
         return False  # the engine has no LSTM projections: nn.LSTM runs them
+    if s.isa not in MEASURED_ISAS:
+        return False
+    if s.threads > MEASURED_MAX_THREADS:
+        return s.step_macs <= UNMEASURED_STEP_LIMIT and prefer_cpp(
+            replace(s, threads=MEASURED_MAX_THREADS))
     team = workers(s)
     per_worker = s.step_macs / team
     if s.cell != "rnn":
