@@ -75,6 +75,22 @@ GATED_EXTRA = [  # (B, T, I, H, layers, bidirectional, dtype)
     (32, 128, 256, 256, 2, False, "fp32"),
     (128, 16, 64, 64, 2, True, "fp32"),
 ]
+# The held-out points (--preset heldout): shapes taggers and speech models run, off every axis
+# the grids sample (I != H, 300-d embeddings, T 20-60, odd H, B 16-64), which no threshold of
+# the rule was fitted to. Report the rule against them separately (their own --out folder),
+# to check it, never to fit it.
+HELDOUT = [  # (B, T, I, H, layers, bidirectional, dtype)
+    (16, 20, 300, 100, 1, True, "fp32"),
+    (32, 40, 300, 128, 1, True, "fp32"),
+    (64, 60, 300, 256, 1, True, "fp32"),
+    (16, 50, 300, 200, 2, True, "fp32"),
+    (32, 30, 100, 256, 2, True, "fp32"),
+    (48, 25, 300, 150, 1, False, "fp32"),
+    (24, 45, 50, 300, 1, True, "fp32"),
+    (1, 35, 300, 256, 2, True, "fp32"),
+    (8, 60, 300, 100, 1, True, "fp32"),
+    (64, 20, 100, 200, 1, True, "fp64"),
+]
 MICRO = [  # the --preset micro smoke test: seconds
     (2, 4, 16, 32, 1, True, "fp32"),
     (2, 4, 16, 32, 1, False, "fp64"),
@@ -196,6 +212,9 @@ def micro_points(cell: str, thread_counts) -> list[Point]:
 def preset_points(preset: str, cell: str, all_threads: int, thread_counts, max_macs: float):
     if preset == "micro":
         return micro_points(cell, thread_counts)
+    if preset == "heldout":
+        return [Point(B, T, I, H, L, bi, dtype, threads, cell)
+                for threads in thread_counts for B, T, I, H, L, bi, dtype in HELDOUT]
     if cell == "rnn":
         return points(all_threads, max_macs, thread_counts)
     return gated_points(cell, thread_counts, max_macs)
@@ -529,8 +548,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help="folder for grid.json, grid.csv, grid.png, summary.md (default: the cell's, "
                          f"{default_out('rnn')}, {default_out('lstm')}, {default_out('gru')})")
-    ap.add_argument("--preset", default="full", choices=("full", "micro"),
-                    help="full: the cell's grid (module doc); micro: two tiny points (a smoke test)")
+    ap.add_argument("--preset", default="full", choices=("full", "heldout", "micro"),
+                    help="full: the cell's grid (module doc); heldout: points no rule threshold "
+                         "was fitted to (HELDOUT; give them their own --out); micro: two tiny "
+                         "points (a smoke test)")
     ap.add_argument("--threads", default=None,
                     help="comma list of counts or 'all' (default: 1,all for rnn, all for gated)")
     ap.add_argument("--max-macs", type=float, default=None,
