@@ -8,6 +8,7 @@
 #include "blas.h"
 #include "buffers.h"
 #include "stack.h"
+#include "team.h"
 
 TORCH_LIBRARY(fastbirnn_cpp, m) {
   // cell: 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru'; c0 and the returned c_n (empty otherwise)
@@ -85,4 +86,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether large buffers are advised as transparent huge pages (FASTBIRNN_HUGE_PAGES)");
   m.def("set_differentiable_backward", &set_differentiable_backward,
         "Install the function the stack's autograd node calls under create_graph=True");
+  fastbirnn::team_mode();  // FASTBIRNN_TEAM is read once, as the extension loads
+  m.def("team_mode", &fastbirnn::team_mode,
+        "'openmp' (teams run on ATen's OpenMP threads) or 'inline' (on the calling thread)");
 }

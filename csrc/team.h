@@ -1,4 +1,4 @@
-// Engine support: a team of workers with a spinning per-step barrier, and a task queue.
+// Engine support: a team of workers with a per-step barrier, and a task queue.
 //
 // A Team of `size` logical workers runs on however many threads at::parallel_for actually
 // gives it: each thread runs a contiguous range [first, last) of workers. The barrier counts
@@ -6,42 +6,82 @@
 // grows, so it completes whether the runtime gave one thread per worker, fewer, or ran the
 // whole range inline (inside another parallel region): it cannot deadlock on a short team.
 //
-// Waiting spins (with a pause instruction) for a bounded count, then yields the core on each
-// retry, so on an oversubscribed machine a waiting worker never starves the one it waits for.
-// No OS sleep on the hot path. A worker that throws marks the team failed; the others stop
-// waiting and the first exception reaches the caller (at::parallel_for rethrows it).
+// Waiting: the worker whose arrival completes a step bumps a generation word (park.h) that the
+// others read; they never poll the counter every arrival writes. A waiter spins on the word
+// (with a pause instruction) for a bounded time, then sleeps on it (a futex) until the last
+// arriver wakes it. The spin bound adapts: halved after every wait that had to sleep, grown
+// slowly after waits that the spin covered, and carried from call to call. On an idle machine
+// the partners arrive within the spin and nobody sleeps; on an oversubscribed one (other
+// processes on the cores) a waiter soon stops spinning and gives its core to the worker it
+// waits for, as OpenMP's own barriers do.
+//
+// A worker that throws marks the team failed in the same word, which wakes every sleeper; the
+// others stop waiting and the first exception reaches the caller (at::parallel_for rethrows
+// it). Workers run with the caller's floating-point control (FTZ/DAZ, park.h). Where ATen's
+// parallel backend is not OpenMP (its native pool can livelock two callers' teams), or
+// FASTBIRNN_TEAM=inline is set when the extension loads, every team runs inline on the
+// calling thread (team_mode()). Results never depend on any of this.
 #pragma once
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
-#include <thread>
 
 #include "blas.h"
+#include "park.h"
 
 namespace fastbirnn {
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
+// Whether teams run on threads ("openmp") or on the calling thread only ("inline"), decided
+// once: inline where ATen's parallel backend is not OpenMP, where this extension was built
+// without OpenMP (at::parallel_for is then a plain loop), or where FASTBIRNN_TEAM=inline.
+inline const char* team_mode() {
+  static const char* const mode = [] {
+#if AT_PARALLEL_OPENMP && defined(_OPENMP)
+    const char* forced = std::getenv("FASTBIRNN_TEAM");
+    return forced && std::strcmp(forced, "inline") == 0 ? "inline" : "openmp";
+#else
+    return "inline";
 #endif
+  }();
+  return mode;
 }
+
+inline bool teams_use_threads() {
+  static const bool threads = std::strcmp(team_mode(), "openmp") == 0;
+  return threads;
+}
+
+// How long a waiter spins before it sleeps, adapted (see above) and shared by all teams.
+// Plain relaxed reads and writes: a racy update only shifts a heuristic.
+struct SpinBudget {
+  static constexpr int64_t kMinNs = 2000;    // a partner that is running arrives within this
+  static constexpr int64_t kMaxNs = 100000;  // longer than a sleep and wake-up costs
+  static std::atomic<int64_t>& shared() {
+    static std::atomic<int64_t> ns{kMaxNs};
+    return ns;
+  }
+};
 
 class Team {
  public:
   class Member {
    public:
-    Member(Team& team, int64_t first, int64_t last) : team_(team), first_(first), last_(last) {}
+    Member(Team& team, int64_t first, int64_t last)
+        : team_(team), first_(first), last_(last),
+          spin_ns_(SpinBudget::shared().load(std::memory_order_relaxed)) {}
+    ~Member() { SpinBudget::shared().store(spin_ns_, std::memory_order_relaxed); }
     // Whether this thread runs logical worker w.
     bool runs(int64_t worker) const { return worker >= first_ && worker < last_; }
     // Whether this thread computes block k of a round-robin assignment of blocks to workers.
     bool owns(int64_t k) const { return runs(k % team_.size_); }
     // Every worker's writes before sync() are visible to every worker after it.
-    void sync() { team_.arrive_and_wait(last_ - first_, ++generation_); }
+    void sync() { team_.arrive_and_wait(last_ - first_, ++generation_, spin_ns_); }
     int64_t first() const { return first_; }
     int64_t last() const { return last_; }
 
@@ -49,6 +89,7 @@ class Team {
     Team& team_;
     int64_t first_, last_;
     int64_t generation_ = 0;
+    int64_t spin_ns_;
   };
 
   explicit Team(int64_t size) : size_(size < 1 ? 1 : size) {}
@@ -58,45 +99,84 @@ class Team {
   // determinism note in recurrence.h).
   template <typename F>
   void run(const F& fn) {
-    if (size_ == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    if (size_ == 1 || !teams_use_threads() || at::get_num_threads() == 1 ||
+        at::in_parallel_region()) {
       SingleThreadedBlas pin;
       Member all(*this, 0, size_);
       fn(all);
       return;
     }
-    at::parallel_for(0, size_, 1, [&](int64_t first, int64_t last) {
-      SingleThreadedBlas pin;
-      Member member(*this, first, last);
-      try {
-        fn(member);
-      } catch (...) {
-        failed_.store(true, std::memory_order_release);
-        throw;
-      }
-    });
-  }
-
- private:
-  void arrive_and_wait(int64_t weight, int64_t generation) {
-    arrived_.fetch_add(weight, std::memory_order_acq_rel);
-    const int64_t target = generation * size_;
-    int spins = 0;
-    while (arrived_.load(std::memory_order_acquire) < target) {
-      if (failed_.load(std::memory_order_relaxed))
-        TORCH_CHECK(false, "fastbirnn cpp backend: another worker of the team failed");
-      if (spins < kSpins) {
-        ++spins;
-        cpu_relax();
-      } else {
-        std::this_thread::yield();
-      }
+    const FloatControl caller = FloatControl::current();
+    try {
+      at::parallel_for(0, size_, 1, [&](int64_t first, int64_t last) {
+        FloatControl::Scope control(caller);
+        SingleThreadedBlas pin;
+        Member member(*this, first, last);
+        try {
+          fn(member);
+        } catch (...) {
+          fail(std::current_exception());
+          throw;
+        }
+      });
+    } catch (...) {
+      // The first failure, not a partner's "another worker failed" that may have won the
+      // race to at::parallel_for.
+      if (first_error_) std::rethrow_exception(first_error_);
+      throw;
     }
   }
 
-  static constexpr int kSpins = 1024;  // ~5-20 µs of pause instructions, then yield
+ private:
+  // The generation word: the count of completed steps (low bits) and a failure bit.
+  static constexpr uint32_t kFailed = 0x80000000u;
+  static constexpr uint32_t kCount = 0x7fffffffu;
+
+  void fail(std::exception_ptr error) {
+    if (!error_taken_.exchange(true)) first_error_ = error;
+    released_.update_and_wake([](uint32_t v) { return v | kFailed; });
+  }
+
+  [[noreturn]] static void failed() {
+    TORCH_CHECK(false, "fastbirnn cpp backend: another worker of the team failed");
+    std::abort();  // not reached
+  }
+
+  void arrive_and_wait(int64_t weight, int64_t generation, int64_t& spin_ns) {
+    const int64_t before = arrived_.fetch_add(weight, std::memory_order_acq_rel);
+    if (before + weight == generation * size_) {  // the last to arrive: release this step
+      released_.update_and_wake([](uint32_t v) { return (v & kFailed) | ((v + 1) & kCount); });
+      return;
+    }
+    const uint32_t want = uint32_t(generation) & kCount;
+    uint32_t seen = released_.load();
+    if ((seen & kCount) == want) return;
+    // Spin: a pause per read, the clock every 16 reads.
+    const int64_t start = now_ns();
+    for (int spins = 1;; ++spins) {
+      if (seen & kFailed) failed();
+      cpu_relax();
+      seen = released_.load();
+      if ((seen & kCount) == want) {
+        spin_ns = std::min<int64_t>(SpinBudget::kMaxNs, spin_ns + SpinBudget::kMinNs / 4);
+        return;
+      }
+      if (spins % 16 == 0 && now_ns() - start >= spin_ns) break;
+    }
+    // Sleep until the last arriver (or a failing worker) changes the word.
+    spin_ns = std::max<int64_t>(SpinBudget::kMinNs, spin_ns / 2);
+    while ((seen & kCount) != want) {
+      if (seen & kFailed) failed();
+      released_.sleep_while(seen);
+      seen = released_.load();
+    }
+  }
+
   int64_t size_;
   alignas(64) std::atomic<int64_t> arrived_{0};
-  alignas(64) std::atomic<bool> failed_{false};
+  alignas(64) ParkingWord released_;
+  std::atomic<bool> error_taken_{false};
+  std::exception_ptr first_error_;
 };
 
 // Runs fn(task) for task in [0, n) on up to `threads` threads, each taking the next task
@@ -106,13 +186,16 @@ class Team {
 template <typename F>
 void run_task_queue(int64_t n, int64_t threads, const F& fn) {
   threads = std::min<int64_t>(threads, n);
-  if (threads <= 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  if (threads <= 1 || !teams_use_threads() || at::get_num_threads() == 1 ||
+      at::in_parallel_region()) {
     SingleThreadedBlas pin;
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
   std::atomic<int64_t> next{0};
+  const FloatControl caller = FloatControl::current();
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    FloatControl::Scope control(caller);
     SingleThreadedBlas pin;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
   });
