@@ -40,8 +40,9 @@ void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, 
 // Register tiles on the vector traits V (simd.h; AVX-512 or AVX2): MR rows of C by NV
 // vectors, held in registers for the whole k loop. Each k loads NV vectors of B once for MR
 // rows (the one-row form loaded B for every row and was load-bound); MR * NV <=
-// V::kAccumulators leaves registers for B and the broadcast.
-template <typename V, int NV, int MR, typename T>
+// V::kAccumulators leaves registers for B and the broadcast. kPartial: the last vector is
+// partial and goes through masks (which cost on AVX2, vmaskmov, even when full).
+template <typename V, int NV, int MR, bool kPartial, typename T>
 void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
                const typename V::Mask* mask, T* C, int64_t ldc) {
   // Fully unrolled small loops: the accumulators must be registers, not an array in memory.
@@ -59,8 +60,8 @@ void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool
     typename V::Vec b[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)  // only the last vector can be partial
-      b[v] = v + 1 < NV ? V::load(B + k * ldb + v * V::kLanes)
-                        : V::load(last_mask, B + k * ldb + v * V::kLanes);
+      b[v] = kPartial && v + 1 == NV ? V::load(last_mask, B + k * ldb + v * V::kLanes)
+                                     : V::load(B + k * ldb + v * V::kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const typename V::Vec a = V::broadcast(A[r * lda + k]);
@@ -73,35 +74,51 @@ void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       T* c = C + r * ldc + v * V::kLanes;
-      V::store(c, mask[v], accumulate ? V::add(acc[r][v], V::load(mask[v], c)) : acc[r][v]);
+      if constexpr (kPartial)
+        V::store(c, mask[v], accumulate ? V::add(acc[r][v], V::load(mask[v], c)) : acc[r][v]);
+      else
+        V::store(c, accumulate ? V::add(acc[r][v], V::load(c)) : acc[r][v]);
     }
 }
 
 // The last rows (fewer than a full tile): one tile of exactly that many.
-template <typename V, int NV, int R, typename T>
+template <typename V, int NV, int R, bool kPartial, typename T>
 void gemm_last_rows(int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                     bool accumulate, const typename V::Mask* mask, T* C, int64_t ldc) {
   if constexpr (R > 0) {
-    if (rows == R) return gemm_tile<V, NV, R>(K, A, lda, B, ldb, accumulate, mask, C, ldc);
-    gemm_last_rows<V, NV, R - 1>(rows, K, A, lda, B, ldb, accumulate, mask, C, ldc);
+    if (rows == R)
+      return gemm_tile<V, NV, R, kPartial>(K, A, lda, B, ldb, accumulate, mask, C, ldc);
+    gemm_last_rows<V, NV, R - 1, kPartial>(rows, K, A, lda, B, ldb, accumulate, mask, C, ldc);
   }
 }
 
-// All rows of C for NV vectors per row (N > (NV - 1) lanes): full tiles of MR rows, then one
-// tile for the rest; compiled for V's instructions, everything inlined (V::run).
+// All rows of C for NV vectors per row, of which the last is partial or not: full tiles of
+// MR rows, then one tile for the rest.
+template <typename V, int NV, bool kPartial, typename T>
+void gemm_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               bool accumulate, const typename V::Mask* mask, T* C, int64_t ldc) {
+  constexpr int MR = V::kAccumulators / NV < 6 ? V::kAccumulators / NV : 6;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR)
+    gemm_tile<V, NV, MR, kPartial>(K, A + i * lda, lda, B, ldb, accumulate, mask, C + i * ldc,
+                                   ldc);
+  gemm_last_rows<V, NV, MR - 1, kPartial>(M - i, K, A + i * lda, lda, B, ldb, accumulate, mask,
+                                          C + i * ldc, ldc);
+}
+
+// All rows of C for NV vectors per row (N > (NV - 1) lanes), compiled for V's instructions
+// with everything inlined (V::run).
 template <typename V, int NV, typename T>
 void small_gemm_vectors(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                         int64_t ldb, T beta, T* C, int64_t ldc) {
   V::run([&] {
-    constexpr int MR = V::kAccumulators / NV < 6 ? V::kAccumulators / NV : 6;
     typename V::Mask mask[NV];
     for (int v = 0; v < NV; ++v) mask[v] = V::mask(N - v * V::kLanes);
     const bool accumulate = beta != T(0);
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR)
-      gemm_tile<V, NV, MR>(K, A + i * lda, lda, B, ldb, accumulate, mask, C + i * ldc, ldc);
-    gemm_last_rows<V, NV, MR - 1>(M - i, K, A + i * lda, lda, B, ldb, accumulate, mask,
-                                  C + i * ldc, ldc);
+    if (N % V::kLanes != 0)
+      gemm_rows<V, NV, true>(M, K, A, lda, B, ldb, accumulate, mask, C, ldc);
+    else
+      gemm_rows<V, NV, false>(M, K, A, lda, B, ldb, accumulate, mask, C, ldc);
   });
 }
 
