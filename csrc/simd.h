@@ -73,8 +73,8 @@ inline IsaRequest read_isa_request() {
   IsaRequest request;
   const char* raw = std::getenv("FASTBIRNN_ISA");
   std::string value = raw ? raw : "";
-  value.erase(std::remove_if(value.begin(), value.end(), [](unsigned char c) { return std::isspace(c); }),
-              value.end());
+  auto space = [](unsigned char c) { return std::isspace(c) != 0; };
+  value.erase(std::remove_if(value.begin(), value.end(), space), value.end());
   std::transform(value.begin(), value.end(), value.begin(),
                  [](unsigned char c) { return char(std::tolower(c)); });
   if (value.empty() || value == "avx512") return request;

@@ -159,8 +159,10 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
                 int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
 #ifdef FASTBIRNN_X86
-  if (kIsa == Isa::kAvx512) return small_gemm_panels<Avx512<T>>(M, N, K, A, lda, B, ldb, beta, C, ldc);
-  if (kIsa == Isa::kAvx2) return small_gemm_panels<Avx2<T>>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (kIsa == Isa::kAvx512)
+    return small_gemm_panels<Avx512<T>>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (kIsa == Isa::kAvx2)
+    return small_gemm_panels<Avx2<T>>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 #endif
   small_gemm_loops<T>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
