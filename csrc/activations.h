@@ -1,4 +1,5 @@
-// tanh and sigmoid over a block of values, vectorised with SLEEF (linked into libtorch_cpu).
+// tanh and sigmoid over a block of values, vectorised with SLEEF (linked into libtorch_cpu) at
+// the engine's ISA level (simd.h): one template over the vector traits for AVX-512 and AVX2.
 //
 // tanh: SLEEF's 3.5-ulp routines, not the 1-ulp ones ATen's tanh calls: those cost 2.6x as much
 // (1.50 vs 0.58 ns per fp32 element on Zen 4) and were a quarter of a (32, 128, 128, 128)
@@ -20,67 +21,39 @@
 namespace fastbirnn {
 
 #ifdef FASTBIRNN_X86
-template <typename T>
-__attribute__((target("avx512f"))) void tanh_avx512(T* p, int64_t n) {
-  using V = Avx512<T>;
-  for (int64_t i = 0; i < n; i += V::kLanes) {
-    const typename V::Mask m = lanes_avx512<T>(i, n);
-    V::store(p + i, m, V::tanh(V::load(m, p + i)));
-  }
-}
-__attribute__((target("avx2,fma"))) inline void tanh_avx2(float* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, Sleef_tanhf8_u35avx2(_mm256_loadu_ps(p + i)));
-  if (i < n) {  // the tail goes through the same routine, via a padded copy
-    alignas(32) float tail[8] = {0};
-    std::memcpy(tail, p + i, sizeof(float) * (n - i));
-    _mm256_store_ps(tail, Sleef_tanhf8_u35avx2(_mm256_load_ps(tail)));
-    std::memcpy(p + i, tail, sizeof(float) * (n - i));
-  }
-}
-__attribute__((target("avx2,fma"))) inline void tanh_avx2(double* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(p + i, Sleef_tanhd4_u35avx2(_mm256_loadu_pd(p + i)));
-  if (i < n) {
-    alignas(32) double tail[4] = {0};
-    std::memcpy(tail, p + i, sizeof(double) * (n - i));
-    _mm256_store_pd(tail, Sleef_tanhd4_u35avx2(_mm256_load_pd(tail)));
-    std::memcpy(p + i, tail, sizeof(double) * (n - i));
-  }
+// p[i] = f(p[i]) on whole vectors, the last (partial) one masked: every lane's value is the
+// same whatever its position, so the result does not depend on n or the block.
+template <typename V, typename T, typename F>
+void map_vectors(T* p, int64_t n, const F& f) {
+  V::run([&] {
+    int64_t i = 0;
+    for (; i + V::kLanes <= n; i += V::kLanes) V::store(p + i, f(V::load(p + i)));
+    if (i < n) {
+      const typename V::Mask m = V::mask(n - i);
+      V::store(p + i, m, f(V::load(m, p + i)));
+    }
+  });
 }
 
-template <typename T>
-__attribute__((target("avx512f"))) void sigmoid_avx512(T* p, int64_t n) {
-  using V = Avx512<T>;
-  const typename V::Vec one = V::broadcast(T(1)), minus_one = V::broadcast(T(-1));
-  for (int64_t i = 0; i < n; i += V::kLanes) {
-    const typename V::Mask m = lanes_avx512<T>(i, n);
-    const typename V::Vec e = V::exp(V::mul(minus_one, V::load(m, p + i)));
-    V::store(p + i, m, V::div(one, V::add(one, e)));
-  }
+template <typename V, typename T>
+void tanh_vectors(T* p, int64_t n) {
+  map_vectors<V>(p, n, [](typename V::Vec x) { return V::tanh(x); });
+}
+
+template <typename V, typename T>
+void sigmoid_vectors(T* p, int64_t n) {
+  map_vectors<V>(p, n, [](typename V::Vec x) {
+    const typename V::Vec one = V::broadcast(T(1));
+    return V::div(one, V::add(one, V::exp(V::mul(V::broadcast(T(-1)), x))));
+  });
 }
 #endif
 
-enum class TanhImpl { kAvx512, kAvx2, kScalar };
-
-inline TanhImpl pick_tanh() {
-#ifdef FASTBIRNN_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && Sleef_tanhf16_u35 && Sleef_tanhd8_u35)
-    return TanhImpl::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && Sleef_tanhf8_u35avx2 &&
-      Sleef_tanhd4_u35avx2)
-    return TanhImpl::kAvx2;
-#endif
-  return TanhImpl::kScalar;
-}
-
-inline const TanhImpl kTanh = pick_tanh();
-
+// Which tanh is in use (fastbirnn._C.tanh_impl()).
 inline const char* tanh_impl_name() {
-  switch (kTanh) {
-    case TanhImpl::kAvx512: return "sleef-avx512";
-    case TanhImpl::kAvx2: return "sleef-avx2";
+  switch (kIsa) {
+    case Isa::kAvx512: return "sleef-avx512";
+    case Isa::kAvx2: return "sleef-avx2";
     default: return "scalar";
   }
 }
@@ -88,24 +61,17 @@ inline const char* tanh_impl_name() {
 template <typename T>
 void tanh_inplace(T* p, int64_t n) {
 #ifdef FASTBIRNN_X86
-  if (kTanh == TanhImpl::kAvx512) return tanh_avx512(p, n);
-  if (kTanh == TanhImpl::kAvx2) return tanh_avx2(p, n);
+  if (kIsa == Isa::kAvx512) return tanh_vectors<Avx512<T>>(p, n);
+  if (kIsa == Isa::kAvx2) return tanh_vectors<Avx2<T>>(p, n);
 #endif
   for (int64_t i = 0; i < n; ++i) p[i] = std::tanh(p[i]);
 }
 
-inline const bool kVectorExp = [] {
-#ifdef FASTBIRNN_X86
-  return kHaveAvx512 && Sleef_expf16_u10 != nullptr && Sleef_expd8_u10 != nullptr;
-#else
-  return false;
-#endif
-}();
-
 template <typename T>
 void sigmoid_inplace(T* p, int64_t n) {
 #ifdef FASTBIRNN_X86
-  if (kVectorExp) return sigmoid_avx512(p, n);
+  if (kIsa == Isa::kAvx512) return sigmoid_vectors<Avx512<T>>(p, n);
+  if (kIsa == Isa::kAvx2) return sigmoid_vectors<Avx2<T>>(p, n);
 #endif
   for (int64_t i = 0; i < n; ++i) p[i] = T(1) / (T(1) + std::exp(-p[i]));
 }

@@ -75,6 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "arguments");
   m.def("has_blas", &fastbirnn::have_blas, "Whether an optimised BLAS was found in libtorch");
   m.def("tanh_impl", &fastbirnn::tanh_impl_name, "Which vectorised tanh is in use");
+  m.def("cpu_isa", [] { return fastbirnn::isa_name(fastbirnn::kIsa); },
+        "The engine's ISA level: 'avx512', 'avx2' or 'scalar' (the CPU's, lowered by "
+        "FASTBIRNN_ISA)");
+  m.def("cpu_isa_error", &fastbirnn::isa_request_error,
+        "Why FASTBIRNN_ISA was not understood, or '' (the engine then uses the CPU's level)");
   m.def("release_scratch", &fastbirnn::release_scratch,
         "Free the scratch buffers the engine keeps for this thread; returns the bytes freed");
   m.def("kept_scratch_bytes", [] { return fastbirnn::ScratchCaches::instance().kept_bytes(); },

@@ -13,7 +13,7 @@
 
 namespace fastbirnn {
 
-// Plain loops: for CPUs without AVX-512. Summed from zero and C added at the end, as on the
+// Plain loops: for the scalar level (simd.h). Summed from zero and C added at the end, as on the
 // register tiles; in column chunks so the sums live on the stack (this runs per step and
 // block).
 template <typename T>
@@ -37,14 +37,14 @@ void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, 
 }
 
 #ifdef FASTBIRNN_X86
-// AVX-512 register tiles: MR rows of C by NV vectors, held in registers for the whole k loop.
-// Each k loads NV vectors of B once for MR rows (the one-row form loaded B for every row and
-// was load-bound); MR * NV <= 24 leaves registers for B and the broadcast.
-template <typename T, int NV, int MR>
-__attribute__((target("avx512f"))) void gemm_tile_avx512(
-    int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
-    const typename Avx512<T>::Mask* mask, T* C, int64_t ldc) {
-  using V = Avx512<T>;
+// Register tiles on the vector traits V (simd.h; AVX-512 or AVX2): MR rows of C by NV
+// vectors, held in registers for the whole k loop. Each k loads NV vectors of B once for MR
+// rows (the one-row form loaded B for every row and was load-bound); MR * NV <=
+// V::kAccumulators leaves registers for B and the broadcast. kPartial: the last vector is
+// partial and goes through masks (which cost on AVX2, vmaskmov, even when full).
+template <typename V, int NV, int MR, bool kPartial, typename T>
+void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
+               const typename V::Mask* mask, T* C, int64_t ldc) {
   // Fully unrolled small loops: the accumulators must be registers, not an array in memory.
   // The products are summed from zero and C is added once at the end, not used as the
   // starting value: the partial sums stay the size of the products (not of C), so a long
@@ -60,8 +60,8 @@ __attribute__((target("avx512f"))) void gemm_tile_avx512(
     typename V::Vec b[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)  // only the last vector can be partial
-      b[v] = v + 1 < NV ? V::load(B + k * ldb + v * V::kLanes)
-                        : V::load(last_mask, B + k * ldb + v * V::kLanes);
+      b[v] = kPartial && v + 1 == NV ? V::load(last_mask, B + k * ldb + v * V::kLanes)
+                                     : V::load(B + k * ldb + v * V::kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const typename V::Vec a = V::broadcast(A[r * lda + k]);
@@ -74,75 +74,95 @@ __attribute__((target("avx512f"))) void gemm_tile_avx512(
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       T* c = C + r * ldc + v * V::kLanes;
-      V::store(c, mask[v], accumulate ? V::add(acc[r][v], V::load(mask[v], c)) : acc[r][v]);
+      if constexpr (kPartial)
+        V::store(c, mask[v], accumulate ? V::add(acc[r][v], V::load(mask[v], c)) : acc[r][v]);
+      else
+        V::store(c, accumulate ? V::add(acc[r][v], V::load(c)) : acc[r][v]);
     }
 }
 
 // The last rows (fewer than a full tile): one tile of exactly that many.
-template <typename T, int NV, int R>
-__attribute__((target("avx512f"))) void gemm_last_rows_avx512(
-    int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
-    const typename Avx512<T>::Mask* mask, T* C, int64_t ldc) {
+template <typename V, int NV, int R, bool kPartial, typename T>
+void gemm_last_rows(int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                    bool accumulate, const typename V::Mask* mask, T* C, int64_t ldc) {
   if constexpr (R > 0) {
     if (rows == R)
-      return gemm_tile_avx512<T, NV, R>(K, A, lda, B, ldb, accumulate, mask, C, ldc);
-    gemm_last_rows_avx512<T, NV, R - 1>(rows, K, A, lda, B, ldb, accumulate, mask, C, ldc);
+      return gemm_tile<V, NV, R, kPartial>(K, A, lda, B, ldb, accumulate, mask, C, ldc);
+    gemm_last_rows<V, NV, R - 1, kPartial>(rows, K, A, lda, B, ldb, accumulate, mask, C, ldc);
   }
 }
 
-// All rows of C for NV vectors per row: full tiles of MR rows, then one tile for the rest.
-template <typename T, int NV>
-__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t M, int64_t N, int64_t K,
-                                                          const T* A, int64_t lda, const T* B,
-                                                          int64_t ldb, T beta, T* C,
-                                                          int64_t ldc) {
-  using V = Avx512<T>;
-  constexpr int MR = 24 / NV < 6 ? 24 / NV : 6;
-  typename V::Mask mask[NV];
-  for (int v = 0; v < NV; ++v) {
-    const int64_t left = std::min<int64_t>(V::kLanes, N - v * V::kLanes);
-    mask[v] = typename V::Mask(left >= V::kLanes ? ~0u : (1u << left) - 1);
-  }
-  const bool accumulate = beta != T(0);
+// All rows of C for NV vectors per row, of which the last is partial or not: full tiles of
+// MR rows, then one tile for the rest.
+template <typename V, int NV, bool kPartial, typename T>
+void gemm_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               bool accumulate, const typename V::Mask* mask, T* C, int64_t ldc) {
+  constexpr int MR = V::kAccumulators / NV < 6 ? V::kAccumulators / NV : 6;
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
-    gemm_tile_avx512<T, NV, MR>(K, A + i * lda, lda, B, ldb, accumulate, mask, C + i * ldc, ldc);
-  gemm_last_rows_avx512<T, NV, MR - 1>(M - i, K, A + i * lda, lda, B, ldb, accumulate, mask,
-                                       C + i * ldc, ldc);
+    gemm_tile<V, NV, MR, kPartial>(K, A + i * lda, lda, B, ldb, accumulate, mask, C + i * ldc,
+                                   ldc);
+  gemm_last_rows<V, NV, MR - 1, kPartial>(M - i, K, A + i * lda, lda, B, ldb, accumulate, mask,
+                                          C + i * ldc, ldc);
 }
 
-// small_gemm_avx512 for the number of vectors N needs, up to the type's maximum.
-template <typename T, int NV = 1>
+// All rows of C for NV vectors per row (N > (NV - 1) lanes), compiled for V's instructions
+// with everything inlined (V::run).
+template <typename V, int NV, typename T>
+void small_gemm_vectors(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                        int64_t ldb, T beta, T* C, int64_t ldc) {
+  V::run([&] {
+    typename V::Mask mask[NV];
+    for (int v = 0; v < NV; ++v) mask[v] = V::mask(N - v * V::kLanes);
+    const bool accumulate = beta != T(0);
+    if (N % V::kLanes != 0)
+      gemm_rows<V, NV, true>(M, K, A, lda, B, ldb, accumulate, mask, C, ldc);
+    else
+      gemm_rows<V, NV, false>(M, K, A, lda, B, ldb, accumulate, mask, C, ldc);
+  });
+}
+
+// small_gemm_vectors for the number of vectors N needs (at most V::kMaxVectors).
+template <typename V, int NV = 1, typename T>
 void small_gemm_dispatch(int vectors, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if constexpr (NV <= Avx512<T>::kMaxVectors) {
-    if (vectors == NV) return small_gemm_avx512<T, NV>(M, N, K, A, lda, B, ldb, beta, C, ldc);
-    small_gemm_dispatch<T, NV + 1>(vectors, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if constexpr (NV <= V::kMaxVectors) {
+    if (vectors == NV) return small_gemm_vectors<V, NV>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+    small_gemm_dispatch<V, NV + 1>(vectors, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+// small_gemm on V's tiles: panels of V::kMaxVectors vectors (all of N <= 64 at once on
+// AVX-512), the last one narrower. Columns apart never share a sum, so the panels change no
+// result.
+template <typename V, typename T>
+void small_gemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                       int64_t ldb, T beta, T* C, int64_t ldc) {
+  constexpr int64_t kPanel = int64_t(V::kLanes) * V::kMaxVectors;
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const int64_t n = std::min(kPanel, N - n0);
+    small_gemm_dispatch<V>(int((n + V::kLanes - 1) / V::kLanes), M, n, K, A, lda, B + n0, ldb,
+                           beta, C + n0, ldc);
   }
 }
 #endif
 
-// Whether small_gemm has register tiles for N <= kTileN columns on this CPU, so the engine's
-// per-step block products use it at every hidden size instead of BLAS.
-inline bool have_gemm_tiles() {
-#ifdef FASTBIRNN_X86
-  return kHaveAvx512;
-#else
-  return false;
-#endif
-}
+// Whether small_gemm has register tiles on this CPU (at the engine's ISA level), so the
+// engine's per-step block products use it at every hidden size instead of BLAS.
+inline bool have_gemm_tiles() { return kIsa != Isa::kScalar; }
 
 // Small products C[M,N] (+)= A[M,K] B[K,N] (beta 0 or 1), B row-major with leading dimension
-// ldb: on register tiles for N <= 64 where the CPU has them, else plain loops.
+// ldb: on register tiles where the CPU has them (any N; on AVX-512 N <= 64 is one panel),
+// else plain loops.
 template <typename T>
 void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                 int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
 #ifdef FASTBIRNN_X86
-  using V = Avx512<T>;
-  if (kHaveAvx512 && N <= V::kLanes * V::kMaxVectors)
-    return small_gemm_dispatch<T>(int((N + V::kLanes - 1) / V::kLanes), M, N, K, A, lda, B, ldb,
-                                  beta, C, ldc);
+  if (kIsa == Isa::kAvx512)
+    return small_gemm_panels<Avx512<T>>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (kIsa == Isa::kAvx2)
+    return small_gemm_panels<Avx2<T>>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 #endif
   small_gemm_loops<T>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 }

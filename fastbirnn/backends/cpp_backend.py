@@ -55,6 +55,21 @@ def set_scratch_limit(nbytes: int) -> int:
 # Read once: a plain bool is traceable by Dynamo, a pybind call is not.
 _HAS_BLAS = _C is not None and bool(_C.has_blas())
 
+# The engine's instruction-set level, decided once when _C loads (csrc/simd.h): the best of
+# 'avx512', 'avx2' (AVX2 + FMA), 'scalar' that the CPU and libtorch's SLEEF support, lowered
+# by the environment variable FASTBIRNN_ISA (read at load; it can only lower it, so CI and
+# benchmarks can run the AVX2 path on an AVX-512 machine). An unknown value is an error here,
+# at import, rather than a silently different path.
+_CPU_ISA = None if _C is None else str(_C.cpu_isa())
+if _C is not None and _C.cpu_isa_error():
+    raise ValueError(f"fastbirnn: {_C.cpu_isa_error()}")
+
+
+def cpu_isa() -> Optional[str]:
+    """The C++ engine's instruction-set level: ``'avx512'``, ``'avx2'`` or ``'scalar'`` (the
+    CPU's best, lowered by ``FASTBIRNN_ISA``), or None where the extension did not load."""
+    return _CPU_ISA
+
 
 def unavailable_reason() -> Optional[str]:
     return _UNAVAILABLE
