@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastbirnn import backends, functional, tuning
+from fastbirnn.backends import cpp_backend
 from fastbirnn.backends.cpu_rule import CallShape
 
 
@@ -145,6 +146,7 @@ class FusedRNNMixin:
             batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
             bidirectional=self.bidirectional, dtype=data.dtype, training=training,
             threads=threads, cell=self.cell, proj_size=self.proj_size,
+            isa=cpp_backend.cpu_isa() or "scalar",
         )
         return backends.resolve_auto(data, call, self.cell)
 
