@@ -743,6 +743,21 @@ def git_commit(path: Optional[str] = None) -> Optional[dict]:
         return fallback
 
 
+def _cpu_vector_flags() -> list[str]:
+    """The CPU's vector and matrix instruction flags (lscpu's, from /proc/cpuinfo): which
+    kernels a result was measured on (AVX2, FMA, AVX-512 and its BF16, AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags
+                                  if f in ("avx2", "fma") or f.startswith(("avx512", "amx")))
+    except OSError:
+        pass
+    return []
+
+
 def machine_info(device) -> dict:
     device = torch.device(device)
     info: dict = {
@@ -760,6 +775,10 @@ def machine_info(device) -> dict:
         "git": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    info["cpu_flags"] = _cpu_vector_flags()
+    from fastbirnn.backends import cpp_backend
+
+    info["engine_isa"] = cpp_backend.cpu_isa()  # the cpp engine's level (FASTBIRNN_ISA lowers it)
     try:
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
