@@ -49,15 +49,6 @@ void sigmoid_vectors(T* p, int64_t n) {
 }
 #endif
 
-// Which tanh is in use (fastbirnn._C.tanh_impl()).
-inline const char* tanh_impl_name() {
-  switch (kIsa) {
-    case Isa::kAvx512: return "sleef-avx512";
-    case Isa::kAvx2: return "sleef-avx2";
-    default: return "scalar";
-  }
-}
-
 template <typename T>
 void tanh_inplace(T* p, int64_t n) {
 #ifdef FASTBIRNN_X86

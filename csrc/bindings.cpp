@@ -74,7 +74,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "torch.ops.fastbirnn_cpp.stack(cell, x, None, None, weights, None, ...) without boxed "
         "arguments");
   m.def("has_blas", &fastbirnn::have_blas, "Whether an optimised BLAS was found in libtorch");
-  m.def("tanh_impl", &fastbirnn::tanh_impl_name, "Which vectorised tanh is in use");
   m.def("cpu_isa", [] { return fastbirnn::isa_name(fastbirnn::kIsa); },
         "The engine's ISA level: 'avx512', 'avx2' or 'scalar' (the CPU's, lowered by "
         "FASTBIRNN_ISA)");

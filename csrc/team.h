@@ -57,6 +57,13 @@ inline bool teams_use_threads() {
   return threads;
 }
 
+// Whether work for `workers` workers runs on the calling thread alone: one worker, teams off
+// (team_mode), one thread allowed, or already inside a parallel region.
+inline bool runs_inline(int64_t workers) {
+  return workers <= 1 || !teams_use_threads() || at::get_num_threads() == 1 ||
+         at::in_parallel_region();
+}
+
 // How long a waiter spins before it sleeps, adapted (see above) and shared by all teams.
 // Plain relaxed reads and writes: a racy update only shifts a heuristic.
 struct SpinBudget {
@@ -99,8 +106,7 @@ class Team {
   // determinism note in recurrence.h).
   template <typename F>
   void run(const F& fn) {
-    if (size_ == 1 || !teams_use_threads() || at::get_num_threads() == 1 ||
-        at::in_parallel_region()) {
+    if (runs_inline(size_)) {
       SingleThreadedBlas pin;
       Member all(*this, 0, size_);
       fn(all);
@@ -186,8 +192,7 @@ class Team {
 template <typename F>
 void run_task_queue(int64_t n, int64_t threads, const F& fn) {
   threads = std::min<int64_t>(threads, n);
-  if (threads <= 1 || !teams_use_threads() || at::get_num_threads() == 1 ||
-      at::in_parallel_region()) {
+  if (runs_inline(threads)) {
     SingleThreadedBlas pin;
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;

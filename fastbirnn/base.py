@@ -108,28 +108,25 @@ class FusedRNNMixin:
         if backend is None:
             backend = self._resolve_auto(data, batch_size, seq_len, training, threads)
             if tuning._enabled and data.device.type == "cpu":
-                backend = self._autotuned(input, backend, key)
+                backend = self._autotuned(input, data, backend, key, training)
             self._remember("_auto_cache", key, backend)
         return backend
 
-    def _autotuned(self, input, rule_choice: str, call_key: tuple) -> str:
+    def _autotuned(self, input, data: Tensor, rule_choice: str, call_key: tuple,
+                   training: bool) -> str:
         """``fastbirnn.autotune``: the rule's choice or the other CPU candidate, whichever
         ran this signature faster here (measured once per process; fastbirnn/tuning.py)."""
-        other = backends.TORCH if rule_choice != backends.TORCH else "cpp"
-        candidates = [rule_choice]
-        if other == backends.TORCH or (
-            other in backends.names() and backends.get(other).supports(self.cell)
-            and backends.get(other).unavailable_reason() is None
-        ):
-            candidates.append(other)
-        if len(candidates) == 1:
+        cpp_runs = (backends.get("cpp").supports(self.cell)
+                    and backends.cannot_run("cpp", data) is None)
+        if not cpp_runs:
             return rule_choice
+        other = backends.TORCH if rule_choice != backends.TORCH else "cpp"
         signature = (type(self).__name__, self.input_size, self.hidden_size, self.num_layers,
                      self.bias, self.bidirectional, self.batch_first, self.proj_size,
                      self.dropout if self.training else 0.0, self._cell_config().get(
                          "nonlinearity"), *call_key)
-        return tuning.choose(signature, candidates,
-                             tuning.step_runner(self, input, training=call_key[4]))
+        return tuning.choose(signature, [rule_choice, other],
+                             tuning.step_runner(self, input, training=training))
 
     def _forward_on(self, backend: str, input):
         """``forward`` with ``backend`` instead of the module's (for the calibration)."""

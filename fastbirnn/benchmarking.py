@@ -47,6 +47,7 @@ from torch import nn
 
 import fastbirnn
 from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN
+from fastbirnn.backends import cpp_backend
 from fastbirnn.base import FusedRNNMixin
 
 
@@ -763,6 +764,8 @@ def machine_info(device) -> dict:
     info: dict = {
         "device": device.type,
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_vector_flags(),
+        "engine_isa": cpp_backend.cpu_isa(),  # the cpp engine's level (FASTBIRNN_ISA lowers it)
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -775,10 +778,6 @@ def machine_info(device) -> dict:
         "git": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    info["cpu_flags"] = _cpu_vector_flags()
-    from fastbirnn.backends import cpp_backend
-
-    info["engine_isa"] = cpp_backend.cpu_isa()  # the cpp engine's level (FASTBIRNN_ISA lowers it)
     try:
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):

@@ -13,6 +13,16 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from fastbirnn import FastBiRNN
 
 
+def with_threads(n: int, fn):
+    """fn() with torch.set_num_threads(n), the previous count restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
 @dataclass
 class Case:
     """One nn.RNN configuration and input layout."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN
+from parity import with_threads
 
 pytest.importorskip("fastbirnn._C")
 
@@ -67,20 +68,11 @@ def _setup(config, dtype, backend="cpp", seed=0):
     return ref, fast, x, h0, lengths, bf
 
 
-def _with_threads(n, fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_bit_identical_for_1_to_4_threads_and_equal_to_nn_rnn(config, dtype):
     ref, fast, x, h0, lengths, bf = _setup(config, dtype)
-    results = {n: _with_threads(n, lambda: _run(fast, x, h0, lengths, bf)) for n in THREADS}
+    results = {n: with_threads(n, lambda: _run(fast, x, h0, lengths, bf)) for n in THREADS}
     for n in THREADS[1:]:
         for i, (a, b) in enumerate(zip(results[1], results[n])):
             assert torch.equal(a, b), f"result {i} differs between 1 and {n} threads"
@@ -94,7 +86,7 @@ def test_bit_identical_for_1_to_4_threads_and_equal_to_nn_rnn(config, dtype):
 def test_inference_bit_identical_across_threads(config):
     _, fast, x, h0, lengths, bf = _setup(config, torch.float32)
     with torch.inference_mode():
-        results = [_with_threads(n, lambda: _run(fast, x, h0, lengths, bf, grad=False))
+        results = [with_threads(n, lambda: _run(fast, x, h0, lengths, bf, grad=False))
                    for n in THREADS]
     for r in results[1:]:
         for a, b in zip(results[0], r):
@@ -119,7 +111,7 @@ def test_training_with_dropout_bit_identical_across_threads(cell):
         loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h_n.square().sum()
         return [out, h_n, *torch.autograd.grad(loss, [x, *model.parameters()])]
 
-    results = [_with_threads(n, step) for n in THREADS]
+    results = [with_threads(n, step) for n in THREADS]
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)
@@ -209,7 +201,7 @@ def _gated_run(config, dtype, threads, grad=True):
         loss = (out * weight).sum() + sum(s.square().sum() for s in final)
         return [out, *final, *torch.autograd.grad(loss, [xi, *model.parameters(), *hx])]
 
-    return _with_threads(threads, lambda: run(fast)), run(ref)
+    return with_threads(threads, lambda: run(fast)), run(ref)
 
 
 @pytest.mark.parametrize("config", GATED_CONFIGS, ids=_gated_ids)

@@ -22,6 +22,7 @@ import torch
 
 import fastbirnn
 from fastbirnn import FastBiGRU, FastBiRNN
+from parity import with_threads
 
 _C = pytest.importorskip("fastbirnn._C")
 
@@ -33,15 +34,6 @@ CELLS = {
     "rnn_tanh": lambda bias: FastBiRNN(I, H, bias=bias, backend="cpp"),
     "gru": lambda bias: FastBiGRU(I, H, bias=bias, backend="cpp"),
 }
-
-
-def _with_threads(n, fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _inputs(x_scale=1.0, seed=0):
@@ -106,19 +98,19 @@ def test_flush_denormal_reaches_every_worker(cell):
         # Flush off first: 2 threads start the pool's threads (a new thread inherits its
         # creator's MXCSR, so threads started under FTZ would hide a missing carry) and must
         # not flush either.
-        plain = _with_threads(1, lambda: _results(cell, x_scale))
-        plain_two = _with_threads(2, lambda: _results(cell, x_scale))
+        plain = with_threads(1, lambda: _results(cell, x_scale))
+        plain_two = with_threads(2, lambda: _results(cell, x_scale))
         # The inputs do produce subnormals, so the test can tell flushed from not.
         assert _subnormals(plain) > 0
         torch.set_flush_denormal(True)
         assert _flush_denormal_is_on()
-        one = _with_threads(1, lambda: _results(cell, x_scale))
-        two = _with_threads(2, lambda: _results(cell, x_scale))
-        one_inference = _with_threads(1, lambda: _results(cell, x_scale, grad=False))
-        two_inference = _with_threads(2, lambda: _results(cell, x_scale, grad=False))
+        one = with_threads(1, lambda: _results(cell, x_scale))
+        two = with_threads(2, lambda: _results(cell, x_scale))
+        one_inference = with_threads(1, lambda: _results(cell, x_scale, grad=False))
+        two_inference = with_threads(2, lambda: _results(cell, x_scale, grad=False))
         # And off again: no worker keeps the caller's flush after the call.
         torch.set_flush_denormal(False)
-        plain_again = _with_threads(2, lambda: _results(cell, x_scale))
+        plain_again = with_threads(2, lambda: _results(cell, x_scale))
     finally:
         torch.set_flush_denormal(was_on)
     _assert_same_bits(plain, plain_two, "FTZ/DAZ off, 1 vs 2 threads")
@@ -153,14 +145,14 @@ def test_forced_inline_mode_is_bit_identical_to_the_team(tmp_path):
     inline = torch.load(path)
     assert inline["mode"] == "inline"
     for cell in CELLS:
-        team = _with_threads(2, lambda: _results(cell))
+        team = with_threads(2, lambda: _results(cell))
         _assert_same_bits(team, inline["results"][cell], f"{cell}: team vs inline")
 
 
 def test_two_python_threads_calling_at_once_agree_with_one_thread():
     cells = ("rnn_tanh", "gru")
-    expected = {c: _with_threads(1, lambda c=c: _results(c)) for c in cells}
-    expected_inference = {c: _with_threads(1, lambda c=c: _results(c, grad=False)) for c in cells}
+    expected = {c: with_threads(1, lambda c=c: _results(c)) for c in cells}
+    expected_inference = {c: with_threads(1, lambda c=c: _results(c, grad=False)) for c in cells}
     errors, done = [], []
     saved = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -130,10 +130,15 @@ def _warn_fallback_once(name: str, reason: str) -> None:
         )
 
 
+def cannot_run(name: str, x: torch.Tensor) -> Optional[str]:
+    """Why the named kernel backend cannot run input ``x`` here, or None."""
+    backend = _REGISTRY[name]
+    return backend.unavailable_reason() or backend.unsupported_reason(x)
+
+
 def require(name: str, x: torch.Tensor) -> None:
     """Raise a clear error when the named kernel backend cannot run input ``x``."""
-    backend = _REGISTRY[name]
-    reason = backend.unavailable_reason() or backend.unsupported_reason(x)
+    reason = cannot_run(name, x)
     if reason is not None:
         raise RuntimeError(f"fastbirnn backend {name!r} cannot run this input: {reason}")
 
