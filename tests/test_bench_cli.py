@@ -256,7 +256,8 @@ def test_benchmark_suite_runs_every_cell_and_skips_backends_without_it():
 
 
 
-@pytest.mark.parametrize("cell", sorted(GATED))
+# One gated cell in the default run; the other with the slow tests (the code is shared).
+@pytest.mark.parametrize("cell", ["gru", pytest.param("lstm", marks=pytest.mark.slow)])
 def test_grid_cell_micro_writes_its_files_and_resumes(grid, cell, tmp_path, monkeypatch,
                                                       capsys):
     out = tmp_path / "grid"

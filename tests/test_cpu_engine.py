@@ -366,16 +366,21 @@ def test_environment_sets_the_scratch_cap_and_turns_huge_page_advice_off():
         "with torch.no_grad(): print(float(m(x)[0].double().square().sum()))\n"
     )
 
-    def run(**env):
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              env={**os.environ, **env}, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.split()
+    def start(code, **env):  # the three processes run side by side
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
 
-    advised, default_mib, total = run()
+    default = start(script)
+    opted_out = start(script, FASTBIRNN_HUGE_PAGES="0", FASTBIRNN_SCRATCH_MIB="64")
+    bad = start("from fastbirnn import _C\n_C.kept_scratch_bytes()", FASTBIRNN_SCRATCH_MIB="lots")
+
+    def output(process):
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        return stdout.split()
+
+    advised, default_mib, total = output(default)
     assert (advised, default_mib) == ("True", "256")
-    assert run(FASTBIRNN_HUGE_PAGES="0", FASTBIRNN_SCRATCH_MIB="64") == ["False", "64", total]
-    done = subprocess.run([sys.executable, "-c", "from fastbirnn import _C\n_C.kept_scratch_bytes()"],
-                          capture_output=True, text=True,
-                          env={**os.environ, "FASTBIRNN_SCRATCH_MIB": "lots"})
-    assert done.returncode != 0 and "FASTBIRNN_SCRATCH_MIB must be a whole number" in done.stderr
+    assert output(opted_out) == ["False", "64", total]
+    _, stderr = bad.communicate(timeout=120)
+    assert bad.returncode != 0 and "FASTBIRNN_SCRATCH_MIB must be a whole number" in stderr

@@ -132,6 +132,7 @@ def test_ddp_two_processes_equal_single_process_on_combined_batch(backend, ddp_r
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun is not on PATH")
+@pytest.mark.slow  # two trainings under torchrun (~5 s); the two-process test above stays quick
 def test_train_ddp_example_with_torchrun():
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -475,8 +475,15 @@ MULTICTA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("config", MULTICTA_CONFIGS, ids=str)
-@pytest.mark.parametrize("case", MULTICTA_CASES, ids=str)
+# Every case with every configuration; under the interpreter the default run takes the diagonal
+# (each case and each configuration once) and the rest are slow tests (CI runs them).
+SLOW_ON_CPU = () if torch.cuda.is_available() else pytest.mark.slow
+
+
+@pytest.mark.parametrize("case, config", [
+    pytest.param(case, config, marks=() if i == j else SLOW_ON_CPU)
+    for i, case in enumerate(MULTICTA_CASES) for j, config in enumerate(MULTICTA_CONFIGS)
+], ids=str)
 def test_module_parity_multicta(case, config, device, exact_fp32, multicta, monkeypatch):
     if device.type == "cuda" and config == "streamedK16":
         pytest.skip("tile boundaries are the interpreter's job; on CUDA: the launch modes")

@@ -26,6 +26,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 CELLS = {"lstm": (FastBiLSTM, nn.LSTM), "gru": (FastBiGRU, nn.GRU)}
+# Variants that only repeat shared code under the interpreter: slow tests there (CI runs them),
+# part of the default run on a GPU.
+SLOW_ON_CPU = () if torch.cuda.is_available() else pytest.mark.slow
 DEVICES = (["cpu"] if backends.triton_interpreter_enabled() else []) + (
     ["cuda"] if torch.cuda.is_available() else []
 )
@@ -270,7 +273,9 @@ def test_low_precision_close_to_fp32(cell, dtype, device):
         assert err < (0.05 if dtype == torch.float16 else 0.15), (name, float(err))
 
 
-@pytest.mark.parametrize("cell", CELLS)
+# Both cells on CUDA; under the interpreter (deterministic by construction) the LSTM's run is
+# a slow test.
+@pytest.mark.parametrize("cell", ["gru", pytest.param("lstm", marks=SLOW_ON_CPU)])
 def test_deterministic(cell, device):
     case = sized(Case(batch=17, num_layers=2, packed=True), device)
     _, fast = modules(cell, case, device)
@@ -369,7 +374,9 @@ def test_custom_op_passes_opcheck(cell, save, device):
 
 # Dynamo's notice about triton_backend's cached availability check, read while tracing.
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a .functools.lru_cache")
-@pytest.mark.parametrize("cell", CELLS)
+# The op registration is shared by both cells: under the interpreter the LSTM's trace is a
+# slow test.
+@pytest.mark.parametrize("cell", ["gru", pytest.param("lstm", marks=SLOW_ON_CPU)])
 def test_compile_fullgraph_matches_eager(cell, device, exact_fp32):
     """torch.compile(fullgraph=True) traces the triton LSTM/GRU as one op per layer
     (aot_eager: the graph capture and AOT autograd, without code generation)."""

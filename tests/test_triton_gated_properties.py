@@ -22,6 +22,8 @@ import test_properties as props  # noqa: E402
 from fastbirnn import available_backends, backends  # noqa: E402
 
 EXAMPLES = {"ci": 10, "deep": 200}[props.PROFILE]
+# The default run's draws; the *_full variants (slow: CI runs them) draw EXAMPLES.
+QUICK_EXAMPLES = 3
 
 
 @contextlib.contextmanager
@@ -45,7 +47,7 @@ def _gated_configs(cell: str):
         lambda config: dataclasses.replace(config, proj_size=0))
 
 
-def _property_test(cell: str):
+def _property_test(cell: str, full: bool):
     @pytest.mark.skipif(available_backends().get("triton") is not None,
                         reason=f"triton unavailable: {available_backends().get('triton')}")
     @pytest.mark.skipif(not backends.triton_interpreter_enabled(),
@@ -54,14 +56,16 @@ def _property_test(cell: str):
     # The interpreter computes with NumPy, which warns about the NaN/inf drawn into inputs.
     @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
     @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-    @props.property_settings(EXAMPLES)
+    @props.property_settings(EXAMPLES if full or props.PROFILE != "ci" else QUICK_EXAMPLES)
     @given(config=_gated_configs(cell), streamed=st.booleans())
     def test(config, streamed):
         with _path(streamed):
             props.check_against_nn(config, "triton")
 
-    return test
+    return pytest.mark.slow(test) if full and props.PROFILE == "ci" else test
 
 
-test_triton_lstm_matches_nn_lstm = _property_test("lstm")
-test_triton_gru_matches_nn_gru = _property_test("gru")
+test_triton_lstm_matches_nn_lstm = _property_test("lstm", full=False)
+test_triton_lstm_matches_nn_lstm_full = _property_test("lstm", full=True)
+test_triton_gru_matches_nn_gru = _property_test("gru", full=False)
+test_triton_gru_matches_nn_gru_full = _property_test("gru", full=True)

@@ -22,6 +22,8 @@ import test_properties as props  # noqa: E402
 from fastbirnn import available_backends, backends  # noqa: E402
 
 EXAMPLES = {"ci": 12, "deep": 300}[props.PROFILE]
+# The default run's draws; the _full variant (slow: CI runs it) draws EXAMPLES.
+QUICK_EXAMPLES = 4
 
 
 @contextlib.contextmanager
@@ -44,17 +46,24 @@ TILINGS = st.fixed_dictionaries({
 })
 
 
-@pytest.mark.skipif(available_backends().get("triton") is not None,
-                    reason=f"triton unavailable: {available_backends().get('triton')}")
-@pytest.mark.skipif(not backends.triton_interpreter_enabled(),
-                    reason="CPU tensors need the Triton interpreter; on a GPU the CUDA tests of "
-                    "test_triton.py run the multi-CTA path")
-@props.property_settings(EXAMPLES)
-@given(
-    config=props.configs(max_work=40_000, max_layers=2, max_seq=5, max_batch=40, max_hidden=70,
-                         dtypes=(torch.float32,)),
-    tiling=TILINGS,
-)
-def test_triton_multicta_matches_nn_rnn(config, tiling):
-    with _multicta(tiling):
-        props.check_against_nn(config, "triton")
+def _property_test(full: bool):
+    @pytest.mark.skipif(available_backends().get("triton") is not None,
+                        reason=f"triton unavailable: {available_backends().get('triton')}")
+    @pytest.mark.skipif(not backends.triton_interpreter_enabled(),
+                        reason="CPU tensors need the Triton interpreter; on a GPU the CUDA tests "
+                        "of test_triton.py run the multi-CTA path")
+    @props.property_settings(EXAMPLES if full or props.PROFILE != "ci" else QUICK_EXAMPLES)
+    @given(
+        config=props.configs(max_work=40_000, max_layers=2, max_seq=5, max_batch=40,
+                             max_hidden=70, dtypes=(torch.float32,)),
+        tiling=TILINGS,
+    )
+    def test(config, tiling):
+        with _multicta(tiling):
+            props.check_against_nn(config, "triton")
+
+    return pytest.mark.slow(test) if full and props.PROFILE == "ci" else test
+
+
+test_triton_multicta_matches_nn_rnn = _property_test(full=False)
+test_triton_multicta_matches_nn_rnn_full = _property_test(full=True)
