@@ -39,6 +39,32 @@ void lstm_forward_vectors(T* gates, int64_t gs, const T* hid, const T* bias, T* 
     }
   });
 }
+
+// LstmCell::backward in one pass on V's vectors, lane for lane what its loop computes.
+template <typename V, typename T>
+void lstm_backward_vectors(const T* gates, int64_t gs, const T* saved, const T* c_prev,
+                           const T* dout, T* carry, T* dc, T* dgx, int64_t n) {
+  V::run([&] {
+    using Vec = typename V::Vec;
+    const Vec one = V::broadcast(T(1));
+    for (int64_t j = 0; j < n; j += V::kLanes) {
+      const typename V::Mask m = V::mask(n - j);
+      const Vec i = V::load(m, gates + j), f = V::load(m, gates + gs + j);
+      const Vec g = V::load(m, gates + 2 * gs + j), o = V::load(m, gates + 3 * gs + j);
+      const Vec tc = V::tanh(V::load(m, saved + j));
+      const Vec dh = dout ? V::add(V::load(m, dout + j), V::load(m, carry + j))
+                          : V::load(m, carry + j);
+      const Vec dct = V::add(V::load(m, dc + j),
+                             V::mul(V::mul(dh, o), V::sub(one, V::mul(tc, tc))));
+      const Vec cp = c_prev ? V::load(m, c_prev + j) : V::zero();
+      V::store(dgx + j, m, V::mul(V::mul(V::mul(dct, g), i), V::sub(one, i)));
+      V::store(dgx + gs + j, m, V::mul(V::mul(V::mul(dct, cp), f), V::sub(one, f)));
+      V::store(dgx + 2 * gs + j, m, V::mul(V::mul(dct, i), V::sub(one, V::mul(g, g))));
+      V::store(dgx + 3 * gs + j, m, V::mul(V::mul(V::mul(dh, tc), o), V::sub(one, o)));
+      V::store(dc + j, m, V::mul(dct, f));
+    }
+  });
+}
 #endif
 
 struct LstmCell {
@@ -76,6 +102,12 @@ struct LstmCell {
   template <typename T>
   void backward(const T* gates, int64_t gs, const T* saved, const T*, const T* c_prev,
                 const T* dout, T* carry, T* dc, T* dgx, T*, int64_t n) const {
+#ifdef FASTBIRNN_X86
+    if (kIsa == Isa::kAvx512)
+      return lstm_backward_vectors<Avx512<T>>(gates, gs, saved, c_prev, dout, carry, dc, dgx, n);
+    if (kIsa == Isa::kAvx2)
+      return lstm_backward_vectors<Avx2<T>>(gates, gs, saved, c_prev, dout, carry, dc, dgx, n);
+#endif
     const T *i = gates, *f = gates + gs, *g = gates + 2 * gs, *o = gates + 3 * gs;
     alignas(64) T tc[kMaxBlock];
     std::memcpy(tc, saved, sizeof(T) * n);  // tanh(c_t), recomputed as forward did
