@@ -159,11 +159,13 @@ if sources:
     # whose reports need line numbers.
     user_flags = f"{os.environ.get('CFLAGS', '')} {os.environ.get('CXXFLAGS', '')}".split()
     wants_debug_info = any(f.startswith(("-g", "-fsanitize")) for f in user_flags)
+    # -ffp-contract=off: a multiply and an add written apart stay two roundings (GCC would fuse
+    # vector ones into an FMA), so a cell's vector path computes what its scalar loops compute.
     ext_modules.append(
         CppExtension(
             "fastbirnn._C",
             sources,
-            extra_compile_args=["-O3", *([] if wants_debug_info else ["-g0"]), *openmp],
+            extra_compile_args=["-O3", "-ffp-contract=off", *([] if wants_debug_info else ["-g0"]), *openmp],
             extra_link_args=openmp,
         )
     )

@@ -91,6 +91,32 @@ HELDOUT = [  # (B, T, I, H, layers, bidirectional, dtype)
     (8, 60, 300, 100, 1, True, "fp32"),
     (64, 20, 100, 200, 1, True, "fp64"),
 ]
+# The tagger preset (--preset tagger, LSTM, issue 23): the rows of the issue's table (a tagger,
+# 2-layer and long-sequence taggers, speech, a long unidirectional layer, batch-1 serving), then
+# tagger shapes (I != H, T 20-60, B 16-64, H 100-512, 1-2 layers) apart from HELDOUT's, which
+# stay out of every fit.
+TAGGER = [  # (B, T, I, H, layers, bidirectional, dtype)
+    (32, 40, 100, 128, 1, True, "fp32"),
+    (32, 40, 100, 256, 2, True, "fp32"),
+    (32, 128, 128, 128, 1, True, "fp32"),
+    (16, 200, 80, 320, 3, True, "fp32"),
+    (64, 250, 64, 512, 1, False, "fp32"),
+    (1, 30, 300, 256, 2, True, "fp32"),
+    (16, 30, 100, 100, 1, True, "fp32"),
+    (16, 60, 300, 200, 1, True, "fp32"),
+    (32, 20, 300, 256, 1, True, "fp32"),
+    (32, 50, 100, 200, 2, True, "fp32"),
+    (64, 30, 100, 128, 1, True, "fp32"),
+    (64, 40, 300, 300, 1, True, "fp32"),
+    (64, 50, 50, 512, 1, True, "fp32"),
+    (16, 40, 300, 512, 1, True, "fp32"),
+    (32, 60, 300, 400, 1, True, "fp32"),
+    (48, 30, 200, 150, 2, True, "fp32"),
+    (24, 25, 100, 256, 1, False, "fp32"),
+    (64, 40, 100, 128, 2, True, "fp32"),
+    (16, 25, 50, 100, 2, True, "fp32"),
+    (32, 35, 300, 512, 2, True, "fp32"),
+]
 MICRO = [  # the --preset micro smoke test: seconds
     (2, 4, 16, 32, 1, True, "fp32"),
     (2, 4, 16, 32, 1, False, "fp64"),
@@ -212,9 +238,10 @@ def micro_points(cell: str, thread_counts) -> list[Point]:
 def preset_points(preset: str, cell: str, all_threads: int, thread_counts, max_macs: float):
     if preset == "micro":
         return micro_points(cell, thread_counts)
-    if preset == "heldout":
+    if preset in ("heldout", "tagger"):
+        shapes = HELDOUT if preset == "heldout" else TAGGER
         return [Point(B, T, I, H, L, bi, dtype, threads, cell)
-                for threads in thread_counts for B, T, I, H, L, bi, dtype in HELDOUT]
+                for threads in thread_counts for B, T, I, H, L, bi, dtype in shapes]
     if cell == "rnn":
         return points(all_threads, max_macs, thread_counts)
     return gated_points(cell, thread_counts, max_macs)
@@ -548,9 +575,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help="folder for grid.json, grid.csv, grid.png, summary.md (default: the cell's, "
                          f"{default_out('rnn')}, {default_out('lstm')}, {default_out('gru')})")
-    ap.add_argument("--preset", default="full", choices=("full", "heldout", "micro"),
+    ap.add_argument("--preset", default="full", choices=("full", "heldout", "tagger", "micro"),
                     help="full: the cell's grid (module doc); heldout: points no rule threshold "
-                         "was fitted to (HELDOUT; give them their own --out); micro: two tiny "
+                         "was fitted to (HELDOUT; give them their own --out); tagger: the "
+                         "issue-23 rows and tagger shapes (TAGGER, for --cell lstm, own --out); "
+                         "micro: two tiny "
                          "points (a smoke test)")
     ap.add_argument("--threads", default=None,
                     help="comma list of counts or 'all' (default: 1,all for rnn, all for gated)")

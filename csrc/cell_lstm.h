@@ -6,6 +6,67 @@
 
 namespace fastbirnn {
 
+#ifdef FASTBIRNN_X86
+// LstmCell::forward in one pass over the block on V's vectors: the gates stay in registers
+// from the pre-activation to h instead of going through a stack buffer once per operation.
+// Every lane computes what the scalar loops compute, in the same order (no FMA: the build turns
+// contraction off), so the results are the same bits at every ISA level.
+template <typename V, typename T>
+void lstm_forward_vectors(T* gates, int64_t gs, const T* hid, const T* bias, T* c, T* h,
+                          T* saved, int64_t n) {
+  V::run([&] {
+    using Vec = typename V::Vec;
+    const Vec one = V::broadcast(T(1)), minus_one = V::broadcast(T(-1));
+    auto sigmoid = [&](Vec x) { return V::div(one, V::add(one, V::exp(V::mul(minus_one, x)))); };
+    for (int64_t j = 0; j < n; j += V::kLanes) {
+      const typename V::Mask m = V::mask(n - j);
+      Vec a[4];  // i, f, g, o
+      for (int q = 0; q < 4; ++q) {
+        a[q] = V::add(V::load(m, gates + q * gs + j), V::load(m, hid + q * n + j));
+        if (bias) a[q] = V::add(a[q], V::load(m, bias + q * gs + j));
+      }
+      a[0] = sigmoid(a[0]);
+      a[1] = sigmoid(a[1]);
+      a[2] = V::tanh(a[2]);
+      a[3] = sigmoid(a[3]);
+      const Vec c_t = V::add(V::mul(a[1], V::load(m, c + j)), V::mul(a[0], a[2]));
+      V::store(c + j, m, c_t);
+      V::store(h + j, m, V::mul(a[3], V::tanh(c_t)));
+      if (saved) {
+        for (int q = 0; q < 4; ++q) V::store(gates + q * gs + j, m, a[q]);
+        V::store(saved + j, m, c_t);
+      }
+    }
+  });
+}
+
+// LstmCell::backward in one pass on V's vectors, lane for lane what its loop computes.
+template <typename V, typename T>
+void lstm_backward_vectors(const T* gates, int64_t gs, const T* saved, const T* c_prev,
+                           const T* dout, T* carry, T* dc, T* dgx, int64_t n) {
+  V::run([&] {
+    using Vec = typename V::Vec;
+    const Vec one = V::broadcast(T(1));
+    for (int64_t j = 0; j < n; j += V::kLanes) {
+      const typename V::Mask m = V::mask(n - j);
+      const Vec i = V::load(m, gates + j), f = V::load(m, gates + gs + j);
+      const Vec g = V::load(m, gates + 2 * gs + j), o = V::load(m, gates + 3 * gs + j);
+      const Vec tc = V::tanh(V::load(m, saved + j));
+      const Vec dh = dout ? V::add(V::load(m, dout + j), V::load(m, carry + j))
+                          : V::load(m, carry + j);
+      const Vec dct = V::add(V::load(m, dc + j),
+                             V::mul(V::mul(dh, o), V::sub(one, V::mul(tc, tc))));
+      const Vec cp = c_prev ? V::load(m, c_prev + j) : V::zero();
+      V::store(dgx + j, m, V::mul(V::mul(V::mul(dct, g), i), V::sub(one, i)));
+      V::store(dgx + gs + j, m, V::mul(V::mul(V::mul(dct, cp), f), V::sub(one, f)));
+      V::store(dgx + 2 * gs + j, m, V::mul(V::mul(dct, i), V::sub(one, V::mul(g, g))));
+      V::store(dgx + 3 * gs + j, m, V::mul(V::mul(V::mul(dh, tc), o), V::sub(one, o)));
+      V::store(dc + j, m, V::mul(dct, f));
+    }
+  });
+}
+#endif
+
 struct LstmCell {
   static constexpr int kGates = 4;
   static constexpr bool kCellState = true;  // c travels beside h
@@ -16,6 +77,12 @@ struct LstmCell {
   template <typename T>
   void forward(T* gates, int64_t gs, const T* hid, const T* bias, const T*, const T*, T* c,
                T* h, T* saved, int64_t n) const {
+#ifdef FASTBIRNN_X86
+    if (kIsa == Isa::kAvx512)
+      return lstm_forward_vectors<Avx512<T>>(gates, gs, hid, bias, c, h, saved, n);
+    if (kIsa == Isa::kAvx2)
+      return lstm_forward_vectors<Avx2<T>>(gates, gs, hid, bias, c, h, saved, n);
+#endif
     alignas(64) T a[4 * kMaxBlock];  // i, f, g, o of the block
     gate_preactivations(a, gates, gs, hid, bias, 4, n);
     sigmoid_inplace(a, 2 * n);  // i, f
@@ -35,6 +102,12 @@ struct LstmCell {
   template <typename T>
   void backward(const T* gates, int64_t gs, const T* saved, const T*, const T* c_prev,
                 const T* dout, T* carry, T* dc, T* dgx, T*, int64_t n) const {
+#ifdef FASTBIRNN_X86
+    if (kIsa == Isa::kAvx512)
+      return lstm_backward_vectors<Avx512<T>>(gates, gs, saved, c_prev, dout, carry, dc, dgx, n);
+    if (kIsa == Isa::kAvx2)
+      return lstm_backward_vectors<Avx2<T>>(gates, gs, saved, c_prev, dout, carry, dc, dgx, n);
+#endif
     const T *i = gates, *f = gates + gs, *g = gates + 2 * gs, *o = gates + 3 * gs;
     alignas(64) T tc[kMaxBlock];
     std::memcpy(tc, saved, sizeof(T) * n);  // tanh(c_t), recomputed as forward did

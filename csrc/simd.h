@@ -131,6 +131,7 @@ struct Avx512<float> {
   FASTBIRNN_AVX512 static Vec broadcast(float a) { return _mm512_set1_ps(a); }
   FASTBIRNN_AVX512 static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   FASTBIRNN_AVX512 static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  FASTBIRNN_AVX512 static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
   FASTBIRNN_AVX512 static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   FASTBIRNN_AVX512 static Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
   FASTBIRNN_AVX512 static Vec exp(Vec a) { return Sleef_expf16_u10(a); }
@@ -152,6 +153,7 @@ struct Avx512<double> {
   FASTBIRNN_AVX512 static Vec broadcast(double a) { return _mm512_set1_pd(a); }
   FASTBIRNN_AVX512 static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_pd(a, b, c); }
   FASTBIRNN_AVX512 static Vec add(Vec a, Vec b) { return _mm512_add_pd(a, b); }
+  FASTBIRNN_AVX512 static Vec sub(Vec a, Vec b) { return _mm512_sub_pd(a, b); }
   FASTBIRNN_AVX512 static Vec mul(Vec a, Vec b) { return _mm512_mul_pd(a, b); }
   FASTBIRNN_AVX512 static Vec div(Vec a, Vec b) { return _mm512_div_pd(a, b); }
   FASTBIRNN_AVX512 static Vec exp(Vec a) { return Sleef_expd8_u10(a); }
@@ -180,6 +182,7 @@ struct Avx2<float> {
   FASTBIRNN_AVX2 static Vec broadcast(float a) { return _mm256_set1_ps(a); }
   FASTBIRNN_AVX2 static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   FASTBIRNN_AVX2 static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  FASTBIRNN_AVX2 static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
   FASTBIRNN_AVX2 static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   FASTBIRNN_AVX2 static Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
   FASTBIRNN_AVX2 static Vec exp(Vec a) { return Sleef_expf8_u10avx2(a); }
@@ -204,6 +207,7 @@ struct Avx2<double> {
   FASTBIRNN_AVX2 static Vec broadcast(double a) { return _mm256_set1_pd(a); }
   FASTBIRNN_AVX2 static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_pd(a, b, c); }
   FASTBIRNN_AVX2 static Vec add(Vec a, Vec b) { return _mm256_add_pd(a, b); }
+  FASTBIRNN_AVX2 static Vec sub(Vec a, Vec b) { return _mm256_sub_pd(a, b); }
   FASTBIRNN_AVX2 static Vec mul(Vec a, Vec b) { return _mm256_mul_pd(a, b); }
   FASTBIRNN_AVX2 static Vec div(Vec a, Vec b) { return _mm256_div_pd(a, b); }
   FASTBIRNN_AVX2 static Vec exp(Vec a) { return Sleef_expd4_u10avx2(a); }

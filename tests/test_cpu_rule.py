@@ -158,6 +158,22 @@ def test_cached_module_pickles_and_deep_copies():
 
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_lstm_taggers_both_directions_are_fused_up_to_the_measured_limit(training):
+    """Issue 23's grid (cpu-grid-tagger-lstm): a bidirectional tagger step up to 640 k
+    multiply-adds per worker runs the kernel in both modes; 1 M per worker, one direction or
+    a 16-step batch-1 inference keep nn.LSTM."""
+    lstm = dict(cell="lstm", training=training)
+    assert cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, **lstm))  # 640 k
+    assert cpu_rule.prefer_cpp(shape(batch=8, seq=128, hidden=128, **lstm))  # 524 k
+    assert cpu_rule.prefer_cpp(shape(batch=1, seq=30, hidden=256, layers=2, **lstm))
+    assert not cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, bidirectional=False,
+                                         **lstm))
+    assert not cpu_rule.prefer_cpp(shape(batch=32, seq=40, hidden=128, **lstm))  # 2.1 M
+    assert not cpu_rule.prefer_cpp(shape(batch=16, hidden=100, dtype=torch.float64, **lstm))
+    assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=256, **lstm)) == training
+
+
 def test_grid_check_flags_a_rule_that_picks_the_slower_contender(grid, monkeypatch):
     p = grid.Point(8, 16, 32, 32, 1, True, "fp32", 2)
     row = {"point": asdict(p), "label": p.label, "cpp_infer_x": 0.8, "cpp_train_x": 1.5}
