@@ -91,6 +91,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_differentiable_backward", &set_differentiable_backward,
         "Install the function the stack's autograd node calls under create_graph=True");
   fastbirnn::team_mode();  // FASTBIRNN_TEAM is read once, as the extension loads
+  m.def("team_crowding",
+        [] {
+          const auto& c = fastbirnn::Crowding::shared();
+          return std::make_tuple(c.inline_left(), c.stretch(), c.inline_runs());
+        },
+        "The crowding back-off (team.h): (inline runs left, next stretch, inline runs so far)");
+  m.def("record_team_waits",
+        [](int64_t waits, int64_t slept) { fastbirnn::Crowding::shared().record(waits, slept); },
+        "Feeds one team run's barrier waits and sleeps to the crowding back-off (tests)");
+  m.def("reset_team_crowding", [] { fastbirnn::Crowding::shared().reset(); },
+        "Forgets any crowding: the next team runs on threads");
   m.def("team_mode", &fastbirnn::team_mode,
         "'openmp' (teams run on ATen's OpenMP threads) or 'inline' (on the calling thread)");
 }

@@ -15,6 +15,11 @@
 // processes on the cores) a waiter soon stops spinning and gives its core to the worker it
 // waits for, as OpenMP's own barriers do.
 //
+// Crowded machines: a team whose waits keep ending in sleep has partners the OS deschedules
+// (more runnable threads than cores), and every step then waits for a time slice. After such
+// a run the next teams run inline on the calling thread, which never waits, for a stretch of
+// runs that doubles while the crowding lasts; then one team run probes again (Crowding).
+//
 // A worker that throws marks the team failed in the same word, which wakes every sleeper; the
 // others stop waiting and the first exception reaches the caller (at::parallel_for rethrows
 // it). Workers run with the caller's floating-point control (FTZ/DAZ, park.h). Where ATen's
@@ -75,6 +80,60 @@ struct SpinBudget {
   }
 };
 
+// When teams give way to inline runs. A team run with at least kMinWaits barrier waits, more
+// than a quarter of which slept, was crowded: the next `stretch` team runs go inline and the
+// stretch doubles (up to kMaxStretch); a calm run resets it. Relaxed atomics: concurrent
+// callers may race on a heuristic, never on a result (the worker count cannot change one).
+class Crowding {
+ public:
+  static constexpr int64_t kMinWaits = 32;
+  static constexpr int64_t kMinStretch = 4;
+  static constexpr int64_t kMaxStretch = 256;
+
+  static Crowding& shared() {
+    static Crowding crowding;
+    return crowding;
+  }
+
+  // Whether the next team may run on threads (false: inline, and one run of the stretch used).
+  bool allows_threads() {
+    int64_t left = inline_left_.load(std::memory_order_relaxed);
+    while (left > 0) {
+      if (inline_left_.compare_exchange_weak(left, left - 1, std::memory_order_relaxed)) {
+        inline_runs_.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // A team run's barrier waits and how many of them slept.
+  void record(int64_t waits, int64_t slept) {
+    if (waits < kMinWaits) return;
+    if (4 * slept > waits) {
+      const int64_t stretch = stretch_.load(std::memory_order_relaxed);
+      inline_left_.store(stretch, std::memory_order_relaxed);
+      stretch_.store(std::min(kMaxStretch, 2 * stretch), std::memory_order_relaxed);
+    } else {
+      stretch_.store(kMinStretch, std::memory_order_relaxed);
+    }
+  }
+
+  int64_t inline_left() const { return inline_left_.load(std::memory_order_relaxed); }
+  int64_t stretch() const { return stretch_.load(std::memory_order_relaxed); }
+  // Team runs that went inline because of crowding, since the extension loaded.
+  int64_t inline_runs() const { return inline_runs_.load(std::memory_order_relaxed); }
+  void reset() {
+    inline_left_.store(0, std::memory_order_relaxed);
+    stretch_.store(kMinStretch, std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<int64_t> inline_left_{0};
+  std::atomic<int64_t> stretch_{kMinStretch};
+  std::atomic<int64_t> inline_runs_{0};
+};
+
 class Team {
  public:
   class Member {
@@ -106,7 +165,7 @@ class Team {
   // determinism note in recurrence.h).
   template <typename F>
   void run(const F& fn) {
-    if (runs_inline(size_)) {
+    if (runs_inline(size_) || !Crowding::shared().allows_threads()) {
       SingleThreadedBlas pin;
       Member all(*this, 0, size_);
       fn(all);
@@ -131,6 +190,8 @@ class Team {
       if (first_error_) std::rethrow_exception(first_error_);
       throw;
     }
+    Crowding::shared().record(waits_.load(std::memory_order_relaxed),
+                              slept_.load(std::memory_order_relaxed));
   }
 
  private:
@@ -157,6 +218,7 @@ class Team {
     const uint32_t want = uint32_t(generation) & kCount;
     uint32_t seen = released_.load();
     if ((seen & kCount) == want) return;
+    waits_.fetch_add(1, std::memory_order_relaxed);
     // Spin: a pause per read, the clock every 16 reads.
     const int64_t start = now_ns();
     for (int spins = 1;; ++spins) {
@@ -171,6 +233,7 @@ class Team {
     }
     // Sleep until the last arriver (or a failing worker) changes the word.
     spin_ns = std::max<int64_t>(SpinBudget::kMinNs, spin_ns / 2);
+    slept_.fetch_add(1, std::memory_order_relaxed);
     while ((seen & kCount) != want) {
       if (seen & kFailed) failed();
       released_.sleep_while(seen);
@@ -181,6 +244,8 @@ class Team {
   int64_t size_;
   alignas(64) std::atomic<int64_t> arrived_{0};
   alignas(64) ParkingWord released_;
+  alignas(64) std::atomic<int64_t> waits_{0};  // waits that found the step still open
+  std::atomic<int64_t> slept_{0};              // of those, the ones the spin did not cover
   std::atomic<bool> error_taken_{false};
   std::exception_ptr first_error_;
 };

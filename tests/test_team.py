@@ -5,6 +5,8 @@
   hold no subnormal;
 - the inline mode (ATen without OpenMP, or FASTBIRNN_TEAM=inline) computes the same bits as
   the team;
+- on a crowded machine (team waits that keep sleeping) the next runs go inline for a doubling
+  stretch, with the team's bits;
 - two Python threads calling at once (four workers on the machine's cores, each team's
   waiters sleeping when their partner is descheduled) neither deadlock nor change results.
 
@@ -182,3 +184,48 @@ def test_two_python_threads_calling_at_once_agree_with_one_thread():
     assert not any(t.is_alive() for t in threads), "a team deadlocked"
     assert not errors, errors
     assert len(done) == len(threads)
+
+
+def test_crowded_teams_give_way_to_inline_runs_for_a_doubling_stretch():
+    """A team run whose waits mostly slept sends the next runs inline, for a stretch that
+    doubles while the crowding lasts and resets after a calm run (csrc/team.h, Crowding)."""
+    _C.reset_team_crowding()
+    try:
+        _C.record_team_waits(31, 31)  # too few waits to judge
+        assert _C.team_crowding()[:2] == (0, 4)
+        _C.record_team_waits(100, 25)  # a quarter slept: calm
+        assert _C.team_crowding()[:2] == (0, 4)
+        _C.record_team_waits(100, 26)
+        assert _C.team_crowding()[:2] == (4, 8)
+        _C.record_team_waits(100, 90)
+        assert _C.team_crowding()[:2] == (8, 16)
+        _C.record_team_waits(100, 0)
+        assert _C.team_crowding()[:2] == (8, 4)
+        for _ in range(10):
+            _C.record_team_waits(100, 100)
+        assert _C.team_crowding()[:2] == (256, 256)  # the stretch stops doubling
+    finally:
+        _C.reset_team_crowding()
+
+
+@pytest.mark.skipif(_C.team_mode() != "openmp", reason="teams run inline here anyway")
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_runs_sent_inline_by_crowding_are_bit_identical_to_the_team(cell):
+    """Forced crowding: every layer's forward and backward run inline for a while (counted),
+    with the team's bits."""
+    def team_then_crowded():
+        _C.reset_team_crowding()
+        team = _results(cell)
+        try:
+            _C.record_team_waits(1000, 1000)
+            _C.record_team_waits(1000, 1000)  # a stretch of 8: both calls below fit in it
+            before = _C.team_crowding()[2]
+            crowded = [_results(cell), _results(cell, grad=False)]
+            assert _C.team_crowding()[2] - before == 3  # forward+backward, then forward
+        finally:
+            _C.reset_team_crowding()
+        return team, crowded
+
+    team, crowded = with_threads(2, team_then_crowded)
+    _assert_same_bits(team, crowded[0], "training call, inline")
+    _assert_same_bits(team[:len(crowded[1])], crowded[1], "inference call, inline")
