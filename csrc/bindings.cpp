@@ -97,9 +97,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return std::make_tuple(c.inline_left(), c.stretch(), c.inline_runs());
         },
         "The crowding back-off (team.h): (inline runs left, next stretch, inline runs so far)");
-  m.def("record_team_waits",
-        [](int64_t waits, int64_t slept) { fastbirnn::Crowding::shared().record(waits, slept); },
-        "Feeds one team run's barrier waits and sleeps to the crowding back-off (tests)");
+  m.def("record_team_run",
+        [](int64_t run_ns, int64_t stalled_ns) {
+          fastbirnn::Crowding::shared().record(run_ns, stalled_ns);
+        },
+        "Feeds one team run's time and stalls (ns) to the crowding back-off (tests)");
   m.def("reset_team_crowding", [] { fastbirnn::Crowding::shared().reset(); },
         "Forgets any crowding: the next team runs on threads");
   m.def("team_mode", &fastbirnn::team_mode,

@@ -15,10 +15,12 @@
 // processes on the cores) a waiter soon stops spinning and gives its core to the worker it
 // waits for, as OpenMP's own barriers do.
 //
-// Crowded machines: a team whose waits keep ending in sleep has partners the OS deschedules
-// (more runnable threads than cores), and every step then waits for a time slice. After such
-// a run the next teams run inline on the calling thread, which never waits, for a stretch of
-// runs that doubles while the crowding lasts; then one team run probes again (Crowding).
+// Crowded machines: where the OS deschedules workers (more runnable threads than cores), a
+// worker waits for a partner's time slice, far longer than its own work for the step. When
+// such stalls take a quarter of a team run's time, the next teams run inline on the calling
+// thread, which never waits, for a stretch of runs that doubles while the crowding lasts; then
+// one team run probes again (Crowding). A partner that is merely slower (more blocks, a big
+// step) makes waits no longer than the work, which do not count.
 //
 // A worker that throws marks the team failed in the same word, which wakes every sleeper; the
 // others stop waiting and the first exception reaches the caller (at::parallel_for rethrows
@@ -80,13 +82,17 @@ struct SpinBudget {
   }
 };
 
-// When teams give way to inline runs. A team run with at least kMinWaits barrier waits, more
-// than a quarter of which slept, was crowded: the next `stretch` team runs go inline and the
+// When teams give way to inline runs. A team run of at least kMinRunNs (summed over its
+// threads) whose stalls (waits longer than kStallFactor times the waiter's own work for the
+// step, and than kMinStallNs) took more than a quarter of that time was crowded: the next
+// `stretch` team runs go inline and the
 // stretch doubles (up to kMaxStretch); a calm run resets it. Relaxed atomics: concurrent
 // callers may race on a heuristic, never on a result (the worker count cannot change one).
 class Crowding {
  public:
-  static constexpr int64_t kMinWaits = 32;
+  static constexpr int64_t kMinRunNs = 1000000;  // 1 ms: shorter runs are too few steps to judge
+  static constexpr int64_t kStallFactor = 2;
+  static constexpr int64_t kMinStallNs = 50000;  // a sleep and wake-up take a few microseconds
   static constexpr int64_t kMinStretch = 4;
   static constexpr int64_t kMaxStretch = 256;
 
@@ -107,10 +113,10 @@ class Crowding {
     return true;
   }
 
-  // A team run's barrier waits and how many of them slept.
-  void record(int64_t waits, int64_t slept) {
-    if (waits < kMinWaits) return;
-    if (4 * slept > waits) {
+  // A team run's time (its threads' together) and the part of it spent in stalls.
+  void record(int64_t run_ns, int64_t stalled_ns) {
+    if (run_ns < kMinRunNs) return;
+    if (4 * stalled_ns > run_ns) {
       const int64_t stretch = stretch_.load(std::memory_order_relaxed);
       inline_left_.store(stretch, std::memory_order_relaxed);
       stretch_.store(std::min(kMaxStretch, 2 * stretch), std::memory_order_relaxed);
@@ -140,14 +146,25 @@ class Team {
    public:
     Member(Team& team, int64_t first, int64_t last)
         : team_(team), first_(first), last_(last),
-          spin_ns_(SpinBudget::shared().load(std::memory_order_relaxed)) {}
-    ~Member() { SpinBudget::shared().store(spin_ns_, std::memory_order_relaxed); }
+          spin_ns_(SpinBudget::shared().load(std::memory_order_relaxed)),
+          start_ns_(now_ns()), step_start_ns_(start_ns_) {}
+    ~Member() {
+      SpinBudget::shared().store(spin_ns_, std::memory_order_relaxed);
+      team_.account(now_ns() - start_ns_, stalled_ns_);
+    }
     // Whether this thread runs logical worker w.
     bool runs(int64_t worker) const { return worker >= first_ && worker < last_; }
     // Whether this thread computes block k of a round-robin assignment of blocks to workers.
     bool owns(int64_t k) const { return runs(k % team_.size_); }
     // Every worker's writes before sync() are visible to every worker after it.
-    void sync() { team_.arrive_and_wait(last_ - first_, ++generation_, spin_ns_); }
+    void sync() {
+      const int64_t arrived = now_ns();
+      team_.arrive_and_wait(last_ - first_, ++generation_, spin_ns_);
+      const int64_t released = now_ns(), waited = released - arrived;
+      if (waited > kStallFloor && waited > Crowding::kStallFactor * (arrived - step_start_ns_))
+        stalled_ns_ += waited;
+      step_start_ns_ = released;
+    }
     int64_t first() const { return first_; }
     int64_t last() const { return last_; }
 
@@ -156,6 +173,8 @@ class Team {
     int64_t first_, last_;
     int64_t generation_ = 0;
     int64_t spin_ns_;
+    int64_t start_ns_, step_start_ns_, stalled_ns_ = 0;
+    static constexpr int64_t kStallFloor = Crowding::kMinStallNs;
   };
 
   explicit Team(int64_t size) : size_(size < 1 ? 1 : size) {}
@@ -190,14 +209,19 @@ class Team {
       if (first_error_) std::rethrow_exception(first_error_);
       throw;
     }
-    Crowding::shared().record(waits_.load(std::memory_order_relaxed),
-                              slept_.load(std::memory_order_relaxed));
+    Crowding::shared().record(run_ns_.load(std::memory_order_relaxed),
+                              stalled_ns_.load(std::memory_order_relaxed));
   }
 
  private:
   // The generation word: the count of completed steps (low bits) and a failure bit.
   static constexpr uint32_t kFailed = 0x80000000u;
   static constexpr uint32_t kCount = 0x7fffffffu;
+
+  void account(int64_t run_ns, int64_t stalled_ns) {
+    run_ns_.fetch_add(run_ns, std::memory_order_relaxed);
+    stalled_ns_.fetch_add(stalled_ns, std::memory_order_relaxed);
+  }
 
   void fail(std::exception_ptr error) {
     if (!error_taken_.exchange(true)) first_error_ = error;
@@ -218,7 +242,6 @@ class Team {
     const uint32_t want = uint32_t(generation) & kCount;
     uint32_t seen = released_.load();
     if ((seen & kCount) == want) return;
-    waits_.fetch_add(1, std::memory_order_relaxed);
     // Spin: a pause per read, the clock every 16 reads.
     const int64_t start = now_ns();
     for (int spins = 1;; ++spins) {
@@ -233,7 +256,6 @@ class Team {
     }
     // Sleep until the last arriver (or a failing worker) changes the word.
     spin_ns = std::max<int64_t>(SpinBudget::kMinNs, spin_ns / 2);
-    slept_.fetch_add(1, std::memory_order_relaxed);
     while ((seen & kCount) != want) {
       if (seen & kFailed) failed();
       released_.sleep_while(seen);
@@ -244,8 +266,8 @@ class Team {
   int64_t size_;
   alignas(64) std::atomic<int64_t> arrived_{0};
   alignas(64) ParkingWord released_;
-  alignas(64) std::atomic<int64_t> waits_{0};  // waits that found the step still open
-  std::atomic<int64_t> slept_{0};              // of those, the ones the spin did not cover
+  alignas(64) std::atomic<int64_t> run_ns_{0};  // the threads' time in this run, summed
+  std::atomic<int64_t> stalled_ns_{0};          // of it, stalls (see Crowding)
   std::atomic<bool> error_taken_{false};
   std::exception_ptr first_error_;
 };

@@ -187,22 +187,24 @@ def test_two_python_threads_calling_at_once_agree_with_one_thread():
 
 
 def test_crowded_teams_give_way_to_inline_runs_for_a_doubling_stretch():
-    """A team run whose waits mostly slept sends the next runs inline, for a stretch that
-    doubles while the crowding lasts and resets after a calm run (csrc/team.h, Crowding)."""
+    """A team run that lost more than a quarter of its time to stalled waits sends the next
+    runs inline, for a stretch that doubles while the crowding lasts and resets after a calm
+    run (csrc/team.h, Crowding)."""
+    ms = 1_000_000
     _C.reset_team_crowding()
     try:
-        _C.record_team_waits(31, 31)  # too few waits to judge
+        _C.record_team_run(ms - 1, ms - 1)  # too short to judge
         assert _C.team_crowding()[:2] == (0, 4)
-        _C.record_team_waits(100, 25)  # a quarter slept: calm
+        _C.record_team_run(100 * ms, 25 * ms)  # a quarter stalled: calm
         assert _C.team_crowding()[:2] == (0, 4)
-        _C.record_team_waits(100, 26)
+        _C.record_team_run(100 * ms, 26 * ms)
         assert _C.team_crowding()[:2] == (4, 8)
-        _C.record_team_waits(100, 90)
+        _C.record_team_run(100 * ms, 90 * ms)
         assert _C.team_crowding()[:2] == (8, 16)
-        _C.record_team_waits(100, 0)
+        _C.record_team_run(100 * ms, 0)
         assert _C.team_crowding()[:2] == (8, 4)
         for _ in range(10):
-            _C.record_team_waits(100, 100)
+            _C.record_team_run(100 * ms, 100 * ms)
         assert _C.team_crowding()[:2] == (256, 256)  # the stretch stops doubling
     finally:
         _C.reset_team_crowding()
@@ -217,8 +219,8 @@ def test_runs_sent_inline_by_crowding_are_bit_identical_to_the_team(cell):
         _C.reset_team_crowding()
         team = _results(cell)
         try:
-            _C.record_team_waits(1000, 1000)
-            _C.record_team_waits(1000, 1000)  # a stretch of 8: both calls below fit in it
+            _C.record_team_run(10**9, 10**9)
+            _C.record_team_run(10**9, 10**9)  # a stretch of 8: both calls below fit in it
             before = _C.team_crowding()[2]
             crowded = [_results(cell), _results(cell, grad=False)]
             assert _C.team_crowding()[2] - before == 3  # forward+backward, then forward
