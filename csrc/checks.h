@@ -50,8 +50,10 @@ inline void check_inputs(const Tensor& x, const std::optional<Tensor>& h0,
                          const std::optional<Tensor>& lengths, const StackArgs& a,
                          bool cell_state) {
   TORCH_CHECK(x.device().is_cpu(), "fastbirnn cpp backend: expected CPU tensors, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "fastbirnn cpp backend: supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  x.scalar_type() == at::kBFloat16,
+              "fastbirnn cpp backend: supports float32, float64 and bfloat16, got ",
+              x.scalar_type());
   TORCH_CHECK(x.dim() == 3, "fastbirnn cpp backend: expected 3-D input, got ", x.dim(), "-D");
   TORCH_CHECK(a.num_layers >= 1, "fastbirnn cpp backend: num_layers must be >= 1");
   TORCH_CHECK(int64_t(weights.size()) == a.num_layers * a.D * a.per_dir(),

@@ -19,6 +19,10 @@ struct Geometry {
   int64_t T, B, D, H;
   int64_t st, sb;            // row strides of time and batch (in rows)
   const int64_t* lengths;    // [B] or nullptr (every row runs T steps)
+  // The bfloat16 engine (fp32 buffers, a bf16 call): every product takes its operands rounded
+  // to bf16 (h_{t-1}, the layers' outputs, the gate gradients; inputs and weights come as bf16),
+  // while the state, the cell's arithmetic and every sum stay fp32 (bf16.h).
+  bool round_bf16 = false;
   int64_t DH() const { return D * H; }
   int64_t ld() const { return sb * D * H; }  // elements between batch rows of one step
   bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "geometry.h"
 #include "team.h"
 #include "tiles.h"
@@ -81,24 +82,32 @@ void copy_block(const T* init, T* dst, int64_t B, int64_t H, int64_t j0, int64_t
 // In: G holds x W_ih^T (K*H columns per direction). Out: Hs holds h_t (zero past each row's
 // length), hn/cn the final states; in training (S not null) G the activated gates and S the
 // cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
-// direction's h_{t-1} and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local:
+// direction's h_{t-1} and h_t, swapped every step); rounded: null, or for the bf16 engine
+// (g.round_bf16) the same as state rounded to bf16, which the products read (the outputs Hs
+// are rounded too, the final states are not); cstate: D * B * H (LSTM's c, block-local:
 // updated in place); hid: D * B * K*H (each block's h_{t-1} W_hh^T; unused in place). At step
 // s every block reads all of h_{s-1} and writes its own columns of h_s into the other buffer:
 // one barrier per step.
 template <typename T, typename Cell>
 void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
                              const Cell& cell, T* G, T* Hs, T* S, const ForwardOperands<T>& p,
-                             T* state, T* cstate, T* hid) {
+                             T* state, T* rounded, T* cstate, T* hid) {
   constexpr int64_t K = Cell::kGates;
   const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
   const bool tiles = forward_block_tiles(g);
   auto buffer = [&](int64_t d, int64_t s) { return state + (d * 2 + (s & 1)) * B * H; };
+  // What the per-step product reads: h_{t-1} itself, or rounded to bf16 (the cell still
+  // gets it in fp32).
+  auto operand = [&](int64_t d, int64_t s) {
+    return rounded ? rounded + (d * 2 + (s & 1)) * B * H : buffer(d, s);
+  };
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;
     const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
     // Each worker packs its own blocks: they stay in its core's cache for every step.
     if (p.w_packed[d]) pack_block(p.w_hh[d], K, H, j0, w, tiles, p.w_packed[d]);
     copy_block(p.h0[d], buffer(d, 0), B, H, j0, w);
+    if (rounded) copy_block(p.h0[d], operand(d, 0), B, H, j0, w);  // h0 comes as bf16
     if (Cell::kCellState) copy_block(p.c0[d], cstate + d * B * H, B, H, j0, w);
   }
   m.sync();  // also orders the input projection before its first use
@@ -109,6 +118,8 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       const int64_t t = g.step(d, s);
       const T* prev = buffer(d, s);
       T* next = buffer(d, s + 1);
+      const T* prev_operand = operand(d, s);
+      T* next_operand = operand(d, s + 1);
       const int64_t bound = g.active_bound(t);
       // h_{t-1} W_hh^T for the block's K * w gate rows: added onto the projection in the
       // output row (in place), else into the block's rows of hid.
@@ -117,11 +128,11 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       const T beta = Cell::kInPlace ? T(1) : T(0);
       const T* block = p.w_packed[d] ? p.w_packed[d] + K * j0 * H : p.w_hh[d] + j0 * H;
       if (!tiles)
-        gemm<T>(false, true, bound, K * w, H, prev, H, block, H, beta, product, ldp);
+        gemm<T>(false, true, bound, K * w, H, prev_operand, H, block, H, beta, product, ldp);
       else if (Cell::kInPlace)  // one panel, summed over all of H and added once to x W_ih^T
-        small_gemm<T>(bound, K * w, H, prev, H, block, K * w, beta, product, ldp);
+        small_gemm<T>(bound, K * w, H, prev_operand, H, block, K * w, beta, product, ldp);
       else
-        tiled_gemm<T>(bound, K * w, H, prev, H, block, K * w, beta, product, ldp);
+        tiled_gemm<T>(bound, K * w, H, prev_operand, H, block, K * w, beta, product, ldp);
       const T* bias = p.bias[d] ? p.bias[d] + j0 : nullptr;
       const T* bias_h = p.bias_h[d] ? p.bias_h[d] + j0 : nullptr;
       for (int64_t b = 0; b < B; ++b) {
@@ -134,9 +145,15 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
                        Cell::kCellState ? cstate + (d * B + b) * H + j0 : nullptr, h,
                        S ? S + row * DH + d * H + j0 : nullptr, w);
           std::memcpy(next + b * H + j0, h, sizeof(T) * w);
+          if (rounded) {  // the output and the next product's operand are bf16
+            round_to_bf16(h, w);
+            std::memcpy(next_operand + b * H + j0, h, sizeof(T) * w);
+          }
         } else {
           std::memset(h, 0, sizeof(T) * w);
           std::memcpy(next + b * H + j0, prev + b * H + j0, sizeof(T) * w);
+          if (rounded)
+            std::memcpy(next_operand + b * H + j0, prev_operand + b * H + j0, sizeof(T) * w);
         }
       }
     }
@@ -237,6 +254,12 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
           cell.backward(G + row * DKH + d * KH + j0, H, S ? S + at : nullptr, h_prev, c_prev,
                         dOut ? dOut + at : nullptr, carry + b * H + j0, dc + b * H + j0, dgx,
                         dgh, w);
+          if (g.round_bf16) {  // every product reading them takes them as bf16
+            for (int64_t q = 0; q < K; ++q) {
+              round_to_bf16(dgx + q * H, w);
+              if (dgh != dgx) round_to_bf16(dgh + q * H, w);
+            }
+          }
         }
       }
     }

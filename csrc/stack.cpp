@@ -59,8 +59,13 @@ std::vector<int64_t> out_shape(const Geometry& g, bool batch_first) {
                      : std::vector<int64_t>{g.T, g.B, g.DH()};
 }
 
-Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
-  return t && t->defined() ? t->contiguous() : Tensor();
+// A tensor as the engine computes on it: contiguous, and bf16 widened to fp32 (exactly).
+Tensor engine_tensor(const Tensor& t) {
+  if (!t.defined()) return t;
+  return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat).contiguous() : t.contiguous();
+}
+Tensor engine_tensor(const std::optional<Tensor>& t) {
+  return t && t->defined() ? engine_tensor(*t) : Tensor();
 }
 
 // Where each layer of a forward writes its [rows, D*H] output: the last layer into the result,
@@ -122,6 +127,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   Tensor w_ih_packed;
   std::vector<T> state(size_t(D) * 2 * B * H), cstate(Cell::kCellState ? D * B * H : 0);
+  std::vector<T> rounded(g.round_bf16 ? state.size() : 0);  // h_{t-1} as the products read it
   std::vector<T> hid(Cell::kInPlace ? 0 : size_t(D) * B * KH);
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
@@ -157,7 +163,8 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     team.run([&](Team::Member& m) {
       project<T>(m, g, proj, G);
       recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
-                                 cstate.data(), hid.data());
+                                 g.round_bf16 ? rounded.data() : nullptr, cstate.data(),
+                                 hid.data());
     });
     layer_in = layer_out;
     in_size = g.DH();
@@ -242,12 +249,15 @@ ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
                            bool batch_first, bool keep) {
   const StackArgs a = stack_args(cell, num_layers, bidirectional, has_biases, batch_first);
   Tensor lengths_cpu;
-  const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
-  const Tensor x = x_.contiguous();
-  const Tensor h0 = contiguous_or_undefined(h0_), c0 = contiguous_or_undefined(c0_);
+  Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
+  // A bf16 call runs the fp32 engine on its values (exact) with bf16-rounded product operands;
+  // out, h_n and c_n come back in bf16, what backward keeps stays fp32.
+  g.round_bf16 = x_.scalar_type() == at::kBFloat16;
+  const Tensor x = engine_tensor(x_);
+  const Tensor h0 = engine_tensor(h0_), c0 = engine_tensor(c0_);
   std::vector<Tensor> weights;
   weights.reserve(weights_.size());
-  for (const auto& w : weights_) weights.push_back(w.contiguous());
+  for (const auto& w : weights_) weights.push_back(engine_tensor(w));
   const int64_t rows = g.T * g.B;
   const bool lstm = cell == "lstm", gated = a.gates > 1;
   const auto options = x.options();
@@ -267,6 +277,11 @@ ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
                                r.gates, r.saved);
     });
   });
+  if (g.round_bf16) {
+    r.out = r.out.to(at::kBFloat16);  // exact: the engine rounded the outputs already
+    r.hn = r.hn.to(at::kBFloat16);
+    r.cn = r.cn.to(at::kBFloat16);
+  }
   return r;
 }
 
@@ -279,8 +294,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stack_forward_impl(
     bool has_biases, bool batch_first, bool keep) {
   ForwardResults r = run_forward(cell, x, h0, c0, weights, lengths, num_layers, bidirectional,
                                  has_biases, batch_first, keep);
-  if (!keep) {  // the op's schema returns six tensors
-    const auto options = x.options();
+  if (!keep) {  // the op's schema returns six tensors (kept ones fp32 for a bf16 call)
+    const auto options =
+        x.options().dtype(x.scalar_type() == at::kBFloat16 ? at::kFloat : x.scalar_type());
     r.mid = at::empty({0, 0, 0}, options);
     r.gates = at::empty({0, 0, 0}, options);
     r.saved = at::empty({0, 0, 0}, options);
@@ -299,6 +315,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   Tensor lengths_cpu;
   const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
   const at::ScalarType dtype = x_.scalar_type();
+  // A bf16 call (see run_forward): its kept buffers are fp32, its results bf16.
+  const bool bf16 = dtype == at::kBFloat16;
+  const at::ScalarType kept_dtype = bf16 ? at::kFloat : dtype;
+  Geometry g_engine = g;
+  g_engine.round_bf16 = bf16;
   const bool lstm = cell == "lstm", gated = a.gates > 1;
   const int64_t rows = g.T * g.B, kept = gated ? num_layers : 0;
   const std::vector<int64_t> out_sizes = out_shape(g, batch_first);
@@ -306,24 +327,24 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   check_tensor(out, "out", dtype, out_sizes);
   TORCH_CHECK(mid.dim() == 3 && mid.size(0) == num_layers - 1,
               "fastbirnn cpp backend: intermediate outputs were not kept for backward");
-  check_tensor(mid, "mid", dtype, {num_layers - 1, rows, g.DH()});
-  check_tensor(gates, "gates", dtype, {kept, rows, a.gates * g.DH()});
-  check_tensor(saved, "saved", dtype, {kept, rows, g.DH()});
+  check_tensor(mid, "mid", kept_dtype, {num_layers - 1, rows, g.DH()});
+  check_tensor(gates, "gates", kept_dtype, {kept, rows, a.gates * g.DH()});
+  check_tensor(saved, "saved", kept_dtype, {kept, rows, g.DH()});
   auto optional = [&](const std::optional<Tensor>& t, const char* name, at::IntArrayRef sizes) {
     if (!t || !t->defined()) return Tensor();
     check_tensor(*t, name, dtype, sizes);
-    return t->contiguous();
+    return engine_tensor(*t);
   };
   const Tensor grad_out = optional(grad_out_, "grad_out", out_sizes);
   const Tensor grad_hn = optional(grad_hn_, "grad_hn", state_sizes);
   const Tensor grad_cn = optional(grad_cn_, "grad_cn", state_sizes);
   TORCH_CHECK(lstm || !grad_cn.defined(), "fastbirnn cpp backend: only the LSTM has a c_n");
-  const Tensor x = x_.contiguous();
-  const Tensor h0 = contiguous_or_undefined(h0_), c0 = contiguous_or_undefined(c0_);
+  const Tensor x = engine_tensor(x_);
+  const Tensor h0 = engine_tensor(h0_), c0 = engine_tensor(c0_);
   std::vector<Tensor> weights;
   std::vector<std::vector<int64_t>> shapes;  // the results: dweights..., dx, dh0, dc0 (, dG)
   for (const auto& w : weights_) {
-    weights.push_back(w.contiguous());
+    weights.push_back(engine_tensor(w));
     shapes.push_back(w.sizes().vec());
   }
   shapes.push_back(need_dx ? x.sizes().vec() : std::vector<int64_t>{0});
@@ -343,13 +364,19 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   results.pop_back();
   Tensor dx = results.back();
   results.pop_back();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastbirnn_stack_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(kept_dtype, "fastbirnn_stack_backward", [&] {
     with_cell(cell, [&](auto c) {
-      backward_layers<scalar_t>(c, grad_out, grad_hn, grad_cn, x, h0, c0, weights, g, a,
-                                out.contiguous(), mid.contiguous(), gates.contiguous(),
+      backward_layers<scalar_t>(c, grad_out, grad_hn, grad_cn, x, h0, c0, weights, g_engine,
+                                a, engine_tensor(out), mid.contiguous(), gates.contiguous(),
                                 saved.contiguous(), need_dx, dx, dh0, dc0, results, dG);
     });
   });
+  if (bf16) {  // gradients in the dtype of what they are gradients of
+    dx = dx.to(at::kBFloat16);
+    dh0 = dh0.to(at::kBFloat16);
+    dc0 = dc0.to(at::kBFloat16);
+    for (auto& dw : results) dw = dw.to(at::kBFloat16);
+  }
   return {dx, dh0, dc0, results};
 }
 

@@ -81,8 +81,10 @@ class FusedRNNMixin:
             return self.backend
         if self._fused_unsupported() is not None:
             return backends.TORCH
-        if _autocast_dtype(data) is not None:
-            return backends.TORCH  # the nn class defines autocast's dtype rules
+        run_dtype = _autocast_dtype(data) or data.dtype
+        if run_dtype != data.dtype and not (data.device.type == "cpu"
+                                            and run_dtype == torch.bfloat16):
+            return backends.TORCH  # autocast to a dtype no fused CPU path computes in
         if _under_function_transform():
             return backends.TORCH  # the fused ops define no forward-mode AD or vmap rule
         if isinstance(input, PackedSequence):
@@ -99,14 +101,16 @@ class FusedRNNMixin:
         )
         if torch.compiler.is_compiling():
             # Dynamo cannot trace get_num_threads(): the count of the last eager call.
-            return self._resolve_auto(data, batch_size, seq_len, training, _threads_seen[0])
+            return self._resolve_auto(data, run_dtype, batch_size, seq_len, training,
+                                      _threads_seen[0])
         threads = _threads_seen[0] = torch.get_num_threads()
         # The choice depends only on this signature: cached per module, off the hot path.
-        key = (batch_size, seq_len, data.dtype, data.device, training, threads,
+        key = (batch_size, seq_len, data.dtype, run_dtype, data.device, training, threads,
                tuning._enabled, isinstance(input, PackedSequence))
         backend = self.__dict__.get("_auto_cache", {}).get(key)
         if backend is None:
-            backend = self._resolve_auto(data, batch_size, seq_len, training, threads)
+            backend = self._resolve_auto(data, run_dtype, batch_size, seq_len, training,
+                                         threads)
             if tuning._enabled and data.device.type == "cpu":
                 backend = self._autotuned(input, data, backend, key, training)
             self._remember("_auto_cache", key, backend)
@@ -134,14 +138,14 @@ class FusedRNNMixin:
             return super().forward(input)
         return self._fused_forward(input, None, backend)
 
-    def _resolve_auto(self, data, batch_size, seq_len, training, threads) -> str:
+    def _resolve_auto(self, data, run_dtype, batch_size, seq_len, training, threads) -> str:
         if not isinstance(batch_size, int) or not isinstance(seq_len, int):
             # A dynamic size under torch.compile/export: the graph serves every size, so
             # decide without branching on it (as for one row and one step).
             batch_size, seq_len = 1, 1
         call = CallShape(
             batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
-            bidirectional=self.bidirectional, dtype=data.dtype, training=training,
+            bidirectional=self.bidirectional, dtype=run_dtype, training=training,
             threads=threads, cell=self.cell, proj_size=self.proj_size,
             isa=cpp_backend.cpu_isa() or "scalar",
         )

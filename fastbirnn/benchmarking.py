@@ -814,3 +814,55 @@ def describe_machine(info: dict) -> str:
     commit = (git.get("commit") or "unknown")[:10] + ("+dirty" if git.get("dirty") else "")
     return (f"{hw}; torch {info.get('torch')}, triton {info.get('triton')}, "
             f"python {info.get('python')}; commit {commit}")
+
+
+# ---------------------------------------------------------------------------- bf16
+
+
+def _relative_rms_error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    diff = value.double() - truth.double()
+    return (diff.square().mean().sqrt() / truth.double().square().mean().sqrt()).item()
+
+
+def bf16_accuracy(cell: str, steps: int = 200, batch: int = 8, input_size: int = 32,
+                  hidden: int = 64, layers: int = 2) -> dict:
+    """The RMS errors (relative to the fp64 result's RMS) of the outputs, final states and every
+    gradient of the nn class and of the engine (backend='cpp'), both under CPU bf16 autocast,
+    against the nn class in fp64; same weights and inputs. Issue 24's accuracy bar compares
+    them (tests/test_bf16.py, benchmarks/bf16_autocast.py)."""
+    nn_class = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+    fast_class = {"rnn": FastBiRNN, "lstm": FastBiLSTM, "gru": FastBiGRU}[cell]
+    torch.manual_seed(2)
+    reference = nn_class(input_size, hidden, num_layers=layers, bidirectional=True)
+    fused = fast_class(input_size, hidden, num_layers=layers, backend="cpp")
+    fused.load_state_dict(reference.state_dict())
+    exact = nn_class(input_size, hidden, num_layers=layers, bidirectional=True)
+    exact.load_state_dict(reference.state_dict())
+    exact.double()
+    torch.manual_seed(3)
+    x = torch.randn(steps, batch, input_size)
+    grad_out = torch.randn(steps, batch, 2 * hidden)
+
+    def run(model, autocast: bool):
+        model.zero_grad(set_to_none=True)
+        inp = x.to(next(model.parameters()).dtype, copy=True).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, final = model(inp)
+        final = final if isinstance(final, tuple) else (final,)
+        out.to(grad_out.dtype).backward(grad_out)
+        grads = {"input": inp.grad}
+        grads.update({n: p.grad for n, p in model.named_parameters()})
+        values = {"output": out, **{f"final_state_{i}": s for i, s in enumerate(final)}}
+        return values, grads
+
+    truth_values, truth_grads = run(exact, False)
+    errors = {}
+    for name, model in (("nn", reference), ("cpp", fused)):
+        values, grads = run(model, True)
+        errors[name] = {k: _relative_rms_error(v, truth_values[k]) for k, v in values.items()}
+        errors[name].update({f"grad_{k}": _relative_rms_error(v, truth_grads[k])
+                             for k, v in grads.items()})
+    ratio = {k: errors["cpp"][k] / errors["nn"][k] for k in errors["nn"]}
+    return {"cell": cell, "steps": steps, "batch": batch, "input_size": input_size,
+            "hidden": hidden, "layers": layers, "rms_error": errors,
+            "cpp_over_nn": ratio, "worst_cpp_over_nn": max(ratio.values())}

@@ -110,19 +110,73 @@ def hidden_weight_grad(dZ: Tensor, Hs: Tensor, h0: Tensor, lengths: Tensor) -> T
     return torch.bmm(dz, hp)
 
 
+# ---- the bf16 engine's rounding (csrc/bf16.h), as autograd functions ---------------------
+
+
+class _RoundOperand(torch.autograd.Function):
+    """A product operand rounded to bfloat16 (kept in its dtype); the gradient passes through
+    unrounded, as the engine's backward treats the rounding."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.to(torch.bfloat16).to(t.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _RoundGradient(torch.autograd.Function):
+    """Identity forward; the gradient rounded to bfloat16, as the engine rounds the gate
+    gradients before every product that reads them."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(torch.bfloat16).to(grad.dtype)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class _TanhFromRoundedOutput(torch.autograd.Function):
+    """tanh whose derivative reads its output rounded to bfloat16: the engine's Elman cell
+    keeps no pre-activation and differentiates from its (bf16) output."""
+
+    @staticmethod
+    def forward(ctx, z):
+        h = torch.tanh(z)
+        ctx.save_for_backward(h.to(torch.bfloat16).to(h.dtype))
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return grad * (1 - h * h)
+
+
 # ---- every cell: the layer stack in plain PyTorch ops (autograd differentiates it) --------
 
 
-def elman_step(xz: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh, w_hr, nonlinearity: str):
+def elman_step(xz: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh, w_hr, nonlinearity: str,
+               operand=_identity, gradient=_identity):
     """One Elman step, nn.RNN's equation: h = act(x W_ih^T + b_ih + h W_hh^T + b_hh)."""
     (h,) = state
-    return (activation(xz + torch.nn.functional.linear(h, w_hh, b_hh), nonlinearity),)
+    pre = gradient(xz + torch.nn.functional.linear(operand(h), w_hh, b_hh))
+    if operand is not _identity and nonlinearity == "tanh":
+        return (_TanhFromRoundedOutput.apply(pre),)
+    return (activation(pre, nonlinearity),)
 
 
-def lstm_step(xz: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh, w_hr):
+def lstm_step(xz: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh, w_hr,
+              operand=_identity, gradient=_identity):
     """One LSTM step, nn.LSTM's gate order (input, forget, cell, output) and equations."""
     h, c = state
-    gates = xz + torch.nn.functional.linear(h, w_hh, b_hh)
+    gates = gradient(xz + torch.nn.functional.linear(operand(h), w_hh, b_hh))
     i, f, g, o = gates.chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
@@ -131,24 +185,36 @@ def lstm_step(xz: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh, w_hr
     return h, c
 
 
-def gru_step(xz: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh, w_hr):
+def gru_step(xz: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh, w_hr,
+             operand=_identity, gradient=_identity):
     """One GRU step, nn.GRU's gate order (reset, update, new); b_hn stays inside r * (...)."""
     (h,) = state
-    x_r, x_z, x_n = xz.chunk(3, dim=1)
-    h_r, h_z, h_n = torch.nn.functional.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    x_r, x_z, x_n = gradient(xz).chunk(3, dim=1)
+    h_r, h_z, h_n = gradient(torch.nn.functional.linear(operand(h), w_hh, b_hh)).chunk(3, dim=1)
     r = torch.sigmoid(x_r + h_r)
     z = torch.sigmoid(x_z + h_z)
     n = torch.tanh(x_n + r * h_n)
-    return ((1 - z) * n + z * h,)
+    if operand is _identity:
+        return ((1 - z) * n + z * h,)
+    # The bf16 engine: h_t from the fp32 state, but its backward reads h_{t-1} from the
+    # (rounded) outputs, so z's gradient is dh (round(h) - n): the same value, that gradient.
+    h_rounded = operand(h)
+    return (n + z * (h_rounded - n) + z.detach() * (h - h_rounded),)
 
 
 def _layer_stack(step, num_states, x, lengths, states, flat_weights, *, num_layers,
-                 num_directions, bias, batch_first=False, proj_size=0):
+                 num_directions, bias, batch_first=False, proj_size=0, bf16_products=False):
     """The layer stack of one cell (``fastbirnn.functional.run_stack``'s contract).
 
     x [T,B,I] (or [B,T,I] with batch_first); states: tuple of [L*D,B,*] or None (zeros).
     Returns output [T,B,D*P] (zero past each row's length) and the final states tuple.
+
+    bf16_products: the cpp engine's bfloat16 semantics on fp32 tensors holding bf16 values
+    (x, states, weights): h_{t-1}, the layers' outputs and the gate gradients rounded to bf16
+    where a product reads them; the state, the cells and every sum in fp32.
     """
+    operand, gradient = ((_RoundOperand.apply, _RoundGradient.apply) if bf16_products
+                         else (_identity, _identity))
     if batch_first:
         x = x.transpose(0, 1)
     T, B, _ = x.shape
@@ -175,19 +241,19 @@ def _layer_stack(step, num_states, x, lengths, states, flat_weights, *, num_laye
             hs = [None] * T
             for t in time_order(d, T):
                 active = (t < lengths).unsqueeze(1)
-                new = step(projected[t], state, w_hh, b_hh, w_hr)
+                new = step(projected[t], state, w_hh, b_hh, w_hr, operand, gradient)
                 state = tuple(torch.where(active, n, s) for n, s in zip(new, state))
                 hs[t] = torch.where(active, new[0], torch.zeros_like(new[0]))
             outputs.append(torch.stack(hs))
             finals.append(list(state))
-        layer_input = torch.cat(outputs, dim=2)
+        layer_input = operand(torch.cat(outputs, dim=2))
     output = layer_input.transpose(0, 1) if batch_first else layer_input
     return output, tuple(torch.stack(parts) for parts in zip(*finals))
 
 
 def elman_stack(x, lengths, states, flat_weights, *, nonlinearity="tanh", **config):
-    def step(xz, state, w_hh, b_hh, w_hr):
-        return elman_step(xz, state, w_hh, b_hh, w_hr, nonlinearity)
+    def step(xz, state, w_hh, b_hh, w_hr, operand=_identity, gradient=_identity):
+        return elman_step(xz, state, w_hh, b_hh, w_hr, nonlinearity, operand, gradient)
 
     return _layer_stack(step, 1, x, lengths, states, flat_weights, **config)
 

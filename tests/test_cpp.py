@@ -186,17 +186,17 @@ def test_auto_picks_cpp_on_cpu(dtype):
 
 
 def test_auto_falls_back_for_unsupported_dtype():
-    rnn = FastBiRNN(16, 32, dtype=torch.bfloat16)
-    x = torch.randn(4, 2, 16, dtype=torch.bfloat16)
+    rnn = FastBiRNN(16, 32, dtype=torch.float16)
+    x = torch.randn(4, 2, 16, dtype=torch.float16)
     assert rnn.selected_backend(x) == "torch"
     out, _ = rnn(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.float16
 
 
 def test_named_cpp_backend_rejects_unsupported_input_clearly():
-    rnn = FastBiRNN(16, 32, dtype=torch.bfloat16, backend="cpp")
-    with pytest.raises(RuntimeError, match=r"'cpp'.*float32 and float64"):
-        rnn(torch.randn(4, 2, 16, dtype=torch.bfloat16))
+    rnn = FastBiRNN(16, 32, dtype=torch.float16, backend="cpp")
+    with pytest.raises(RuntimeError, match=r"'cpp'.*float32, float64 and bfloat16"):
+        rnn(torch.randn(4, 2, 16, dtype=torch.float16))
     with pytest.raises(RuntimeError, match=r"'cpp'.*CPU tensors only"):
         backends.require("cpp", torch.empty(4, 2, 16, device="meta"))
 

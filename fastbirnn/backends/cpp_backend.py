@@ -30,7 +30,8 @@ except Exception as _error:  # ImportError, or an OSError from a broken build
 else:
     _UNAVAILABLE = None
 
-_DTYPES = (torch.float32, torch.float64)
+# bfloat16 runs the fp32 engine with bf16-rounded product operands (csrc/bf16.h).
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def release_scratch() -> int:
@@ -79,7 +80,7 @@ def unsupported_reason(x: Tensor) -> Optional[str]:
     if x.device.type != "cpu":
         return f"it runs on CPU tensors only, got a tensor on {x.device}"
     if x.dtype not in _DTYPES:
-        return f"it supports float32 and float64 only, got {x.dtype}"
+        return f"it supports float32, float64 and bfloat16 only, got {x.dtype}"
     return None
 
 
@@ -182,11 +183,13 @@ if _C is not None:
         out = x.new_empty(x.shape[0], x.shape[1], D * H)
         hn = x.new_empty(num_layers * D, B, H)
         cn = x.new_empty(num_layers * D if cell == "lstm" else 0, B, H)
-        mid = x.new_empty(num_layers - 1 if keep else 0, rows, D * H)
+        # What backward keeps is fp32 for a bf16 call (the engine's state and gates).
+        kept_dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+        mid = x.new_empty(num_layers - 1 if keep else 0, rows, D * H, dtype=kept_dtype)
         # The gated cells keep their gates and saved values; the Elman cell only its outputs.
         kept = num_layers if keep and not cell.startswith("rnn") else 0
-        gates = x.new_empty(kept, rows, D * gate_rows)
-        return out, hn, cn, mid, gates, x.new_empty(kept, rows, D * H)
+        gates = x.new_empty(kept, rows, D * gate_rows, dtype=kept_dtype)
+        return out, hn, cn, mid, gates, x.new_empty(kept, rows, D * H, dtype=kept_dtype)
 
     @torch.library.register_fake("fastbirnn_cpp::stack_backward_impl")
     def _stack_backward_impl_fake(cell, grad_out, grad_hn, grad_cn, x, h0, c0, weights,

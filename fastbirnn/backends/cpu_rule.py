@@ -122,6 +122,8 @@ def prefer_cpp(s: CallShape) -> bool:
     if s.threads > MEASURED_MAX_THREADS:
         return s.step_macs <= UNMEASURED_STEP_LIMIT and prefer_cpp(
             replace(s, threads=MEASURED_MAX_THREADS))
+    if s.dtype == torch.bfloat16:
+        return _prefer_bf16(s)
     team = workers(s)
     per_worker = s.step_macs / team
     if s.cell != "rnn":
@@ -152,3 +154,14 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
         return s.training or s.batch > 1 or s.seq > SHORT
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
+
+
+# bfloat16 (under CPU autocast, or bf16 modules and inputs): the engine's bf16 path computes on
+# the fp32 engine with bf16-rounded product operands (csrc/bf16.h), at about its fp32 speed.
+# nn.RNN and nn.GRU have no bf16 CPU kernel of their own (per-op ATen bf16, slower than their
+# fp32 at the grid's shapes): fused wherever fp32 is. nn.LSTM runs oneDNN's bf16 LSTM, which
+# the fp32-rate engine does not beat (0.6-0.9x): nn.LSTM (benchmarks/results/cpu/bf16.json).
+def _prefer_bf16(s: CallShape) -> bool:
+    if s.cell == "lstm":
+        return False
+    return prefer_cpp(replace(s, dtype=torch.float32))
