@@ -1,19 +1,74 @@
 // The bfloat16 engine's one rounding: a product operand the engine computes itself (h_{t-1},
 // a layer's outputs, the gate gradients) rounded to the nearest bf16, as torch's own
-// conversion does it (ties to even, NaN stays NaN), and kept in an fp32 slot. A product of two
-// bf16 values is exact in fp32, so fp32 products on these operands are bf16 products with
-// fp32 accumulation (geometry.h's Geometry::round_bf16).
+// conversion does it (c10::BFloat16: ties to even, NaN to 0x7FC0). A product of two bf16
+// values is exact in fp32, so fp32 products on these operands are bf16 products with fp32
+// accumulation (geometry.h's Geometry::round_bf16); the bf16 tiles (tiles_bf16.h) take the
+// same operands as bf16 bits.
+//
+// The conversions run per step and block, so they are written branch-free for the compiler
+// to vectorise, and compiled for AVX-512 too where the engine runs it.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-
 #include <cstdint>
+#include <cstring>
+
+#include "simd.h"
 
 namespace fastbirnn {
 
-template <typename T>
-inline void round_to_bf16(T* values, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) values[j] = T(float(c10::BFloat16(float(values[j]))));
+using bf16_bits = uint16_t;
+
+// c10::BFloat16's rounding, without its branch.
+inline bf16_bits to_bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? bf16_bits(0x7FC0) : bf16_bits(rounded);
+}
+
+inline float bf16_value(bf16_bits b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+namespace detail {
+#define FASTBIRNN_BF16_LOOPS(suffix, attributes)                                              \
+  attributes inline void round_in_place_##suffix(float* v, int64_t n) {                       \
+    for (int64_t j = 0; j < n; ++j) v[j] = bf16_value(to_bf16_bits(v[j]));                    \
+  }                                                                                           \
+  attributes inline void to_bits_##suffix(const float* src, int64_t n, bf16_bits* dst) {      \
+    for (int64_t j = 0; j < n; ++j) dst[j] = to_bf16_bits(src[j]);                            \
+  }
+FASTBIRNN_BF16_LOOPS(baseline, )
+#ifdef FASTBIRNN_X86
+FASTBIRNN_BF16_LOOPS(avx512, __attribute__((target("avx512f"))))
+#endif
+#undef FASTBIRNN_BF16_LOOPS
+}  // namespace detail
+
+// values[0, n) rounded to bf16 in place.
+inline void round_to_bf16(float* values, int64_t n) {
+#ifdef FASTBIRNN_X86
+  if (kIsa == Isa::kAvx512) return detail::round_in_place_avx512(values, n);
+#endif
+  detail::round_in_place_baseline(values, n);
+}
+// The engine's templates are instantiated for fp64 too, which never rounds.
+inline void round_to_bf16(double* values, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) values[j] = bf16_value(to_bf16_bits(float(values[j])));
+}
+
+// n values rounded to bf16 bits into dst.
+inline void to_bf16_row(const float* src, int64_t n, bf16_bits* dst) {
+#ifdef FASTBIRNN_X86
+  if (kIsa == Isa::kAvx512) return detail::to_bits_avx512(src, n, dst);
+#endif
+  detail::to_bits_baseline(src, n, dst);
+}
+inline void to_bf16_row(const double* src, int64_t n, bf16_bits* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_bf16_bits(float(src[j]));
 }
 
 }  // namespace fastbirnn

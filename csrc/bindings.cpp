@@ -9,6 +9,7 @@
 #include "buffers.h"
 #include "stack.h"
 #include "team.h"
+#include "tiles_bf16.h"
 
 TORCH_LIBRARY(fastbirnn_cpp, m) {
   // cell: 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru'; c0 and the returned c_n (empty otherwise)
@@ -74,6 +75,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "torch.ops.fastbirnn_cpp.stack(cell, x, None, None, weights, None, ...) without boxed "
         "arguments");
   m.def("has_blas", &fastbirnn::have_blas, "Whether an optimised BLAS was found in libtorch");
+  m.def("has_bf16_tiles", [] { return fastbirnn::kBf16Tiles; },
+        "Whether bf16 calls run their products on AVX512-BF16 tiles (else fp32 products on "
+        "bf16-rounded operands)");
   m.def("cpu_isa", [] { return fastbirnn::isa_name(fastbirnn::kIsa); },
         "The engine's ISA level: 'avx512', 'avx2' or 'scalar' (the CPU's, lowered by "
         "FASTBIRNN_ISA)");

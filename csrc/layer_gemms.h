@@ -16,6 +16,7 @@
 #include "stack.h"
 #include "team.h"
 #include "tiles.h"
+#include "tiles_bf16.h"
 
 namespace fastbirnn {
 
@@ -67,16 +68,31 @@ Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols
   return p;
 }
 
+// The projection's tasks; with bf16 (a bf16 call on the bf16 tiles) each worker first converts
+// the rows of its blocks to bf16, then the team meets once before the products read them.
 template <typename T>
-void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out) {
+void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out,
+             const Bf16Forward* bf16 = nullptr) {
   const int64_t H = p.cols, ld = g.D * p.cols, n = g.D * p.blocks;
+  const bool on_bf16 = bf16 && bf16->x;
+  if (on_bf16) {
+    for (int64_t blk = 0; blk < p.blocks; ++blk) {
+      if (!m.owns(blk)) continue;
+      for (int64_t r = p.rows * blk / p.blocks; r < p.rows * (blk + 1) / p.blocks; ++r)
+        to_bf16_row(p.X + r * p.I, p.I, bf16->x + r * bf16->x_ld);
+    }
+    m.sync();
+  }
   for (int64_t task = 0; task < n; ++task) {
     if (!m.owns(task)) continue;
     const int64_t d = task % g.D, blk = task / g.D;
     const int64_t r0 = p.rows * blk / p.blocks, r1 = p.rows * (blk + 1) / p.blocks;
     const T* x = p.X + r0 * p.I;
     T* z = out + r0 * ld + d * H;
-    if (p.tiny)  // register-blocked loops beat a BLAS call's fixed cost
+    if (on_bf16)
+      bf16_gemm_into<T>(r1 - r0, H, p.I, bf16->x + r0 * bf16->x_ld, bf16->x_ld, bf16->w_ih[d],
+                        bf16->w_ih_ld, T(0), z, ld);
+    else if (p.tiny)  // register-blocked loops beat a BLAS call's fixed cost
       small_gemm<T>(r1 - r0, H, p.I, x, p.I, p.w_ih_t[d], H, T(0), z, ld);
     else if (p.w_ih_t[d])
       gemm<T>(false, false, r1 - r0, H, p.I, x, p.I, p.w_ih_t[d], H, T(0), z, ld);
@@ -125,6 +141,22 @@ struct GradOperands {
   const T* Hs;   // the layer's outputs [rows, D*H]
   const T* h0;   // the layer's initial hidden state [D, B, H], or null (zeros)
 };
+
+// Rows j0..j0+m of direction d's bias gradients (weights' index base: W_ih's): column sums of
+// the gate gradients over all rows, input side for b_ih, hidden side for b_hh.
+template <typename T>
+void bias_grads(const GradOperands<T>& p, std::vector<Tensor>& dweights, int64_t base, int64_t d,
+                int64_t j0, int64_t m, int64_t rows, int64_t DKH) {
+  for (int side = 0; side < 2; ++side) {
+    T* db = dweights[base + 2 + side].data_ptr<T>() + j0;
+    if (side == 1 && p.dGh == p.dG) {
+      std::memcpy(db, dweights[base + 2].data_ptr<T>() + j0, sizeof(T) * m);
+      break;
+    }
+    std::vector<T> tmp(column_sums_scratch(rows, m));
+    column_sums<T>((side == 0 ? p.dG : p.dGh) + d * p.KH + j0, DKH, rows, m, db, tmp.data());
+  }
+}
 
 // dW_ih, dW_hh, the bias gradients and dX (when dX is not null) of layer l, as independent
 // tasks of fixed shape: per direction, blocks of weight rows for dW_hh (+ db) and for dW_ih,
@@ -200,18 +232,7 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
           gemm<T>(true, false, m, H, g.B, gather, KH, h0, H, T(1), dW_hh, H);
         }
       }
-      if (a.has_biases) {
-        // db = column sums of the gate gradients (input side for b_ih, hidden side for b_hh).
-        for (int side = 0; side < 2; ++side) {
-          T* db = dweights[base + 2 + side].data_ptr<T>() + j0;
-          if (side == 1 && p.dGh == p.dG) {
-            std::memcpy(db, dweights[base + 2].data_ptr<T>() + j0, sizeof(T) * m);
-            break;
-          }
-          std::vector<T> tmp(column_sums_scratch(rows, m));
-          column_sums<T>(side == 0 ? dgd : dghd, DKH, rows, m, db, tmp.data());
-        }
-      }
+      if (a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
     } else {
       // dX for one fixed block of rows.
       const int64_t blk = task - 2 * n_w;
@@ -219,6 +240,85 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
       gemm<T>(false, false, r1 - r0, I, DKH, p.dG + r0 * DKH, DKH, w_ih_all, I, T(0),
               dX + r0 * I, I);
     }
+  });
+}
+
+// Rows of the long weight-gradient products per chunk on the bf16 tiles: a chunk's operands
+// ([rows, 64] panels of bf16) stay in L2 while the block's tiles pass over them.
+constexpr int64_t kBf16GradChunk = 256;
+
+// gemm_grads on the bf16 tiles (tiles_bf16.h): the same fixed tasks (weight-row blocks of dW_hh
+// and dW_ih with the bias gradients, row blocks of dX). A weight gradient sums over all rows in
+// chunks of kBf16GradChunk, each chunk's operands gathered as bf16 along the rows: the gate
+// gradients' bf16 copies (bf), and the layer's input or each row's previous hidden state, zeros
+// where there is none (no h0, or a padded step, whose gate gradients are zero too: the shifted
+// sum, h0's term and padding are one form, and a NaN reaches dW_hh as in nn). Chunk sums are
+// added in chunk order: the thread count cannot change a result.
+template <typename T>
+void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
+                     const GradOperands<T>& p, const Bf16Backward& bf,
+                     std::vector<Tensor>& dweights, T* dX, int64_t threads) {
+  const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
+  const int64_t rows = g.T * g.B;
+  const int64_t n_row_blocks = dX ? row_blocks(rows) : 0;
+  const int64_t n_wblk = std::max<int64_t>(1, KH / 512);
+  const int64_t wblk = (KH + n_wblk - 1) / n_wblk;
+  const int64_t n_w = D * n_wblk;
+  const bf16_bits* dG_bits = bf.dG;
+  const bf16_bits* dGh_bits = bf.dGh ? bf.dGh : bf.dG;
+  // dX = dG [W_ih^f; W_ih^r]: W_ih's rows packed in pairs along the gate rows of both directions
+  // (each direction's part padded as the gate gradients' rows are).
+  std::vector<bf16_bits> w_ih_pairs;
+  if (dX) {
+    w_ih_pairs.resize(D * bf.direction_ld * packed_columns(I));
+    pack_columns_in_pairs(
+        D * bf.direction_ld, I,
+        [&](int64_t r) -> const T* {
+          const int64_t d = r / bf.direction_ld, j = r % bf.direction_ld;
+          return j < KH ? weights[(l * D + d) * a.per_dir()].data_ptr<T>() + j * I : nullptr;
+        },
+        w_ih_pairs.data());
+  }
+  // The row of the state before row r (time t, batch b) in direction d, or null for zeros.
+  auto previous_state = [&](int64_t d, int64_t r) -> const T* {
+    const int64_t t = g.sb == 1 ? r / g.B : r % g.T, b = g.sb == 1 ? r % g.B : r / g.T;
+    if (!g.active(t, b)) return nullptr;
+    const int64_t prev = g.previous_row(d, t, b);
+    if (prev >= 0) return p.Hs + prev * DH + d * H;
+    return p.h0 ? p.h0 + (d * g.B + b) * H : nullptr;
+  };
+  run_task_queue(2 * n_w + n_row_blocks, threads, [&](int64_t task) {
+    if (task >= 2 * n_w) {  // dX for one fixed block of rows
+      const int64_t blk = task - 2 * n_w;
+      const int64_t r0 = rows * blk / n_row_blocks, r1 = rows * (blk + 1) / n_row_blocks;
+      bf16_gemm_into<T>(r1 - r0, I, D * bf.direction_ld, dG_bits + r0 * bf.ld, bf.ld,
+                        w_ih_pairs.data(), 2 * packed_columns(I), T(0), dX + r0 * I, I);
+      return;
+    }
+    const bool hh = task < n_w;
+    const int64_t w = hh ? task : task - n_w;
+    const int64_t d = w / n_wblk, j0 = (w % n_wblk) * wblk, j1 = std::min(KH, j0 + wblk);
+    const int64_t m = j1 - j0;
+    if (m <= 0) return;
+    const int64_t base = (l * D + d) * a.per_dir(), N = hh ? H : I;
+    T* dW = dweights[base + (hh ? 1 : 0)].data_ptr<T>() + j0 * N;
+    const bf16_bits* gates = (hh ? dGh_bits : dG_bits) + d * bf.direction_ld + j0;
+    std::vector<bf16_bits> A(m * kBf16GradChunk), Bm(kBf16GradChunk * packed_columns(N));
+    for (int64_t r0 = 0; r0 < rows; r0 += kBf16GradChunk) {
+      const int64_t rc = std::min(kBf16GradChunk, rows - r0), ldA = paired(rc);
+      for (int64_t j = 0; j < m; ++j) {  // the chunk's gate gradients, transposed
+        bf16_bits* dst = A.data() + j * ldA;
+        for (int64_t i = 0; i < rc; ++i) dst[i] = gates[(r0 + i) * bf.ld + j];
+        if (rc % 2) dst[rc] = 0;
+      }
+      pack_columns_in_pairs(
+          rc, N,
+          [&](int64_t i) -> const T* { return hh ? previous_state(d, r0 + i) : p.X + (r0 + i) * I; },
+          Bm.data());
+      bf16_gemm_into<T>(m, N, rc, A.data(), ldA, Bm.data(), 2 * packed_columns(N),
+                        r0 == 0 ? T(0) : T(1), dW, N);
+    }
+    if (hh && a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
   });
 }
 

@@ -26,6 +26,7 @@
 #include "geometry.h"
 #include "team.h"
 #include "tiles.h"
+#include "tiles_bf16.h"
 
 namespace fastbirnn {
 
@@ -84,14 +85,16 @@ void copy_block(const T* init, T* dst, int64_t B, int64_t H, int64_t j0, int64_t
 // cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
 // direction's h_{t-1} and h_t, swapped every step); rounded: null, or for the bf16 engine
 // (g.round_bf16) the same as state rounded to bf16, which the products read (the outputs Hs
-// are rounded too, the final states are not); cstate: D * B * H (LSTM's c, block-local:
+// are rounded too, the final states are not); bf16: null, or where the bf16 tiles run the
+// products (tiles_bf16.h), their packed W_hh blocks and bf16 state in place of `rounded`; cstate: D * B * H (LSTM's c, block-local:
 // updated in place); hid: D * B * K*H (each block's h_{t-1} W_hh^T; unused in place). At step
 // s every block reads all of h_{s-1} and writes its own columns of h_s into the other buffer:
 // one barrier per step.
 template <typename T, typename Cell>
 void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
                              const Cell& cell, T* G, T* Hs, T* S, const ForwardOperands<T>& p,
-                             T* state, T* rounded, T* cstate, T* hid) {
+                             T* state, T* rounded, const Bf16Forward* bf16, T* cstate,
+                             T* hid) {
   constexpr int64_t K = Cell::kGates;
   const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
   const bool tiles = forward_block_tiles(g);
@@ -101,14 +104,35 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
   auto operand = [&](int64_t d, int64_t s) {
     return rounded ? rounded + (d * 2 + (s & 1)) * B * H : buffer(d, s);
   };
+  // The bf16 tiles' h_{t-1}: rows of Hp = paired(H) bf16 values (an odd H's pad stays zero).
+  const bool on_bf16 = bf16 && bf16->w_hh;
+  const int64_t Hp = paired(H);
+  auto operand_bf16 = [&](int64_t d, int64_t s) {
+    return bf16->state + (d * 2 + (s & 1)) * B * Hp;
+  };
+  auto block_bf16 = [&](int64_t k) { return bf16->w_hh + k * bf16->block_stride; };
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;
     const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
-    // Each worker packs its own blocks: they stay in its core's cache for every step.
-    if (p.w_packed[d]) pack_block(p.w_hh[d], K, H, j0, w, tiles, p.w_packed[d]);
     copy_block(p.h0[d], buffer(d, 0), B, H, j0, w);
     if (rounded) copy_block(p.h0[d], operand(d, 0), B, H, j0, w);  // h0 comes as bf16
     if (Cell::kCellState) copy_block(p.c0[d], cstate + d * B * H, B, H, j0, w);
+    // Each worker packs its own blocks: they stay in its core's cache for every step.
+    if (on_bf16) {  // the block's gate rows packed in pairs, and h0 as bf16
+      const T* w_hh = p.w_hh[d];
+      pack_rows_in_pairs(
+          H, K * w, [&](int64_t n) { return w_hh + ((n / w) * H + j0 + n % w) * H; },
+          block_bf16(k));
+      for (int64_t b = 0; b < B; ++b) {
+        bf16_bits* dst = operand_bf16(d, 0) + b * Hp + j0;
+        if (p.h0[d])
+          to_bf16_row(p.h0[d] + b * H + j0, w, dst);
+        else
+          std::memset(dst, 0, sizeof(bf16_bits) * w);
+      }
+    } else if (p.w_packed[d]) {
+      pack_block(p.w_hh[d], K, H, j0, w, tiles, p.w_packed[d]);
+    }
   }
   m.sync();  // also orders the input projection before its first use
   for (int64_t s = 0; s < g.T; ++s) {
@@ -127,7 +151,10 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       const int64_t ldp = Cell::kInPlace ? g.sb * DKH : KH;
       const T beta = Cell::kInPlace ? T(1) : T(0);
       const T* block = p.w_packed[d] ? p.w_packed[d] + K * j0 * H : p.w_hh[d] + j0 * H;
-      if (!tiles)
+      if (on_bf16)
+        bf16_gemm_into<T>(bound, K * w, H, operand_bf16(d, s), Hp, block_bf16(k),
+                          2 * packed_columns(K * w), beta, product, ldp);
+      else if (!tiles)
         gemm<T>(false, true, bound, K * w, H, prev_operand, H, block, H, beta, product, ldp);
       else if (Cell::kInPlace)  // one panel, summed over all of H and added once to x W_ih^T
         small_gemm<T>(bound, K * w, H, prev_operand, H, block, K * w, beta, product, ldp);
@@ -149,11 +176,18 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
             round_to_bf16(h, w);
             std::memcpy(next_operand + b * H + j0, h, sizeof(T) * w);
           }
+          if (on_bf16) {
+            to_bf16_row(h, w, operand_bf16(d, s + 1) + b * Hp + j0);
+            round_to_bf16(h, w);
+          }
         } else {
           std::memset(h, 0, sizeof(T) * w);
           std::memcpy(next + b * H + j0, prev + b * H + j0, sizeof(T) * w);
           if (rounded)
             std::memcpy(next_operand + b * H + j0, prev_operand + b * H + j0, sizeof(T) * w);
+          if (on_bf16)
+            std::memcpy(operand_bf16(d, s + 1) + b * Hp + j0, operand_bf16(d, s) + b * Hp + j0,
+                        sizeof(bf16_bits) * w);
         }
       }
     }
@@ -189,16 +223,25 @@ template <typename T, typename Cell>
 void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
                               const Cell& cell, const T* dOut, const T* Hs, const T* G,
                               const T* S, T* dG, T* dGh, const BackwardOperands<T>& p,
-                              T* scratch) {
+                              T* scratch, const Bf16Backward* bf16 = nullptr) {
   constexpr int64_t K = Cell::kGates;
   const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
   const int64_t ldg = g.sb * DKH;  // between batch rows of one step in dG
   auto carry_of = [&](int64_t d) { return scratch + d * 3 * B * H; };  // then tmp, then dc
+  // On the bf16 tiles (tiles_bf16.h): the gate gradients' bf16 copies and W_hh's packed columns.
+  bf16_bits* const dG_bits = bf16 ? bf16->dG : nullptr;
+  bf16_bits* const dGh_bits = !bf16 ? nullptr : bf16->dGh ? bf16->dGh : bf16->dG;
+  auto columns_bf16 = [&](int64_t k) { return bf16->w_hh + k * bf16->block_stride; };
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;
     const int64_t d = blk.dir(k), j0 = blk.j0(k), w = blk.cols(k);
     copy_block(p.dhn[d], carry_of(d), B, H, j0, w);
     if (Cell::kCellState) copy_block(p.dcn[d], carry_of(d) + 2 * B * H, B, H, j0, w);
+    if (bf16) {
+      const T* w_hh = p.w_hh[d];
+      pack_columns_in_pairs(KH, w, [&](int64_t r) { return w_hh + r * H + j0; },
+                            columns_bf16(k));
+    }
   }
   // s = -1 is the last carry update only: dh0 gets dGh_{first step} W_hh for the active rows.
   for (int64_t s = g.T - 1; s >= -1; --s) {
@@ -217,7 +260,11 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
         T* target = all_active ? carry : tmp;
         const T beta = all_active && Cell::kHiddenCarry ? T(1) : T(0);
         const T* dgp = dGh + tp * g.st * DKH + d * KH;
-        if (H <= kSmallHidden)  // W_hh's columns [j0, j0 + w) are a [K*H, w] panel as they are
+        if (bf16)
+          bf16_gemm_into<T>(bound, w, KH, dGh_bits + tp * g.st * bf16->ld + d * bf16->direction_ld,
+                            g.sb * bf16->ld, columns_bf16(k), 2 * packed_columns(w), beta,
+                            target + j0, H);
+        else if (H <= kSmallHidden)  // W_hh's columns [j0, j0 + w) are a [K*H, w] panel as they are
           small_gemm<T>(bound, w, KH, dgp, ldg, p.w_hh[d] + j0, H, beta, target + j0, H);
         else
           gemm<T>(false, false, bound, w, KH, dgp, ldg, p.w_hh[d] + j0, H, beta, target + j0, H);
@@ -236,10 +283,15 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
           const int64_t row = t * g.st + b * g.sb;
           T* dgx = dG + row * DKH + d * KH + j0;
           T* dgh = dGh + row * DKH + d * KH + j0;
+          bf16_bits* bits = bf16 ? dG_bits + row * bf16->ld + d * bf16->direction_ld + j0 : nullptr;
+          bf16_bits* bits_h =
+              bf16 && bf16->dGh ? bf16->dGh + row * bf16->ld + d * bf16->direction_ld + j0 : nullptr;
           if (!g.active(t, b)) {
             for (int64_t q = 0; q < K; ++q) {
               std::memset(dgx + q * H, 0, sizeof(T) * w);
               if (dgh != dgx) std::memset(dgh + q * H, 0, sizeof(T) * w);
+              if (bits) std::memset(bits + q * H, 0, sizeof(bf16_bits) * w);
+              if (bits_h) std::memset(bits_h + q * H, 0, sizeof(bf16_bits) * w);
             }
             continue;
           }
@@ -258,6 +310,8 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
             for (int64_t q = 0; q < K; ++q) {
               round_to_bf16(dgx + q * H, w);
               if (dgh != dgx) round_to_bf16(dgh + q * H, w);
+              if (bits) to_bf16_row(dgx + q * H, w, bits + q * H);
+              if (bits_h) to_bf16_row(dgh + q * H, w, bits_h + q * H);
             }
           }
         }

@@ -14,6 +14,7 @@
 
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "buffers.h"
@@ -127,8 +128,18 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   Tensor w_ih_packed;
   std::vector<T> state(size_t(D) * 2 * B * H), cstate(Cell::kCellState ? D * B * H : 0);
-  std::vector<T> rounded(g.round_bf16 ? state.size() : 0);  // h_{t-1} as the products read it
   std::vector<T> hid(Cell::kInPlace ? 0 : size_t(D) * B * KH);
+  // A bf16 call: on a CPU with AVX512-BF16 the products run on the bf16 tiles (tiles_bf16.h):
+  // the projection always, the recurrence where the fp32 engine would use its register tiles
+  // (W_hh's blocks packed in pairs by their owners, h_{t-1} kept as bf16). Elsewhere the fp32
+  // products read h_{t-1} rounded to bf16 from `rounded`.
+  const bool on_bf16 = std::is_same_v<T, float> && g.round_bf16 && kBf16Tiles;
+  const bool bf16_recurrence = on_bf16 && forward_block_tiles(g);
+  const int64_t Hp = paired(H), block_stride = paired(H) * packed_columns(K * blk.width);
+  std::vector<bf16_bits> w_hh_bf16(bf16_recurrence ? blk.count() * block_stride : 0);
+  std::vector<bf16_bits> state_bf16(bf16_recurrence ? D * 2 * B * Hp : 0);  // zeros: the pads
+  std::vector<bf16_bits> x_bf16, w_ih_bf16;
+  std::vector<T> rounded(g.round_bf16 && !bf16_recurrence ? state.size() : 0);
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
     T* G = Cell::kInPlace ? layer_out
@@ -159,12 +170,35 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
       ops.hn[d] = layer_state<T>(hn, l, d, D, B * H);
       ops.cn[d] = layer_state<T>(cn, l, d, D, B * H);
     }
+    Bf16Forward bf16;
+    if (on_bf16) {
+      const int64_t Ip = paired(in_size), w_ih_size = Ip * packed_columns(KH);
+      if (Ip != in_size)
+        x_bf16.assign(rows * Ip, 0);  // zeros: the pad column
+      else
+        x_bf16.resize(rows * Ip);
+      w_ih_bf16.resize(D * w_ih_size);
+      for (int64_t d = 0; d < D; ++d) {
+        const T* w_ih = proj.w_ih[d];
+        pack_rows_in_pairs(in_size, KH, [&](int64_t n) { return w_ih + n * in_size; },
+                           w_ih_bf16.data() + d * w_ih_size);
+        bf16.w_ih[d] = w_ih_bf16.data() + d * w_ih_size;
+      }
+      bf16.x = x_bf16.data();
+      bf16.x_ld = Ip;
+      bf16.w_ih_ld = 2 * packed_columns(KH);
+      if (bf16_recurrence) {
+        bf16.w_hh = w_hh_bf16.data();
+        bf16.block_stride = block_stride;
+        bf16.state = state_bf16.data();
+      }
+    }
     Team team(workers);
     team.run([&](Team::Member& m) {
-      project<T>(m, g, proj, G);
+      project<T>(m, g, proj, G, on_bf16 ? &bf16 : nullptr);
       recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
-                                 g.round_bf16 ? rounded.data() : nullptr, cstate.data(),
-                                 hid.data());
+                                 rounded.empty() ? nullptr : rounded.data(),
+                                 on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data());
     });
     layer_in = layer_out;
     in_size = g.DH();
@@ -188,6 +222,22 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
   std::vector<T> scratch(size_t(D) * B * KH);  // for gemm_grads
   const Tensor dGh = Cell::kSplitGate >= 0
                          ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
+  // A bf16 call on a CPU with AVX512-BF16: every product on the bf16 tiles (tiles_bf16.h), with
+  // the gate gradients' bf16 copies and W_hh's packed columns.
+  const bool on_bf16 = std::is_same_v<T, float> && g.round_bf16 && kBf16Tiles;
+  Bf16Backward bf16;
+  std::vector<bf16_bits> dG_bits, dGh_bits, w_hh_columns;
+  if (on_bf16) {
+    bf16.direction_ld = paired(KH);
+    bf16.ld = D * bf16.direction_ld;
+    dG_bits.assign(rows * bf16.ld, 0);  // zeros: the pads
+    if (Cell::kSplitGate >= 0) dGh_bits.assign(rows * bf16.ld, 0);
+    bf16.block_stride = paired(KH) * packed_columns(blk.width);
+    w_hh_columns.resize(blk.count() * bf16.block_stride);
+    bf16.dG = dG_bits.data();
+    bf16.dGh = dGh_bits.empty() ? nullptr : dGh_bits.data();
+    bf16.w_hh = w_hh_columns.data();
+  }
   Tensor dOut_buf;  // the gradient flowing into the current layer's output
   const T* dOut = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -211,7 +261,8 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
     Team team(workers);
     team.run([&](Team::Member& m) {
       recurrence_backward_team<T>(m, g, blk, cell, dOut, Hs, G, S, dG.data_ptr<T>(),
-                                  dGh.data_ptr<T>(), ops, bptt.data());
+                                  dGh.data_ptr<T>(), ops, bptt.data(),
+                                  on_bf16 ? &bf16 : nullptr);
     });
 
     // 2. Weight and input gradients: fixed GEMM tasks over all steps.
@@ -219,10 +270,13 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
     Tensor dX_buf = !want_dx ? Tensor() : l == 0 ? dx
                     : scratch_buffer(l % 2 ? kScratchGradInput1 : kScratchGradInput0, rows * DH,
                                      x.options());
-    gemm_grads<T>(g, a, weights, l,
-                  {dG.data_ptr<T>(), dGh.data_ptr<T>(), KH, X, I, Hs,
-                   layer_state<T>(h0, l, 0, D, B * H)},
-                  dweights, want_dx ? dX_buf.data_ptr<T>() : nullptr, threads, scratch.data());
+    const GradOperands<T> operands{dG.data_ptr<T>(), dGh.data_ptr<T>(), KH, X, I, Hs,
+                                   layer_state<T>(h0, l, 0, D, B * H)};
+    T* const dX = want_dx ? dX_buf.data_ptr<T>() : nullptr;
+    if (on_bf16)
+      gemm_grads_bf16<T>(g, a, weights, l, operands, bf16, dweights, dX, threads);
+    else
+      gemm_grads<T>(g, a, weights, l, operands, dweights, dX, threads, scratch.data());
     if (l > 0) {
       dOut_buf = dX_buf;  // becomes the output gradient of the layer below
       dOut = dOut_buf.data_ptr<T>();
