@@ -244,28 +244,34 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
 }
 
 // Rows of the long weight-gradient products per chunk on the bf16 tiles: a chunk's operands
-// ([rows, 64] panels of bf16) stay in L2 while the block's tiles pass over them.
+// ([rows, 64] panels of bf16) stay in L2 while a block's tiles pass over them.
 constexpr int64_t kBf16GradChunk = 256;
+// Rows per task of the bf16 gradients' operand packing (even, so tasks own whole pairs).
+constexpr int64_t kBf16PackRows = 512;
 
-// gemm_grads on the bf16 tiles (tiles_bf16.h): the same fixed tasks (weight-row blocks of dW_hh
-// and dW_ih with the bias gradients, row blocks of dX). A weight gradient sums over all rows in
-// chunks of kBf16GradChunk, each chunk's operands gathered as bf16 along the rows: the gate
-// gradients' bf16 copies (bf), and the layer's input or each row's previous hidden state, zeros
-// where there is none (no h0, or a padded step, whose gate gradients are zero too: the shifted
-// sum, h0's term and padding are one form, and a NaN reaches dW_hh as in nn). Chunk sums are
-// added in chunk order: the thread count cannot change a result.
+// gemm_grads on the bf16 tiles (tiles_bf16.h), in two task lists. First the operands, in
+// pairs along the rows (the sum of the weight gradients): the gate gradients' bf16 copies (bf,
+// written by BPTT), the layer's input, and each direction's previous hidden state of every row,
+// zeros where there is none (no h0, or a padded step, whose gate gradients are zero too: the
+// shifted sum, h0's term and padding are one form, and a NaN reaches dW_hh as in nn). Then the
+// same fixed product tasks as gemm_grads (weight-row blocks of dW_hh and dW_ih with the bias
+// gradients, row blocks of dX); a weight gradient sums over the rows in chunks of
+// kBf16GradChunk, added in order: the thread count cannot change a result.
 template <typename T>
 void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
                      const GradOperands<T>& p, const Bf16Backward& bf,
                      std::vector<Tensor>& dweights, T* dX, int64_t threads) {
   const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
-  const int64_t rows = g.T * g.B;
+  const int64_t rows = g.T * g.B, row_pairs = paired(rows) / 2;
   const int64_t n_row_blocks = dX ? row_blocks(rows) : 0;
   const int64_t n_wblk = std::max<int64_t>(1, KH / 512);
   const int64_t wblk = (KH + n_wblk - 1) / n_wblk;
   const int64_t n_w = D * n_wblk;
   const bf16_bits* dG_bits = bf.dG;
-  const bf16_bits* dGh_bits = bf.dGh ? bf.dGh : bf.dG;
+  const bool split = bf.dGh != nullptr;
+  const int64_t ldx = 2 * packed_columns(I), ldh = 2 * packed_columns(H);
+  std::vector<bf16_bits> dG_pairs(row_pairs * bf.ld * 2), dGh_pairs(split ? dG_pairs.size() : 0);
+  std::vector<bf16_bits> x_pairs(row_pairs * ldx), h_pairs(D * row_pairs * ldh);
   // dX = dG [W_ih^f; W_ih^r]: W_ih's rows packed in pairs along the gate rows of both directions
   // (each direction's part padded as the gate gradients' rows are).
   std::vector<bf16_bits> w_ih_pairs;
@@ -279,7 +285,7 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
         },
         w_ih_pairs.data());
   }
-  // The row of the state before row r (time t, batch b) in direction d, or null for zeros.
+  // The state before row r (time t, batch b) in direction d, or null for zeros.
   auto previous_state = [&](int64_t d, int64_t r) -> const T* {
     const int64_t t = g.sb == 1 ? r / g.B : r % g.T, b = g.sb == 1 ? r % g.B : r / g.T;
     if (!g.active(t, b)) return nullptr;
@@ -287,6 +293,22 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
     if (prev >= 0) return p.Hs + prev * DH + d * H;
     return p.h0 ? p.h0 + (d * g.B + b) * H : nullptr;
   };
+  const int64_t n_pack = (rows + kBf16PackRows - 1) / kBf16PackRows;
+  run_task_queue(n_pack * (2 + D), threads, [&](int64_t task) {
+    const int64_t what = task / n_pack, r0 = (task % n_pack) * kBf16PackRows;
+    const int64_t r1 = std::min(rows, r0 + kBf16PackRows);
+    if (what == 0) {
+      interleave_row_pairs(dG_bits, bf.ld, bf.ld, r0, r1, rows, dG_pairs.data());
+      if (split) interleave_row_pairs(bf.dGh, bf.ld, bf.ld, r0, r1, rows, dGh_pairs.data());
+    } else if (what == 1) {
+      pack_columns_in_pairs(r1 - r0, I, [&](int64_t i) { return p.X + (r0 + i) * I; },
+                            x_pairs.data() + (r0 / 2) * ldx);
+    } else {
+      const int64_t d = what - 2;
+      pack_columns_in_pairs(r1 - r0, H, [&](int64_t i) { return previous_state(d, r0 + i); },
+                            h_pairs.data() + (d * row_pairs + r0 / 2) * ldh);
+    }
+  });
   run_task_queue(2 * n_w + n_row_blocks, threads, [&](int64_t task) {
     if (task >= 2 * n_w) {  // dX for one fixed block of rows
       const int64_t blk = task - 2 * n_w;
@@ -300,23 +322,15 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
     const int64_t d = w / n_wblk, j0 = (w % n_wblk) * wblk, j1 = std::min(KH, j0 + wblk);
     const int64_t m = j1 - j0;
     if (m <= 0) return;
-    const int64_t base = (l * D + d) * a.per_dir(), N = hh ? H : I;
+    const int64_t base = (l * D + d) * a.per_dir(), N = hh ? H : I, ldb = hh ? ldh : ldx;
     T* dW = dweights[base + (hh ? 1 : 0)].data_ptr<T>() + j0 * N;
-    const bf16_bits* gates = (hh ? dGh_bits : dG_bits) + d * bf.direction_ld + j0;
-    std::vector<bf16_bits> A(m * kBf16GradChunk), Bm(kBf16GradChunk * packed_columns(N));
+    // Row j of A (the block's gate column j0 + j) pairs along the rows: a_row 2, a_pair 2 ld.
+    const bf16_bits* A = (hh && split ? dGh_pairs : dG_pairs).data() + (d * bf.direction_ld + j0) * 2;
+    const bf16_bits* Bm = hh ? h_pairs.data() + d * row_pairs * ldh : x_pairs.data();
     for (int64_t r0 = 0; r0 < rows; r0 += kBf16GradChunk) {
-      const int64_t rc = std::min(kBf16GradChunk, rows - r0), ldA = paired(rc);
-      for (int64_t j = 0; j < m; ++j) {  // the chunk's gate gradients, transposed
-        bf16_bits* dst = A.data() + j * ldA;
-        for (int64_t i = 0; i < rc; ++i) dst[i] = gates[(r0 + i) * bf.ld + j];
-        if (rc % 2) dst[rc] = 0;
-      }
-      pack_columns_in_pairs(
-          rc, N,
-          [&](int64_t i) -> const T* { return hh ? previous_state(d, r0 + i) : p.X + (r0 + i) * I; },
-          Bm.data());
-      bf16_gemm_into<T>(m, N, rc, A.data(), ldA, Bm.data(), 2 * packed_columns(N),
-                        r0 == 0 ? T(0) : T(1), dW, N);
+      const int64_t rc = std::min(kBf16GradChunk, rows - r0);
+      bf16_gemm_strided_into<T>(m, N, rc, A + (r0 / 2) * bf.ld * 2, 2, 2 * bf.ld,
+                                Bm + (r0 / 2) * ldb, ldb, r0 == 0 ? T(0) : T(1), dW, N);
     }
     if (hh && a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
   });

@@ -60,10 +60,12 @@ void pack_columns_in_pairs(int64_t K, int64_t N, const RowOf& row, bf16_bits* pa
 
 // MR rows by NV vectors of 16 columns, in registers for the whole k loop: MR * NV <= 24
 // accumulators, NV registers of B and one broadcast pair of A.
+// Pair p of A's row r is at A + r * a_row + p * a_pair (row-major: a_row = lda, a_pair = 2).
 template <int NV, int MR, bool kPartial>
-FASTBIRNN_AVX512BF16 inline void bf16_tile(int64_t pairs, const bf16_bits* A, int64_t lda,
-                                           const bf16_bits* B, int64_t ldb, bool accumulate,
-                                           __mmask16 last_mask, float* C, int64_t ldc) {
+FASTBIRNN_AVX512BF16 inline void bf16_tile(int64_t pairs, const bf16_bits* A, int64_t a_row,
+                                           int64_t a_pair, const bf16_bits* B, int64_t ldb,
+                                           bool accumulate, __mmask16 last_mask, float* C,
+                                           int64_t ldc) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -77,7 +79,7 @@ FASTBIRNN_AVX512BF16 inline void bf16_tile(int64_t pairs, const bf16_bits* A, in
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, A + r * lda + 2 * p, sizeof(pair));
+      std::memcpy(&pair, A + r * a_row + p * a_pair, sizeof(pair));
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
@@ -100,37 +102,41 @@ FASTBIRNN_AVX512BF16 inline void bf16_tile(int64_t pairs, const bf16_bits* A, in
 
 template <int NV, int R, bool kPartial>
 FASTBIRNN_AVX512BF16 inline void bf16_last_rows(int64_t rows, int64_t pairs, const bf16_bits* A,
-                                                int64_t lda, const bf16_bits* B, int64_t ldb,
-                                                bool accumulate, __mmask16 mask, float* C,
-                                                int64_t ldc) {
+                                                int64_t a_row, int64_t a_pair,
+                                                const bf16_bits* B, int64_t ldb, bool accumulate,
+                                                __mmask16 mask, float* C, int64_t ldc) {
   if constexpr (R > 0) {
-    if (rows == R) return bf16_tile<NV, R, kPartial>(pairs, A, lda, B, ldb, accumulate, mask, C, ldc);
-    bf16_last_rows<NV, R - 1, kPartial>(rows, pairs, A, lda, B, ldb, accumulate, mask, C, ldc);
+    if (rows == R)
+      return bf16_tile<NV, R, kPartial>(pairs, A, a_row, a_pair, B, ldb, accumulate, mask, C,
+                                        ldc);
+    bf16_last_rows<NV, R - 1, kPartial>(rows, pairs, A, a_row, a_pair, B, ldb, accumulate, mask,
+                                        C, ldc);
   }
 }
 
 template <int NV, bool kPartial>
-FASTBIRNN_AVX512BF16 void bf16_rows(int64_t M, int64_t pairs, const bf16_bits* A, int64_t lda,
-                                    const bf16_bits* B, int64_t ldb, bool accumulate,
-                                    __mmask16 mask, float* C, int64_t ldc) {
+FASTBIRNN_AVX512BF16 void bf16_rows(int64_t M, int64_t pairs, const bf16_bits* A, int64_t a_row,
+                                    int64_t a_pair, const bf16_bits* B, int64_t ldb,
+                                    bool accumulate, __mmask16 mask, float* C, int64_t ldc) {
   constexpr int MR = 24 / NV < 6 ? 24 / NV : 6;
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
-    bf16_tile<NV, MR, kPartial>(pairs, A + i * lda, lda, B, ldb, accumulate, mask, C + i * ldc, ldc);
-  bf16_last_rows<NV, MR - 1, kPartial>(M - i, pairs, A + i * lda, lda, B, ldb, accumulate, mask,
-                                       C + i * ldc, ldc);
+    bf16_tile<NV, MR, kPartial>(pairs, A + i * a_row, a_row, a_pair, B, ldb, accumulate, mask,
+                                C + i * ldc, ldc);
+  bf16_last_rows<NV, MR - 1, kPartial>(M - i, pairs, A + i * a_row, a_row, a_pair, B, ldb,
+                                       accumulate, mask, C + i * ldc, ldc);
 }
 
 template <int NV>
 FASTBIRNN_AVX512BF16 void bf16_panel(int64_t M, int64_t N, int64_t pairs, const bf16_bits* A,
-                                     int64_t lda, const bf16_bits* B, int64_t ldb,
-                                     bool accumulate, float* C, int64_t ldc) {
+                                     int64_t a_row, int64_t a_pair, const bf16_bits* B,
+                                     int64_t ldb, bool accumulate, float* C, int64_t ldc) {
   const int64_t left = N - (NV - 1) * 16;  // columns of the last vector, 1..16
   const __mmask16 mask = __mmask16(left >= 16 ? 0xFFFF : (1u << left) - 1);
   if (left < 16)
-    bf16_rows<NV, true>(M, pairs, A, lda, B, ldb, accumulate, mask, C, ldc);
+    bf16_rows<NV, true>(M, pairs, A, a_row, a_pair, B, ldb, accumulate, mask, C, ldc);
   else
-    bf16_rows<NV, false>(M, pairs, A, lda, B, ldb, accumulate, mask, C, ldc);
+    bf16_rows<NV, false>(M, pairs, A, a_row, a_pair, B, ldb, accumulate, mask, C, ldc);
 }
 #endif
 
@@ -149,11 +155,12 @@ inline bool probe_bf16_tiles() {
 }
 inline const bool kBf16Tiles = probe_bf16_tiles();
 
-// C[M,N] (+)= A[M,K] B[K,N] (beta 0 or 1): A bf16 rows of paired(K) elements apart by lda,
-// B packed by pack_rows_in_pairs with ldb = 2 * packed_columns(of the whole panel), C fp32.
-// Panels of 64 columns; only where kBf16Tiles.
-inline void bf16_gemm(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64_t lda,
-                      const bf16_bits* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+// C[M,N] (+)= A[M,K] B[K,N] (beta 0 or 1), C fp32: A's row r, pair p (elements 2p, 2p+1 along
+// K) at A + r * a_row + p * a_pair; B packed by pack_*_in_pairs with ldb = 2 * packed_columns
+// (of the whole panel). Panels of 64 columns; only where kBf16Tiles.
+inline void bf16_gemm_strided(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64_t a_row,
+                              int64_t a_pair, const bf16_bits* B, int64_t ldb, float beta,
+                              float* C, int64_t ldc) {
 #ifdef FASTBIRNN_X86
   if (M <= 0 || N <= 0) return;
   const int64_t pairs = paired(K) / 2;
@@ -163,10 +170,10 @@ inline void bf16_gemm(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64
     const bf16_bits* b = B + 2 * n0;
     float* c = C + n0;
     switch ((n + 15) / 16) {
-      case 1: bf16_panel<1>(M, n, pairs, A, lda, b, ldb, accumulate, c, ldc); break;
-      case 2: bf16_panel<2>(M, n, pairs, A, lda, b, ldb, accumulate, c, ldc); break;
-      case 3: bf16_panel<3>(M, n, pairs, A, lda, b, ldb, accumulate, c, ldc); break;
-      default: bf16_panel<4>(M, n, pairs, A, lda, b, ldb, accumulate, c, ldc); break;
+      case 1: bf16_panel<1>(M, n, pairs, A, a_row, a_pair, b, ldb, accumulate, c, ldc); break;
+      case 2: bf16_panel<2>(M, n, pairs, A, a_row, a_pair, b, ldb, accumulate, c, ldc); break;
+      case 3: bf16_panel<3>(M, n, pairs, A, a_row, a_pair, b, ldb, accumulate, c, ldc); break;
+      default: bf16_panel<4>(M, n, pairs, A, a_row, a_pair, b, ldb, accumulate, c, ldc); break;
     }
   }
 #else
@@ -174,15 +181,43 @@ inline void bf16_gemm(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64
 #endif
 }
 
+// A row-major: rows of paired(K) bf16 elements (an odd K's pad zero) lda apart.
+inline void bf16_gemm(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64_t lda,
+                      const bf16_bits* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  bf16_gemm_strided(M, N, K, A, lda, 2, B, ldb, beta, C, ldc);
+}
+
+// Rows [r0, r1) (r0 even) of a [rows, n] bf16 matrix (rows ld apart) interleaved in pairs of
+// rows, [rows/2][n][2] from pair r0/2 on (an odd last row paired with zeros): pairs along the
+// rows, for a product that sums over them (A^T B with a_row = 2, a_pair = 2 * n).
+inline void interleave_row_pairs(const bf16_bits* src, int64_t ld, int64_t n, int64_t r0,
+                                 int64_t r1, int64_t rows, bf16_bits* dst) {
+  for (int64_t r = r0; r < r1; r += 2) {
+    const bf16_bits* a = src + r * ld;
+    const bf16_bits* b = r + 1 < rows ? a + ld : nullptr;
+    bf16_bits* out = dst + (r / 2) * n * 2;
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = a[j];
+      out[2 * j + 1] = b ? b[j] : bf16_bits(0);
+    }
+  }
+}
+
 // bf16_gemm where C's type is a template parameter: the engine's templates are instantiated
 // for fp64 too, which never has bf16 operands.
 template <typename T>
-void bf16_gemm_into(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64_t lda,
-                    const bf16_bits* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void bf16_gemm_strided_into(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64_t a_row,
+                            int64_t a_pair, const bf16_bits* B, int64_t ldb, T beta, T* C,
+                            int64_t ldc) {
   if constexpr (std::is_same_v<T, float>)
-    bf16_gemm(M, N, K, A, lda, B, ldb, beta, C, ldc);
+    bf16_gemm_strided(M, N, K, A, a_row, a_pair, B, ldb, beta, C, ldc);
   else
     TORCH_CHECK(false, "fastbirnn cpp backend: bf16 products are for the fp32 engine");
+}
+template <typename T>
+void bf16_gemm_into(int64_t M, int64_t N, int64_t K, const bf16_bits* A, int64_t lda,
+                    const bf16_bits* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  bf16_gemm_strided_into<T>(M, N, K, A, lda, 2, B, ldb, beta, C, ldc);
 }
 
 // One layer's operands of the forward on the bf16 tiles (stack.cpp fills them where
