@@ -270,8 +270,10 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
   const bf16_bits* dG_bits = bf.dG;
   const bool split = bf.dGh != nullptr;
   const int64_t ldx = 2 * packed_columns(I), ldh = 2 * packed_columns(H);
-  std::vector<bf16_bits> dG_pairs(row_pairs * bf.ld * 2), dGh_pairs(split ? dG_pairs.size() : 0);
-  std::vector<bf16_bits> x_pairs(row_pairs * ldx), h_pairs(D * row_pairs * ldh);
+  // (Every element is written by the packing tasks below, pads included.)
+  const Bf16Buffer dG_pairs(row_pairs * bf.ld * 2, false);
+  const Bf16Buffer dGh_pairs = split ? Bf16Buffer(row_pairs * bf.ld * 2, false) : Bf16Buffer();
+  const Bf16Buffer x_pairs(row_pairs * ldx, false), h_pairs(D * row_pairs * ldh, false);
   // dX = dG [W_ih^f; W_ih^r]: W_ih's rows packed in pairs along the gate rows of both directions
   // (each direction's part padded as the gate gradients' rows are).
   std::vector<bf16_bits> w_ih_pairs;
@@ -298,15 +300,15 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
     const int64_t what = task / n_pack, r0 = (task % n_pack) * kBf16PackRows;
     const int64_t r1 = std::min(rows, r0 + kBf16PackRows);
     if (what == 0) {
-      interleave_row_pairs(dG_bits, bf.ld, bf.ld, r0, r1, rows, dG_pairs.data());
-      if (split) interleave_row_pairs(bf.dGh, bf.ld, bf.ld, r0, r1, rows, dGh_pairs.data());
+      interleave_row_pairs(dG_bits, bf.ld, bf.ld, r0, r1, rows, dG_pairs.data);
+      if (split) interleave_row_pairs(bf.dGh, bf.ld, bf.ld, r0, r1, rows, dGh_pairs.data);
     } else if (what == 1) {
       pack_columns_in_pairs(r1 - r0, I, [&](int64_t i) { return p.X + (r0 + i) * I; },
-                            x_pairs.data() + (r0 / 2) * ldx);
+                            x_pairs.data + (r0 / 2) * ldx);
     } else {
       const int64_t d = what - 2;
       pack_columns_in_pairs(r1 - r0, H, [&](int64_t i) { return previous_state(d, r0 + i); },
-                            h_pairs.data() + (d * row_pairs + r0 / 2) * ldh);
+                            h_pairs.data + (d * row_pairs + r0 / 2) * ldh);
     }
   });
   run_task_queue(2 * n_w + n_row_blocks, threads, [&](int64_t task) {
@@ -325,8 +327,8 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
     const int64_t base = (l * D + d) * a.per_dir(), N = hh ? H : I, ldb = hh ? ldh : ldx;
     T* dW = dweights[base + (hh ? 1 : 0)].data_ptr<T>() + j0 * N;
     // Row j of A (the block's gate column j0 + j) pairs along the rows: a_row 2, a_pair 2 ld.
-    const bf16_bits* A = (hh && split ? dGh_pairs : dG_pairs).data() + (d * bf.direction_ld + j0) * 2;
-    const bf16_bits* Bm = hh ? h_pairs.data() + d * row_pairs * ldh : x_pairs.data();
+    const bf16_bits* A = (hh && split ? dGh_pairs : dG_pairs).data + (d * bf.direction_ld + j0) * 2;
+    const bf16_bits* Bm = hh ? h_pairs.data + d * row_pairs * ldh : x_pairs.data;
     for (int64_t r0 = 0; r0 < rows; r0 += kBf16GradChunk) {
       const int64_t rc = std::min(kBf16GradChunk, rows - r0);
       bf16_gemm_strided_into<T>(m, N, rc, A + (r0 / 2) * bf.ld * 2, 2, 2 * bf.ld,

@@ -226,16 +226,18 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
   // the gate gradients' bf16 copies and W_hh's packed columns.
   const bool on_bf16 = std::is_same_v<T, float> && g.round_bf16 && kBf16Tiles;
   Bf16Backward bf16;
-  std::vector<bf16_bits> dG_bits, dGh_bits, w_hh_columns;
+  Bf16Buffer dG_bits, dGh_bits;
+  std::vector<bf16_bits> w_hh_columns;
   if (on_bf16) {
     bf16.direction_ld = paired(KH);
     bf16.ld = D * bf16.direction_ld;
-    dG_bits.assign(rows * bf16.ld, 0);  // zeros: the pads
-    if (Cell::kSplitGate >= 0) dGh_bits.assign(rows * bf16.ld, 0);
+    // BPTT writes every element but an odd K*H's pad column, which must be zero.
+    dG_bits = Bf16Buffer(rows * bf16.ld, KH % 2 != 0);
+    if (Cell::kSplitGate >= 0) dGh_bits = Bf16Buffer(rows * bf16.ld, KH % 2 != 0);
     bf16.block_stride = paired(KH) * packed_columns(blk.width);
     w_hh_columns.resize(blk.count() * bf16.block_stride);
-    bf16.dG = dG_bits.data();
-    bf16.dGh = dGh_bits.empty() ? nullptr : dGh_bits.data();
+    bf16.dG = dG_bits.data;
+    bf16.dGh = dGh_bits.data;
     bf16.w_hh = w_hh_columns.data();
   }
   Tensor dOut_buf;  // the gradient flowing into the current layer's output

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "bf16.h"
+#include "buffers.h"
 #include "simd.h"
 
 namespace fastbirnn {
@@ -248,6 +249,18 @@ struct Bf16Backward {
   int64_t ld = 0, direction_ld = 0;  // direction_ld: paired(K*H)
   bf16_bits* w_hh = nullptr;
   int64_t block_stride = 0;
+};
+
+// n bf16 elements in a tensor that owns them: at::empty as buffers.h gives it (huge-page advice
+// for large ones), uninitialised but for `zeroed`.
+struct Bf16Buffer {
+  Tensor storage;
+  bf16_bits* data = nullptr;
+  Bf16Buffer() = default;
+  Bf16Buffer(int64_t n, bool zeroed) : storage(empty_buffer({n}, at::TensorOptions().dtype(at::kBFloat16))) {
+    data = reinterpret_cast<bf16_bits*>(storage.data_ptr());
+    if (zeroed) std::memset(data, 0, sizeof(bf16_bits) * n);
+  }
 };
 
 }  // namespace fastbirnn
