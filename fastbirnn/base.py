@@ -147,7 +147,7 @@ class FusedRNNMixin:
             batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
             bidirectional=self.bidirectional, dtype=run_dtype, training=training,
             threads=threads, cell=self.cell, proj_size=self.proj_size,
-            isa=cpp_backend.cpu_isa() or "scalar",
+            isa=cpp_backend.cpu_isa() or "scalar", bf16_tiles=cpp_backend.has_bf16_tiles(),
         )
         return backends.resolve_auto(data, call, self.cell)
 

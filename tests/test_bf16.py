@@ -238,13 +238,15 @@ def test_bf16_results_do_not_depend_on_the_thread_count(cell):
 
 def test_auto_under_bf16_follows_the_rule():
     """'auto' under CPU autocast and for bf16 modules asks the rule with dtype bf16: the
-    engine for the Elman and GRU cells where their fp32 rule fuses, nn.LSTM for the LSTM."""
+    engine for the Elman and GRU cells where their fp32 rule fuses and the CPU has the bf16
+    tiles, nn.LSTM for the LSTM."""
     x = torch.randn(20, 4, 8)
-    expected = "cpp" if cpp_backend.cpu_isa() in cpu_rule.MEASURED_ISAS else "torch"
+    fp32 = "cpp" if cpp_backend.cpu_isa() in cpu_rule.MEASURED_ISAS else "torch"
+    expected = fp32 if cpp_backend.has_bf16_tiles() else "torch"
     for fast_class, want in ((FastBiRNN, expected), (FastBiGRU, expected),
                              (FastBiLSTM, "torch")):
         module = fast_class(8, 16)
-        assert module.selected_backend(x) == expected  # fp32: the engine at this size
+        assert module.selected_backend(x) == fp32  # fp32: the engine at this size
         with torch.autocast("cpu", dtype=BF16):
             assert module.selected_backend(x) == want, fast_class
         assert module.to(BF16).selected_backend(x.to(BF16)) == want, fast_class
@@ -253,15 +255,25 @@ def test_auto_under_bf16_follows_the_rule():
         assert FastBiRNN(8, 16).selected_backend(x) == "torch"
 
 
-def test_bf16_rule_is_the_fp32_rule_but_for_the_lstm():
+def test_bf16_rule_is_the_fp32_rule_but_for_the_lstm_and_large_training_steps():
     for cell in ("rnn", "gru", "lstm"):
-        for batch, seq, hidden, training in ((32, 128, 128, False), (64, 256, 512, True),
-                                             (1, 8, 1024, False)):
+        for batch, seq, hidden, training in ((32, 128, 128, False), (32, 128, 128, True),
+                                             (64, 256, 512, False), (64, 256, 512, True),
+                                             (64, 64, 384, True), (1, 8, 1024, False)):
             call = cpu_rule.CallShape(batch=batch, seq=seq, hidden=hidden, layers=1,
                                       bidirectional=True, dtype=BF16, training=training,
                                       threads=2, cell=cell)
             fp32 = cpu_rule.prefer_cpp(dataclasses.replace(call, dtype=torch.float32))
-            assert cpu_rule.prefer_cpp(call) == (fp32 and cell != "lstm")
+            large = training and batch * seq * 2 * hidden > cpu_rule.BF16_TRAIN_MAX_ACTIVATIONS
+            assert cpu_rule.prefer_cpp(call) == (fp32 and cell != "lstm" and not large)
+    # The measured loss, (64, 256, 256, 512) training, is on the nn side of the limit; the
+    # held-out win (64, 64, 256, 384) on the engine's.
+    assert 64 * 256 * 2 * 512 > cpu_rule.BF16_TRAIN_MAX_ACTIVATIONS >= 64 * 64 * 2 * 384
+    # Without the bf16 tiles nothing is measured: the nn class.
+    call = cpu_rule.CallShape(batch=32, seq=128, hidden=128, layers=1, bidirectional=True,
+                              dtype=BF16, training=False, threads=2, cell="rnn",
+                              bf16_tiles=False)
+    assert not cpu_rule.prefer_cpp(call)
 
 
 def test_named_cpp_backend_keeps_float16_out():

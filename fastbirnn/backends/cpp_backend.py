@@ -55,6 +55,14 @@ def set_scratch_limit(nbytes: int) -> int:
 
 # Read once: a plain bool is traceable by Dynamo, a pybind call is not.
 _HAS_BLAS = _C is not None and bool(_C.has_blas())
+_HAS_BF16_TILES = _C is not None and bool(_C.has_bf16_tiles())
+
+
+def has_bf16_tiles() -> bool:
+    """Whether bf16 calls run their products on AVX512-BF16 register tiles here (csrc/
+    tiles_bf16.h); else as fp32 products on bf16-rounded operands, the same products summed
+    in another order. Off where FASTBIRNN_ISA lowers the level below 'avx512'."""
+    return _HAS_BF16_TILES
 
 # The engine's instruction-set level, decided once when _C loads (csrc/simd.h): the best of
 # 'avx512', 'avx2' (AVX2 + FMA), 'scalar' that the CPU and libtorch's SLEEF support, lowered

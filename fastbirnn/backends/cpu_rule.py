@@ -36,6 +36,7 @@ class CallShape:
     cell: str = "rnn"  # 'rnn', 'lstm' or 'gru'
     proj_size: int = 0  # LSTM projections, which the engine does not have
     isa: str = "avx512"  # the engine's vector paths here: 'avx512', 'avx2' or 'scalar'
+    bf16_tiles: bool = True  # whether bf16 calls run on the engine's AVX512-BF16 tiles
 
     @property
     def step_macs(self) -> int:
@@ -156,12 +157,26 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
 
 
-# bfloat16 (under CPU autocast, or bf16 modules and inputs): the engine's bf16 path computes on
-# the fp32 engine with bf16-rounded product operands (csrc/bf16.h), at about its fp32 speed.
-# nn.RNN and nn.GRU have no bf16 CPU kernel of their own (per-op ATen bf16, slower than their
-# fp32 at the grid's shapes): fused wherever fp32 is. nn.LSTM runs oneDNN's bf16 LSTM, which
-# the fp32-rate engine does not beat (0.6-0.9x): nn.LSTM (benchmarks/results/cpu/bf16.json).
+# bfloat16 (under CPU autocast, or bf16 modules and inputs): the engine's products run on bf16
+# register tiles where the CPU has AVX512-BF16 (csrc/tiles_bf16.h), else as fp32 products on
+# bf16-rounded operands. Measured on the AVX512-BF16 machine (benchmarks/results/cpu/bf16.json,
+# Zen 4, 2 threads): nn.RNN and nn.GRU have no bf16 CPU kernel of their own, and the engine won
+# at every point of both cells but one, 1.35-3.3x (inference up to (64, 256, 256, 512):
+# 1.66x / 1.35x). The loss, 0.95x / 0.59x, is the training step at (64, 256, 256, 512): 16.8 M
+# activations per layer (T * B * directions * H), where the engine's kept fp32 gates and bf16
+# copies and their fresh pages cost more than nn's GEMMs save; at 3.1 M it still won (held-out
+# points, bf16-heldout.json: (64, 64, 256, 384) training 1.25x / 1.21x, kept out of this fit).
+# Training is fused below BF16_TRAIN_MAX_ACTIVATIONS, between the two. nn.LSTM runs oneDNN's
+# bf16 LSTM: the engine lost at three of the four shapes (0.70-0.97x) and won 1.03x / 1.13x at
+# the speech shape: nn.LSTM throughout. Without bf16 tiles (fp32 products on rounded operands)
+# no grid is committed: the nn class.
+BF16_TRAIN_MAX_ACTIVATIONS = 1 << 23  # 8.4 M
+
+
 def _prefer_bf16(s: CallShape) -> bool:
-    if s.cell == "lstm":
+    if s.cell == "lstm" or not s.bf16_tiles:
+        return False
+    directions = 2 if s.bidirectional else 1
+    if s.training and s.seq * s.batch * directions * s.hidden > BF16_TRAIN_MAX_ACTIVATIONS:
         return False
     return prefer_cpp(replace(s, dtype=torch.float32))
