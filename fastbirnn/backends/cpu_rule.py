@@ -160,16 +160,17 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
 # bfloat16 (under CPU autocast, or bf16 modules and inputs): the engine's products run on bf16
 # register tiles where the CPU has AVX512-BF16 (csrc/tiles_bf16.h), else as fp32 products on
 # bf16-rounded operands. Measured on the AVX512-BF16 machine (benchmarks/results/cpu/bf16.json,
-# Zen 4, 2 threads): nn.RNN and nn.GRU have no bf16 CPU kernel of their own, and the engine won
-# at every point of both cells but one, 1.35-3.3x (inference up to (64, 256, 256, 512):
-# 1.66x / 1.35x). The loss, 0.95x / 0.59x, is the training step at (64, 256, 256, 512): 16.8 M
-# activations per layer (T * B * directions * H), where the engine's kept fp32 gates and bf16
-# copies and their fresh pages cost more than nn's GEMMs save; at 3.1 M it still won (held-out
-# points, bf16-heldout.json: (64, 64, 256, 384) training 1.25x / 1.21x, kept out of this fit).
-# Training is fused below BF16_TRAIN_MAX_ACTIVATIONS, between the two. nn.LSTM runs oneDNN's
-# bf16 LSTM: the engine lost at three of the four shapes (0.70-0.97x) and won 1.03x / 1.13x at
-# the speech shape: nn.LSTM throughout. Without bf16 tiles (fp32 products on rounded operands)
-# no grid is committed: the nn class.
+# Zen 4, 2 threads, against the nn class under the same autocast): nn.RNN and nn.GRU have no
+# bf16 CPU kernel of their own, and the engine won at every point of both cells but one pair,
+# 1.38-3.99x (inference at (64, 256, 256, 512): 1.53x / 1.38x). The loss, 0.83x / 0.68x, is
+# the training step at (64, 256, 256, 512): 16.8 M activations per layer (T * B * directions
+# * H), where the engine's kept fp32 gates, their bf16 copies and the fresh pages they take
+# cost more than nn's GEMMs save. At 3.1 M it still won (held-out points kept out of this fit,
+# bf16-heldout.json: (64, 64, 256, 384) training 1.15x / 1.09x; all six held-out pairs
+# 1.09-3.78x). Training is fused below BF16_TRAIN_MAX_ACTIVATIONS, between the two. nn.LSTM
+# runs oneDNN's bf16 LSTM: the engine lost at every point (0.72-0.93x) but the speech shape's
+# training step (1.24x; its inference 0.82x): nn.LSTM throughout. Without bf16 tiles (fp32
+# products on rounded operands) no measurement is committed: the nn class.
 BF16_TRAIN_MAX_ACTIVATIONS = 1 << 23  # 8.4 M
 
 
