@@ -102,10 +102,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "The crowding back-off (team.h): (inline runs left, next stretch, inline runs so far)");
   m.def("record_team_run",
-        [](int64_t run_ns, int64_t stalled_ns) {
-          fastbirnn::Crowding::shared().record(run_ns, stalled_ns);
+        [](int64_t run_ns, int64_t stalled_ns, int64_t preemptions) {
+          fastbirnn::Crowding::shared().record(run_ns, stalled_ns, preemptions);
         },
-        "Feeds one team run's time and stalls (ns) to the crowding back-off (tests)");
+        py::arg("run_ns"), py::arg("stalled_ns"), py::arg("preemptions") = -1,
+        "Feeds one team run's time and stalls (ns) and its workers' involuntary context "
+        "switches to the crowding back-off (tests)");
   m.def("reset_team_crowding", [] { fastbirnn::Crowding::shared().reset(); },
         "Forgets any crowding: the next team runs on threads");
   m.def("team_mode", &fastbirnn::team_mode,

@@ -20,7 +20,9 @@
 // such stalls take a quarter of a team run's time, the next teams run inline on the calling
 // thread, which never waits, for a stretch of runs that doubles while the crowding lasts; then
 // one team run probes again (Crowding). A partner that is merely slower (more blocks, a big
-// step) makes waits no longer than the work, which do not count.
+// step) makes waits no longer than the work, which do not count; nor do stalls in a run whose
+// workers were seldom preempted (involuntary context switches, getrusage): a partner held up
+// by page faults on fresh memory is slow, not crowded out.
 //
 // A worker that throws marks the team failed in the same word, which wakes every sleeper; the
 // others stop waiting and the first exception reaches the caller (at::parallel_for rethrows
@@ -38,6 +40,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+
+#if defined(__linux__)
+#include <sys/resource.h>
+#endif
 
 #include "blas.h"
 #include "park.h"
@@ -84,10 +90,21 @@ struct SpinBudget {
 
 // When teams give way to inline runs. A team run of at least kMinRunNs (summed over its
 // threads) whose stalls (waits longer than kStallFactor times the waiter's own work for the
-// step, and than kMinStallNs) took more than a quarter of that time was crowded: the next
+// step, and than kMinStallNs) took more than a quarter of that time, and whose workers were
+// preempted at least once per kPreemptionNs of it, was crowded: the next
 // `stretch` team runs go inline and the
 // stretch doubles (up to kMaxStretch); a calm run resets it. Relaxed atomics: concurrent
 // callers may race on a heuristic, never on a result (the worker count cannot change one).
+// The calling thread's involuntary context switches so far (the OS took its core while it
+// could run), or -1 where the OS does not say.
+inline int64_t involuntary_switches() {
+#if defined(__linux__) && defined(RUSAGE_THREAD)
+  rusage usage;
+  if (getrusage(RUSAGE_THREAD, &usage) == 0) return int64_t(usage.ru_nivcsw);
+#endif
+  return -1;
+}
+
 class Crowding {
  public:
   static constexpr int64_t kMinRunNs = 1000000;  // 1 ms: shorter runs are too few steps to judge
@@ -95,6 +112,10 @@ class Crowding {
   static constexpr int64_t kMinStallNs = 50000;  // a sleep and wake-up take a few microseconds
   static constexpr int64_t kMinStretch = 4;
   static constexpr int64_t kMaxStretch = 256;
+  // Crowding preempts a worker at least once per this much of the threads' time (a time slice
+  // on a shared core is a few ms); on an idle 2-core VM timers and kernel work preempted the
+  // workers of a 0.5-1 s run 7-34 times.
+  static constexpr int64_t kPreemptionNs = 10000000;  // 10 ms
 
   static Crowding& shared() {
     static Crowding crowding;
@@ -113,10 +134,12 @@ class Crowding {
     return true;
   }
 
-  // A team run's time (its threads' together) and the part of it spent in stalls.
-  void record(int64_t run_ns, int64_t stalled_ns) {
+  // A team run's time (its threads' together), the part of it spent in stalls, and its
+  // workers' involuntary context switches (-1: unknown, taken as some).
+  void record(int64_t run_ns, int64_t stalled_ns, int64_t preemptions) {
     if (run_ns < kMinRunNs) return;
-    if (4 * stalled_ns > run_ns) {
+    const bool preempted = preemptions < 0 || preemptions * kPreemptionNs >= run_ns;
+    if (4 * stalled_ns > run_ns && preempted) {
       const int64_t stretch = stretch_.load(std::memory_order_relaxed);
       inline_left_.store(stretch, std::memory_order_relaxed);
       stretch_.store(std::min(kMaxStretch, 2 * stretch), std::memory_order_relaxed);
@@ -144,13 +167,18 @@ class Team {
  public:
   class Member {
    public:
-    Member(Team& team, int64_t first, int64_t last)
+    // on_thread: a worker of a parallel run, which counts its preemptions (an inline run has
+    // nobody to stall).
+    Member(Team& team, int64_t first, int64_t last, bool on_thread = false)
         : team_(team), first_(first), last_(last),
           spin_ns_(SpinBudget::shared().load(std::memory_order_relaxed)),
-          start_ns_(now_ns()), step_start_ns_(start_ns_) {}
+          start_ns_(now_ns()), step_start_ns_(start_ns_),
+          switches_(on_thread ? involuntary_switches() : -1) {}
     ~Member() {
       SpinBudget::shared().store(spin_ns_, std::memory_order_relaxed);
-      team_.account(now_ns() - start_ns_, stalled_ns_);
+      const int64_t switches = switches_ < 0 ? -1 : involuntary_switches();
+      team_.account(now_ns() - start_ns_, stalled_ns_,
+                    switches < 0 ? -1 : switches - switches_);
     }
     // Whether this thread runs logical worker w.
     bool runs(int64_t worker) const { return worker >= first_ && worker < last_; }
@@ -174,6 +202,7 @@ class Team {
     int64_t generation_ = 0;
     int64_t spin_ns_;
     int64_t start_ns_, step_start_ns_, stalled_ns_ = 0;
+    int64_t switches_;  // involuntary context switches at the start, or -1 (not counted)
     static constexpr int64_t kStallFloor = Crowding::kMinStallNs;
   };
 
@@ -195,7 +224,7 @@ class Team {
       at::parallel_for(0, size_, 1, [&](int64_t first, int64_t last) {
         FloatControl::Scope control(caller);
         SingleThreadedBlas pin;
-        Member member(*this, first, last);
+        Member member(*this, first, last, /*on_thread=*/true);
         try {
           fn(member);
         } catch (...) {
@@ -210,7 +239,8 @@ class Team {
       throw;
     }
     Crowding::shared().record(run_ns_.load(std::memory_order_relaxed),
-                              stalled_ns_.load(std::memory_order_relaxed));
+                              stalled_ns_.load(std::memory_order_relaxed),
+                              preemptions_.load(std::memory_order_relaxed));
   }
 
  private:
@@ -218,9 +248,15 @@ class Team {
   static constexpr uint32_t kFailed = 0x80000000u;
   static constexpr uint32_t kCount = 0x7fffffffu;
 
-  void account(int64_t run_ns, int64_t stalled_ns) {
+  // preemptions: the worker's involuntary context switches in this run, or -1 if unknown
+  // (which makes the run's count unknown: -1).
+  void account(int64_t run_ns, int64_t stalled_ns, int64_t preemptions) {
     run_ns_.fetch_add(run_ns, std::memory_order_relaxed);
     stalled_ns_.fetch_add(stalled_ns, std::memory_order_relaxed);
+    if (preemptions < 0)
+      preemptions_.store(-1, std::memory_order_relaxed);
+    else if (preemptions_.load(std::memory_order_relaxed) >= 0)
+      preemptions_.fetch_add(preemptions, std::memory_order_relaxed);
   }
 
   void fail(std::exception_ptr error) {
@@ -268,6 +304,7 @@ class Team {
   alignas(64) ParkingWord released_;
   alignas(64) std::atomic<int64_t> run_ns_{0};  // the threads' time in this run, summed
   std::atomic<int64_t> stalled_ns_{0};          // of it, stalls (see Crowding)
+  std::atomic<int64_t> preemptions_{0};         // workers' involuntary switches (-1: unknown)
   std::atomic<bool> error_taken_{false};
   std::exception_ptr first_error_;
 };

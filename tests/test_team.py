@@ -187,13 +187,13 @@ def test_two_python_threads_calling_at_once_agree_with_one_thread():
 
 
 def test_crowded_teams_give_way_to_inline_runs_for_a_doubling_stretch():
-    """A team run that lost more than a quarter of its time to stalled waits sends the next
-    runs inline, for a stretch that doubles while the crowding lasts and resets after a calm
-    run (csrc/team.h, Crowding)."""
+    """A team run that lost more than a quarter of its time to stalled waits, with a worker
+    preempted, sends the next runs inline, for a stretch that doubles while the crowding lasts
+    and resets after a calm run (csrc/team.h, Crowding)."""
     ms = 1_000_000
     _C.reset_team_crowding()
     try:
-        _C.record_team_run(ms - 1, ms - 1)  # too short to judge
+        _C.record_team_run(ms - 1, ms - 1, preemptions=10**6)  # too short to judge
         assert _C.team_crowding()[:2] == (0, 4)
         _C.record_team_run(100 * ms, 25 * ms)  # a quarter stalled: calm
         assert _C.team_crowding()[:2] == (0, 4)
@@ -206,6 +206,18 @@ def test_crowded_teams_give_way_to_inline_runs_for_a_doubling_stretch():
         for _ in range(10):
             _C.record_team_run(100 * ms, 100 * ms)
         assert _C.team_crowding()[:2] == (256, 256)  # the stretch stops doubling
+        _C.reset_team_crowding()
+        # Stalls in a run whose workers were seldom preempted (a partner slowed by page faults;
+        # fewer than one preemption per 10 ms) are no crowding; an OS that does not count
+        # preemptions (-1) leaves the stalls to decide.
+        _C.record_team_run(100 * ms, 90 * ms, preemptions=0)
+        _C.record_team_run(100 * ms, 90 * ms, preemptions=9)
+        assert _C.team_crowding()[:2] == (0, 4)
+        _C.record_team_run(100 * ms, 90 * ms, preemptions=10)
+        assert _C.team_crowding()[:2] == (4, 8)
+        _C.reset_team_crowding()
+        _C.record_team_run(100 * ms, 90 * ms, preemptions=-1)
+        assert _C.team_crowding()[:2] == (4, 8)
     finally:
         _C.reset_team_crowding()
 
