@@ -29,30 +29,33 @@ inline int64_t packed_columns(int64_t N) { return (N + 15) / 16 * 16; }
 // A row's length in bf16 elements: K rounded up to pairs.
 inline int64_t paired(int64_t K) { return (K + 1) / 2 * 2; }
 
-// B[k][n] = row(n)[k] for N rows of K elements, packed in pairs: [paired(K)/2][Npad][2].
-// row(n) returns a pointer to n's K values (fp32 holding bf16 values, so the rounding is
-// exact).
+// A [K, N] panel packed in pairs along k, [paired(K)/2][packed_columns(N)][2], zeroed (so its
+// pads stay zero); returns packed_columns(N). Element (k, n) goes to pair_slot(k, n, npad).
+inline int64_t clear_pairs(int64_t K, int64_t N, bf16_bits* packed) {
+  const int64_t npad = packed_columns(N);
+  std::memset(packed, 0, sizeof(bf16_bits) * paired(K) * npad);
+  return npad;
+}
+inline int64_t pair_slot(int64_t k, int64_t n, int64_t npad) {
+  return ((k / 2) * npad + n) * 2 + (k % 2);
+}
+
+// B[k][n] = row(n)[k] for N rows of K elements (fp32 holding bf16 values: the rounding is
+// exact), packed in pairs.
 template <typename RowOf>
 void pack_rows_in_pairs(int64_t K, int64_t N, const RowOf& row, bf16_bits* packed) {
-  const int64_t npad = packed_columns(N), pairs = paired(K) / 2;
-  std::memset(packed, 0, sizeof(bf16_bits) * pairs * npad * 2);
-  for (int64_t n = 0; n < N; ++n) {
-    const auto* r = row(n);
-    for (int64_t k = 0; k < K; ++k)
-      packed[((k / 2) * npad + n) * 2 + (k % 2)] = to_bf16_bits(float(r[k]));
-  }
+  const int64_t npad = clear_pairs(K, N, packed);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) packed[pair_slot(k, n, npad)] = to_bf16_bits(float(row(n)[k]));
 }
 
 // B[k][n] = row(k)[n] for K rows of N elements (row(k) null: a zero row), packed in pairs.
 template <typename RowOf>
 void pack_columns_in_pairs(int64_t K, int64_t N, const RowOf& row, bf16_bits* packed) {
-  const int64_t npad = packed_columns(N), pairs = paired(K) / 2;
-  std::memset(packed, 0, sizeof(bf16_bits) * pairs * npad * 2);
+  const int64_t npad = clear_pairs(K, N, packed);
   for (int64_t k = 0; k < K; ++k) {
     const auto* r = row(k);
-    if (!r) continue;
-    bf16_bits* dst = packed + (k / 2) * npad * 2 + (k % 2);
-    for (int64_t n = 0; n < N; ++n) dst[2 * n] = to_bf16_bits(float(r[n]));
+    for (int64_t n = 0; r && n < N; ++n) packed[pair_slot(k, n, npad)] = to_bf16_bits(float(r[n]));
   }
 }
 

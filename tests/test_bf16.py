@@ -30,9 +30,10 @@ from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN, backends, benchmarking, 
 from fastbirnn.backends import cpp_backend, cpu_rule
 
 from test_properties import (
-    MODULES, QUICK_EXAMPLES, EXAMPLES, PROFILE, Config, _as_tuple, _forward, _grad_context,
-    configs, property_settings, threshold_configs,
+    MODULES, QUICK_EXAMPLES, EXAMPLES, PROFILE, Config, _as_tuple, configs, property_settings,
+    threshold_configs,
 )
+from test_properties import _run as run_config
 
 pytestmark = pytest.mark.skipif(fastbirnn.available_backends()["cpp"] is not None,
                                 reason="the cpp backend is not built")
@@ -79,26 +80,9 @@ def _inputs(config: Config, call: int, dtype: torch.dtype):
 
 
 def _run(module, config: Config, call: int, dtype: torch.dtype):
-    """Output, final states and gradients (in ``dtype``'s module), as test_properties._run."""
-    x, hx = _inputs(config, call, dtype)
-    if config.grad_mode in ("all", "input"):
-        x.requires_grad_()
-        for state in _as_tuple(hx):
-            state.requires_grad_()
-    module.requires_grad_(config.grad_mode in ("all", "parameters"))
-    module.train(config.train)
-    with _grad_context(config):
-        out, final = _forward(module, config, x, hx)
-    final = _as_tuple(final)
-    leaves = [t for t in (x, *_as_tuple(hx)) if t.requires_grad]
-    leaves += [p for p in module.parameters() if p.requires_grad]
-    if not leaves:
-        assert not out.requires_grad
-        return out, final, ()
-    g = torch.Generator().manual_seed(5 + call)
-    weights = [torch.randn(t.shape, generator=g).to(BF16).to(t.dtype) for t in (out, *final)]
-    loss = sum((t * w).sum() for t, w in zip((out, *final), weights))
-    return out.detach(), tuple(s.detach() for s in final), torch.autograd.grad(loss, leaves)
+    """test_properties._run on bf16 values in ``dtype``, the loss weights bf16 values too."""
+    return run_config(module, config, call, inputs=_inputs(config, call, dtype),
+                      loss_weight=lambda t, g: torch.randn(t.shape, generator=g).to(BF16).to(t.dtype))
 
 
 def _assert_bf16_close(actual, expected, what):

@@ -297,9 +297,11 @@ def _as_tuple(hx) -> tuple:
     return () if hx is None else hx if isinstance(hx, tuple) else (hx,)
 
 
-def _run(module, config: Config, call: int):
-    """Output, final states and the gradients of everything that requires grad."""
-    x, hx = _inputs(config, call)
+def _run(module, config: Config, call: int, inputs=None, loss_weight=None):
+    """Output, final states and the gradients of everything that requires grad: of a loss that
+    weights every output and state element by loss_weight(tensor, generator) (default: normal
+    values in the tensor's dtype). inputs: (x, hx), default _inputs(config, call)."""
+    x, hx = _inputs(config, call) if inputs is None else inputs
     wants_input_grad = config.grad_mode in ("all", "input")
     if wants_input_grad:
         x.requires_grad_()
@@ -317,9 +319,12 @@ def _run(module, config: Config, call: int):
         assert not out.requires_grad and not any(s.requires_grad for s in final)
         return out, final, ()
     g = torch.Generator().manual_seed(5 + call)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    if loss_weight is None:
+        def loss_weight(t, g):
+            return torch.randn(t.shape, generator=g, dtype=t.dtype)
+    loss = (out * loss_weight(out, g)).sum()
     for state in final:
-        loss = loss + (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
+        loss = loss + (state * loss_weight(state, g)).sum()
     return out.detach(), tuple(s.detach() for s in final), torch.autograd.grad(loss, leaves)
 
 
