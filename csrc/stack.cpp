@@ -138,7 +138,8 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   const int64_t Hp = paired(H), block_stride = paired(H) * packed_columns(K * blk.width);
   std::vector<bf16_bits> w_hh_bf16(bf16_recurrence ? blk.count() * block_stride : 0);
   std::vector<bf16_bits> state_bf16(bf16_recurrence ? D * 2 * B * Hp : 0);  // zeros: the pads
-  std::vector<bf16_bits> x_bf16, w_ih_bf16;
+  Bf16Buffer x_bf16;
+  std::vector<bf16_bits> w_ih_bf16;
   std::vector<T> rounded(g.round_bf16 && !bf16_recurrence ? state.size() : 0);
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
@@ -173,10 +174,8 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     Bf16Forward bf16;
     if (on_bf16) {
       const int64_t Ip = paired(in_size), w_ih_size = Ip * packed_columns(KH);
-      if (Ip != in_size)
-        x_bf16.assign(rows * Ip, 0);  // zeros: the pad column
-      else
-        x_bf16.resize(rows * Ip);
+      // Uninitialised, but for an odd input size's pad column, which must be zero.
+      x_bf16 = Bf16Buffer(rows * Ip, Ip != in_size);
       w_ih_bf16.resize(D * w_ih_size);
       for (int64_t d = 0; d < D; ++d) {
         const T* w_ih = proj.w_ih[d];
@@ -184,7 +183,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
                            w_ih_bf16.data() + d * w_ih_size);
         bf16.w_ih[d] = w_ih_bf16.data() + d * w_ih_size;
       }
-      bf16.x = x_bf16.data();
+      bf16.x = x_bf16.data;
       bf16.x_ld = Ip;
       bf16.w_ih_ld = 2 * packed_columns(KH);
       if (bf16_recurrence) {
