@@ -221,43 +221,51 @@ def test_bf16_results_do_not_depend_on_the_thread_count(cell):
 
 
 def test_auto_under_bf16_follows_the_rule():
-    """'auto' under CPU autocast and for bf16 modules asks the rule with dtype bf16: the
-    engine for the Elman and GRU cells where their fp32 rule fuses and the CPU has the bf16
-    tiles, nn.LSTM for the LSTM."""
+    """'auto' under CPU autocast and for bf16 modules asks the rule with dtype bf16 (where the
+    CPU has the bf16 tiles): the engine for the Elman and GRU cells where their fp32 rule
+    fuses, and for LSTM training steps; nn.LSTM for LSTM inference."""
     x = torch.randn(20, 4, 8)
     fp32 = "cpp" if cpp_backend.cpu_isa() in cpu_rule.MEASURED_ISAS else "torch"
-    expected = fp32 if cpp_backend.has_bf16_tiles() else "torch"
-    for fast_class, want in ((FastBiRNN, expected), (FastBiGRU, expected),
-                             (FastBiLSTM, "torch")):
-        module = fast_class(8, 16)
+    tiles = fp32 if cpp_backend.has_bf16_tiles() else "torch"
+    for fast_class, training, inference in ((FastBiRNN, tiles, tiles), (FastBiGRU, tiles, tiles),
+                                            (FastBiLSTM, tiles, "torch")):
+        module = fast_class(8, 16)  # its parameters require grad: a training step
         assert module.selected_backend(x) == fp32  # fp32: the engine at this size
         with torch.autocast("cpu", dtype=BF16):
-            assert module.selected_backend(x) == want, fast_class
-        assert module.to(BF16).selected_backend(x.to(BF16)) == want, fast_class
+            assert module.selected_backend(x) == training, fast_class
+            with torch.no_grad():
+                assert module.selected_backend(x) == inference, fast_class
+        module = module.to(BF16)
+        assert module.selected_backend(x.to(BF16)) == training, fast_class
+        with torch.no_grad():
+            assert module.selected_backend(x.to(BF16)) == inference, fast_class
     # Autocast to float16 has no fused path: the nn class.
     with torch.autocast("cpu", dtype=torch.float16):
         assert FastBiRNN(8, 16).selected_backend(x) == "torch"
 
 
-def test_bf16_rule_is_the_fp32_rule_but_for_the_lstm_and_large_training_steps():
+def test_bf16_rule():
+    """RNN/GRU: the fp32 rule but for large training steps; LSTM: training steps up to the
+    same limit; nothing without the bf16 tiles (fastbirnn/backends/cpu_rule.py)."""
     for cell in ("rnn", "gru", "lstm"):
         for batch, seq, hidden, training in ((32, 128, 128, False), (32, 128, 128, True),
                                              (64, 256, 512, False), (64, 256, 512, True),
-                                             (64, 64, 384, True), (1, 8, 1024, False)):
+                                             (64, 64, 384, True), (1, 8, 1024, False),
+                                             (1, 8, 64, True)):
             call = cpu_rule.CallShape(batch=batch, seq=seq, hidden=hidden, layers=1,
                                       bidirectional=True, dtype=BF16, training=training,
                                       threads=2, cell=cell)
-            fp32 = cpu_rule.prefer_cpp(dataclasses.replace(call, dtype=torch.float32))
             large = training and batch * seq * 2 * hidden > cpu_rule.BF16_TRAIN_MAX_ACTIVATIONS
-            assert cpu_rule.prefer_cpp(call) == (fp32 and cell != "lstm" and not large)
+            if cell == "lstm":
+                expected = training and not large and seq >= cpu_rule.SHORT
+            else:
+                fp32 = cpu_rule.prefer_cpp(dataclasses.replace(call, dtype=torch.float32))
+                expected = fp32 and not large
+            assert cpu_rule.prefer_cpp(call) == expected, (cell, batch, seq, hidden, training)
+            assert not cpu_rule.prefer_cpp(dataclasses.replace(call, bf16_tiles=False))
     # The measured loss, (64, 256, 256, 512) training, is on the nn side of the limit; the
-    # held-out win (64, 64, 256, 384) on the engine's.
+    # held-out wins at (64, 64, 256, 384) on the engine's.
     assert 64 * 256 * 2 * 512 > cpu_rule.BF16_TRAIN_MAX_ACTIVATIONS >= 64 * 64 * 2 * 384
-    # Without the bf16 tiles nothing is measured: the nn class.
-    call = cpu_rule.CallShape(batch=32, seq=128, hidden=128, layers=1, bidirectional=True,
-                              dtype=BF16, training=False, threads=2, cell="rnn",
-                              bf16_tiles=False)
-    assert not cpu_rule.prefer_cpp(call)
 
 
 def test_named_cpp_backend_keeps_float16_out():

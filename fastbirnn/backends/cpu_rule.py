@@ -160,24 +160,27 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
 # bfloat16 (under CPU autocast, or bf16 modules and inputs): the engine's products run on bf16
 # register tiles where the CPU has AVX512-BF16 (csrc/tiles_bf16.h), else as fp32 products on
 # bf16-rounded operands. Measured on the AVX512-BF16 machine (benchmarks/results/cpu/bf16.json,
-# Zen 4, 2 threads, against the nn class under the same autocast): nn.RNN and nn.GRU have no
-# bf16 CPU kernel of their own, and the engine won at every point of both cells but one pair,
-# 1.38-3.99x (inference at (64, 256, 256, 512): 1.53x / 1.38x). The loss, 0.83x / 0.68x, is
-# the training step at (64, 256, 256, 512): 16.8 M activations per layer (T * B * directions
-# * H), where the engine's kept fp32 gates, their bf16 copies and the fresh pages they take
-# cost more than nn's GEMMs save. At 3.1 M it still won (held-out points kept out of this fit,
-# bf16-heldout.json: (64, 64, 256, 384) training 1.15x / 1.09x; all six held-out pairs
-# 1.09-3.78x). Training is fused below BF16_TRAIN_MAX_ACTIVATIONS, between the two. nn.LSTM
-# runs oneDNN's bf16 LSTM: the engine lost at every point (0.72-0.93x) but the speech shape's
-# training step (1.24x; its inference 0.82x): nn.LSTM throughout. Without bf16 tiles (fp32
-# products on rounded operands) no measurement is committed: the nn class.
+# Zen 4, 2 threads, against the nn class under the same autocast, four shapes, inference and
+# a training step): nn.RNN and nn.GRU have no bf16 CPU kernel of their own, and the engine
+# won everywhere but the training step at (64, 256, 256, 512), 16.8 M activations per layer
+# (T * B * directions * H), where it lost or tied across runs (0.83x / 0.68x, then 1.09x /
+# 0.81x): its kept fp32 gates, their bf16 copies and the fresh pages they take cost about what
+# its products save. Training is fused up to BF16_TRAIN_MAX_ACTIVATIONS, below that shape.
+# nn.LSTM runs oneDNN's bf16 LSTM: the engine's training step won or tied below the limit
+# (1.01-1.20x) and lost above it (0.74x); its inference lost or tied (0.81-1.03x): LSTM
+# training steps are fused up to the limit (from T = 16, the shortest gated grid sequence),
+# LSTM inference stays with nn.LSTM. Held-out shapes, kept out of this fit
+# (bf16-heldout.json, bf16-heldout-lstm.json), agree. Without bf16 tiles no measurement is
+# committed: the nn class.
 BF16_TRAIN_MAX_ACTIVATIONS = 1 << 23  # 8.4 M
 
 
 def _prefer_bf16(s: CallShape) -> bool:
-    if s.cell == "lstm" or not s.bf16_tiles:
+    if not s.bf16_tiles:
         return False
     directions = 2 if s.bidirectional else 1
     if s.training and s.seq * s.batch * directions * s.hidden > BF16_TRAIN_MAX_ACTIVATIONS:
         return False
+    if s.cell == "lstm":
+        return s.training and s.seq >= SHORT
     return prefer_cpp(replace(s, dtype=torch.float32))
