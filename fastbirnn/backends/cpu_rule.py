@@ -170,8 +170,7 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
 # (1.01-1.20x) and lost above it (0.74x); its inference lost or tied (0.81-1.03x): LSTM
 # training steps are fused up to the limit (from T = 16, the shortest gated grid sequence),
 # LSTM inference stays with nn.LSTM. Held-out shapes, kept out of this fit
-# (bf16-heldout.json, bf16-heldout-lstm.json), agree. Without bf16 tiles no measurement is
-# committed: the nn class.
+# (bf16-heldout.json), agree. Without bf16 tiles no measurement is committed: the nn class.
 BF16_TRAIN_MAX_ACTIVATIONS = 1 << 23  # 8.4 M
 
 
