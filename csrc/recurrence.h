@@ -83,13 +83,15 @@ void copy_block(const T* init, T* dst, int64_t B, int64_t H, int64_t j0, int64_t
 // In: G holds x W_ih^T (K*H columns per direction). Out: Hs holds h_t (zero past each row's
 // length), hn/cn the final states; in training (S not null) G the activated gates and S the
 // cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
-// direction's h_{t-1} and h_t, swapped every step); rounded: null, or for the bf16 engine
-// (g.round_bf16) the same as state rounded to bf16, which the products read (the outputs Hs
-// are rounded too, the final states are not); bf16: null, or where the bf16 tiles run the
-// products (tiles_bf16.h), their packed W_hh blocks and bf16 state in place of `rounded`; cstate: D * B * H (LSTM's c, block-local:
+// direction's h_{t-1} and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local:
 // updated in place); hid: D * B * K*H (each block's h_{t-1} W_hh^T; unused in place). At step
 // s every block reads all of h_{s-1} and writes its own columns of h_s into the other buffer:
 // one barrier per step.
+//
+// A bf16 call (g.round_bf16): the products read h_{t-1} rounded to bf16, and the outputs Hs
+// are rounded too (the state and the final states are not). rounded: that copy of state in
+// fp32, for the fp32 products; or, where the bf16 tiles run the products (tiles_bf16.h),
+// bf16 holds the packed W_hh blocks and the bf16 state instead (rounded null).
 template <typename T, typename Cell>
 void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
                              const Cell& cell, T* G, T* Hs, T* S, const ForwardOperands<T>& p,
