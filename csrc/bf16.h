@@ -40,6 +40,12 @@ namespace detail {
   }                                                                                           \
   attributes inline void to_bits_##suffix(const float* src, int64_t n, bf16_bits* dst) {      \
     for (int64_t j = 0; j < n; ++j) dst[j] = to_bf16_bits(src[j]);                            \
+  }                                                                                           \
+  attributes inline void round_and_bits_##suffix(float* v, int64_t n, bf16_bits* dst) {       \
+    for (int64_t j = 0; j < n; ++j) {                                                         \
+      dst[j] = to_bf16_bits(v[j]);                                                            \
+      v[j] = bf16_value(dst[j]);                                                              \
+    }                                                                                         \
   }
 FASTBIRNN_BF16_LOOPS(baseline, )
 #ifdef FASTBIRNN_X86
@@ -58,6 +64,20 @@ inline void round_to_bf16(float* values, int64_t n) {
 // The engine's templates are instantiated for fp64 too, which never rounds.
 inline void round_to_bf16(double* values, int64_t n) {
   for (int64_t j = 0; j < n; ++j) values[j] = bf16_value(to_bf16_bits(float(values[j])));
+}
+
+// values[0, n) rounded to bf16 in place, and their bits into dst (one pass for both).
+inline void round_to_bf16(float* values, int64_t n, bf16_bits* dst) {
+#ifdef FASTBIRNN_X86
+  if (kIsa == Isa::kAvx512) return detail::round_and_bits_avx512(values, n, dst);
+#endif
+  detail::round_and_bits_baseline(values, n, dst);
+}
+inline void round_to_bf16(double* values, int64_t n, bf16_bits* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = to_bf16_bits(float(values[j]));
+    values[j] = bf16_value(dst[j]);
+  }
 }
 
 // n values rounded to bf16 bits into dst.

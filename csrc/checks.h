@@ -95,6 +95,7 @@ inline Geometry geometry(const Tensor& x, const std::optional<Tensor>& lengths,
   g.st = a.batch_first ? 1 : g.B;
   g.sb = a.batch_first ? g.T : 1;
   g.lengths = nullptr;
+  g.round_bf16 = x.scalar_type() == at::kBFloat16;  // a bf16 call: see Geometry::round_bf16
   if (lengths && lengths->defined()) g.lengths = checked_lengths(*lengths, g.B, g.T, lengths_cpu);
   // 32-bit BLAS: every size and leading dimension a product passes, checked here because a
   // worker must not be the first to throw. The largest leading dimension is the gate buffer's

@@ -178,10 +178,7 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
             round_to_bf16(h, w);
             std::memcpy(next_operand + b * H + j0, h, sizeof(T) * w);
           }
-          if (on_bf16) {
-            to_bf16_row(h, w, operand_bf16(d, s + 1) + b * Hp + j0);
-            round_to_bf16(h, w);
-          }
+          if (on_bf16) round_to_bf16(h, w, operand_bf16(d, s + 1) + b * Hp + j0);
         } else {
           std::memset(h, 0, sizeof(T) * w);
           std::memcpy(next + b * H + j0, prev + b * H + j0, sizeof(T) * w);
@@ -310,10 +307,14 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
                         dgh, w);
           if (g.round_bf16) {  // every product reading them takes them as bf16
             for (int64_t q = 0; q < K; ++q) {
-              round_to_bf16(dgx + q * H, w);
-              if (dgh != dgx) round_to_bf16(dgh + q * H, w);
-              if (bits) to_bf16_row(dgx + q * H, w, bits + q * H);
-              if (bits_h) to_bf16_row(dgh + q * H, w, bits_h + q * H);
+              if (bits)
+                round_to_bf16(dgx + q * H, w, bits + q * H);
+              else
+                round_to_bf16(dgx + q * H, w);
+              if (bits_h)
+                round_to_bf16(dgh + q * H, w, bits_h + q * H);
+              else if (dgh != dgx)
+                round_to_bf16(dgh + q * H, w);
             }
           }
         }

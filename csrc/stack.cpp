@@ -14,7 +14,6 @@
 
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "buffers.h"
@@ -133,7 +132,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   // the projection always, the recurrence where the fp32 engine would use its register tiles
   // (W_hh's blocks packed in pairs by their owners, h_{t-1} kept as bf16). Elsewhere the fp32
   // products read h_{t-1} rounded to bf16 from `rounded`.
-  const bool on_bf16 = std::is_same_v<T, float> && g.round_bf16 && kBf16Tiles;
+  const bool on_bf16 = on_bf16_tiles<T>(g);
   const bool bf16_recurrence = on_bf16 && forward_block_tiles(g);
   const int64_t Hp = paired(H), block_stride = paired(H) * packed_columns(K * blk.width);
   std::vector<bf16_bits> w_hh_bf16(bf16_recurrence ? blk.count() * block_stride : 0);
@@ -223,7 +222,7 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
                          ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
   // A bf16 call on a CPU with AVX512-BF16: every product on the bf16 tiles (tiles_bf16.h), with
   // the gate gradients' bf16 copies and W_hh's packed columns.
-  const bool on_bf16 = std::is_same_v<T, float> && g.round_bf16 && kBf16Tiles;
+  const bool on_bf16 = on_bf16_tiles<T>(g);
   Bf16Backward bf16;
   Bf16Buffer dG_bits, dGh_bits;
   std::vector<bf16_bits> w_hh_columns;
@@ -304,10 +303,9 @@ ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
                            bool batch_first, bool keep) {
   const StackArgs a = stack_args(cell, num_layers, bidirectional, has_biases, batch_first);
   Tensor lengths_cpu;
-  Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
-  // A bf16 call runs the fp32 engine on its values (exact) with bf16-rounded product operands;
-  // out, h_n and c_n come back in bf16, what backward keeps stays fp32.
-  g.round_bf16 = x_.scalar_type() == at::kBFloat16;
+  // A bf16 call (g.round_bf16) runs the fp32 engine on its values (exact) with bf16-rounded
+  // product operands; out, h_n and c_n come back in bf16, what backward keeps stays fp32.
+  const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
   const Tensor x = engine_tensor(x_);
   const Tensor h0 = engine_tensor(h0_), c0 = engine_tensor(c0_);
   std::vector<Tensor> weights;
@@ -371,10 +369,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
   const at::ScalarType dtype = x_.scalar_type();
   // A bf16 call (see run_forward): its kept buffers are fp32, its results bf16.
-  const bool bf16 = dtype == at::kBFloat16;
+  const bool bf16 = g.round_bf16;
   const at::ScalarType kept_dtype = bf16 ? at::kFloat : dtype;
-  Geometry g_engine = g;
-  g_engine.round_bf16 = bf16;
   const bool lstm = cell == "lstm", gated = a.gates > 1;
   const int64_t rows = g.T * g.B, kept = gated ? num_layers : 0;
   const std::vector<int64_t> out_sizes = out_shape(g, batch_first);
@@ -421,7 +417,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   results.pop_back();
   AT_DISPATCH_FLOATING_TYPES(kept_dtype, "fastbirnn_stack_backward", [&] {
     with_cell(cell, [&](auto c) {
-      backward_layers<scalar_t>(c, grad_out, grad_hn, grad_cn, x, h0, c0, weights, g_engine,
+      backward_layers<scalar_t>(c, grad_out, grad_hn, grad_cn, x, h0, c0, weights, g,
                                 a, engine_tensor(out), mid.contiguous(), gates.contiguous(),
                                 saved.contiguous(), need_dx, dx, dh0, dc0, results, dG);
     });

@@ -20,6 +20,7 @@
 
 #include "bf16.h"
 #include "buffers.h"
+#include "geometry.h"
 #include "simd.h"
 
 namespace fastbirnn {
@@ -158,6 +159,13 @@ inline bool probe_bf16_tiles() {
 #endif
 }
 inline const bool kBf16Tiles = probe_bf16_tiles();
+
+// Whether this call's products run on the bf16 tiles: a bf16 call (g.round_bf16) on the fp32
+// engine where the CPU has them.
+template <typename T>
+bool on_bf16_tiles(const Geometry& g) {
+  return std::is_same_v<T, float> && g.round_bf16 && kBf16Tiles;
+}
 
 // C[M,N] (+)= A[M,K] B[K,N] (beta 0 or 1), C fp32: A's row r, pair p (elements 2p, 2p+1 along
 // K) at A + r * a_row + p * a_pair; B packed by pack_*_in_pairs with ldb = 2 * packed_columns
