@@ -50,7 +50,7 @@ import torch
 import fastbirnn
 from fastbirnn import backends
 from fastbirnn import benchmarking as bm
-from fastbirnn.backends import cpu_rule
+from fastbirnn.backends import cpp_backend, cpu_rule
 from fastbirnn.benchmarking import machine_info, measure_interleaved
 
 BATCH = (1, 8, 64, 256)
@@ -125,9 +125,11 @@ MICRO = [  # the --preset micro smoke test: seconds
 RESULTS = "benchmarks/results"
 
 
-def default_out(cell: str) -> str:
-    """The cell's committed folder: cpu-grid (rnn), cpu-grid-lstm, cpu-grid-gru."""
-    return os.path.join(RESULTS, "cpu-grid" if cell == "rnn" else f"cpu-grid-{cell}")
+def default_out(cell: str, isa: Optional[str] = None) -> str:
+    """The cell's committed folder: cpu-grid (rnn), cpu-grid-lstm, cpu-grid-gru; with a
+    forced level, -avx2 after it (cpu-grid-avx2, cpu-grid-lstm-avx2, ...)."""
+    name = "cpu-grid" if cell == "rnn" else f"cpu-grid-{cell}"
+    return os.path.join(RESULTS, name + (f"-{isa}" if isa else ""))
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Point:
     dtype: str
     threads: int
     cell: str = "rnn"  # grids written before cells were recorded are Elman grids
+    isa: str = "avx512"  # the engine's level (grids written before it was recorded: AVX-512)
 
     @property
     def directions(self) -> int:
@@ -164,10 +167,8 @@ class Point:
         kwargs = dict(
             batch=self.batch, seq=self.seq, hidden=self.hidden, layers=self.layers,
             bidirectional=self.bidirectional, dtype=DTYPES[self.dtype], training=training,
-            threads=self.threads,
+            threads=self.threads, cell=self.cell, isa=self.isa,
         )
-        if "cell" in {f.name for f in dataclasses.fields(cpu_rule.CallShape)}:
-            kwargs["cell"] = self.cell
         return cpu_rule.CallShape(**kwargs)
 
     @property
@@ -175,6 +176,8 @@ class Point:
         d = "bi" if self.bidirectional else "uni"
         s = (f"B{self.batch} T{self.seq} I{self.input} H{self.hidden} L{self.layers} {d} "
              f"{self.dtype} {self.threads}t")
+        if self.isa != "avx512":
+            s += f" {self.isa}"
         return s if self.cell == "rnn" else f"{self.cell} {s}"
 
 
@@ -595,6 +598,11 @@ def main(argv=None) -> int:
                     help="start over even where --out holds a partial grid")
     ap.add_argument("--estimate", action="store_true",
                     help="print the points and the estimated run time, time nothing")
+    ap.add_argument("--isa", default=None, choices=sorted(bm.ISA_ENV),
+                    help="measure every contender at this instruction-set level (the engine, "
+                         "ATen, MKL and oneDNN lowered to it, as on a CPU without AVX-512; the "
+                         "script re-executes itself with their environment variables); default "
+                         "out: the cell's folder with -ISA after it")
     ap.add_argument("--check", metavar="JSON", help="evaluate the rule on a committed grid")
     ap.add_argument("--report", metavar="JSON",
                     help="redraw the plot and summary of a grid (into --out) without timing")
@@ -624,15 +632,18 @@ def main(argv=None) -> int:
                   "cost; see summary.md)")
         return 1 if problems else 0
 
+    bm.run_with_isa(args.isa)
     cell = args.cell or "rnn"
     gated = cell != "rnn"
-    out = args.out or default_out(cell)
+    out = args.out or default_out(cell, args.isa)
     max_macs = args.max_macs if args.max_macs is not None else (1e11 if gated else 4e9)
     budget = args.budget if args.budget is not None else 1.0
     all_threads = os.cpu_count() or 1
     thread_spec = args.threads or ("all" if gated else "1,all")
     counts = sorted({all_threads if c == "all" else int(c) for c in thread_spec.split(",")})
-    grid = preset_points(args.preset, cell, all_threads, counts, max_macs)
+    isa = cpp_backend.cpu_isa() or "scalar"
+    grid = [dataclasses.replace(p, isa=isa)
+            for p in preset_points(args.preset, cell, all_threads, counts, max_macs)]
     if args.limit:
         grid = grid[: args.limit]
     contenders = 3 if cpp_reason(cell) is None else 2

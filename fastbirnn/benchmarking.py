@@ -759,6 +759,28 @@ def _cpu_vector_flags() -> list[str]:
     return []
 
 
+# What lowers every contender of a CPU comparison to one instruction-set level, as a CPU of
+# that level would run them: the engine (FASTBIRNN_ISA), ATen's vector kernels, MKL's GEMMs and
+# oneDNN's RNN primitives. All are read when the libraries load, so they must be set before
+# Python starts (run_with_isa re-executes the script with them).
+ISA_ENV = {
+    "avx2": {"FASTBIRNN_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+
+def run_with_isa(isa: Optional[str]) -> None:
+    """Re-execute this process with ``ISA_ENV[isa]`` set unless it already runs with it (a
+    no-op for None). Returns only when the environment is already in place."""
+    if isa is None:
+        return
+    wanted = ISA_ENV[isa]
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+
+
 def machine_info(device) -> dict:
     device = torch.device(device)
     info: dict = {
@@ -766,6 +788,8 @@ def machine_info(device) -> dict:
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_vector_flags(),
         "engine_isa": cpp_backend.cpu_isa(),  # the cpp engine's level (FASTBIRNN_ISA lowers it)
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_env": {k: os.environ[k] for k in ISA_ENV["avx2"] if k in os.environ},
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
