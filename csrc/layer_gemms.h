@@ -158,23 +158,52 @@ void bias_grads(const GradOperands<T>& p, std::vector<Tensor>& dweights, int64_t
   }
 }
 
-// dW_ih, dW_hh, the bias gradients and dX (when dX is not null) of layer l, as independent
-// tasks of fixed shape: per direction, blocks of weight rows for dW_hh (+ db) and for dW_ih,
-// then fixed row blocks of dX. Splitting over output rows/columns means no sum is ever
-// split, so the thread count cannot change any result. scratch: D * B * KH elements.
+// The fixed tasks of one layer's gradient products, shared by gemm_grads and gemm_grads_bf16,
+// biggest first: per direction, blocks of weight rows of dW_hh (with the bias gradients), the
+// same blocks of dW_ih, then fixed row blocks of dX. Their shapes depend only on the problem.
+struct GradTasks {
+  enum Kind { kHiddenWeights, kInputWeights, kInputGrad };
+  struct Task {
+    Kind kind;
+    int64_t d, j0, m;  // weight tasks: direction d's weight rows j0..j0+m (m may be 0: skip)
+    int64_t r0, r1;    // kInputGrad: rows r0..r1 of dX
+  };
+
+  // Weight-row blocks per direction: single-threaded MKL loses ~40% of its rate on these
+  // long-K products below m = 256 rows, so blocks stay at >= 512 rows; balance comes from
+  // the dynamic queue and the small dX blocks instead.
+  GradTasks(int64_t D, int64_t KH, int64_t rows, bool dX)
+      : KH(KH), rows(rows), n_wblk(std::max<int64_t>(1, KH / 512)),
+        wblk((KH + n_wblk - 1) / n_wblk), n_w(D * n_wblk), n_row_blocks(dX ? row_blocks(rows) : 0) {}
+
+  int64_t count() const { return 2 * n_w + n_row_blocks; }
+
+  Task operator[](int64_t task) const {
+    if (task >= 2 * n_w) {
+      const int64_t blk = task - 2 * n_w;
+      return {kInputGrad, 0, 0, 0, rows * blk / n_row_blocks, rows * (blk + 1) / n_row_blocks};
+    }
+    const bool hh = task < n_w;
+    const int64_t w = hh ? task : task - n_w;
+    const int64_t j0 = (w % n_wblk) * wblk;
+    return {hh ? kHiddenWeights : kInputWeights, w / n_wblk, j0,
+            std::max<int64_t>(0, std::min(KH, j0 + wblk) - j0), 0, 0};
+  }
+
+ private:
+  int64_t KH, rows, n_wblk, wblk, n_w, n_row_blocks;
+};
+
+// dW_ih, dW_hh, the bias gradients and dX (when dX is not null) of layer l, as GradTasks.
+// Splitting over output rows/columns means no sum is ever split, so the thread count cannot
+// change any result. scratch: D * B * KH elements.
 template <typename T>
 void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
                 const GradOperands<T>& p, std::vector<Tensor>& dweights, T* dX, int64_t threads,
                 T* scratch) {
   const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
   const int64_t rows = g.T * g.B;
-  const int64_t n_row_blocks = dX ? row_blocks(rows) : 0;
-  // Weight-row blocks per direction: single-threaded MKL loses ~40% of its rate on these
-  // long-K products below m = 256 rows, so blocks stay at >= 512 rows; balance comes from
-  // the dynamic queue and the small dX blocks instead.
-  const int64_t n_wblk = std::max<int64_t>(1, KH / 512);
-  const int64_t wblk = (KH + n_wblk - 1) / n_wblk;
-  const int64_t n_w = D * n_wblk;  // tasks per weight kind
+  const GradTasks tasks(D, KH, rows, dX != nullptr);
   // dX = dG [W_ih^f; W_ih^r]: one product with K = D*KH per block (not D with K = KH).
   const T* w_ih_all = weights[l * D * a.per_dir()].data_ptr<T>();
   std::vector<T> w_ih_cat;
@@ -187,59 +216,53 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
   }
   // A NaN or inf anywhere in this layer's states or gradients: dW_hh the exact way.
   const bool nonfinite = !all_finite(p.Hs, rows * DH) || !all_finite<T>(p.dGh, rows * DKH);
-  // Task order is biggest first: dW_hh blocks (K = H columns), dW_ih blocks, dX blocks.
-  run_task_queue(2 * n_w + n_row_blocks, threads, [&](int64_t task) {
-    if (task < 2 * n_w) {
-      const bool hh = task < n_w;
-      const int64_t w = hh ? task : task - n_w;
-      const int64_t d = w / n_wblk, j0 = (w % n_wblk) * wblk, j1 = std::min(KH, j0 + wblk);
-      const int64_t m = j1 - j0;
-      if (m <= 0) return;
-      const int64_t base = (l * D + d) * a.per_dir();
-      const T* dgd = p.dG + d * KH + j0;    // columns j0..j1 of direction d
-      const T* dghd = p.dGh + d * KH + j0;
-      if (!hh) {
-        // dW_ih = dG^T X over all rows.
-        gemm<T>(true, false, m, I, rows, dgd, DKH, p.X, I, T(0),
-                dweights[base].data_ptr<T>() + j0 * I, I);
-        return;
-      }
-      T* dW_hh = dweights[base + 1].data_ptr<T>() + j0 * H;
-      const T* h0 = p.h0 ? p.h0 + d * g.B * H : nullptr;
-      const T* hsd = p.Hs + d * H;
-      if (nonfinite) {
-        hidden_weight_grad_nonfinite<T>(g, int(d), m, dghd, DKH, hsd, h0, dW_hh);
-      } else {
-        // dW_hh = sum_t dg_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
-        // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
-        const int64_t segments = g.sb == 1 ? 1 : g.B;
-        const int64_t K = g.sb == 1 ? (g.T - 1) * g.B : g.T - 1;
-        for (int64_t seg = 0; seg < segments; ++seg) {
-          const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
-          const T* A = d == 0 ? dghd + (r + g.st) * DKH : dghd + r * DKH;
-          const T* Bm = d == 0 ? hsd + r * DH : hsd + (r + g.st) * DH;
-          gemm<T>(true, false, m, H, K, A, DKH, Bm, DH, seg == 0 ? T(0) : T(1), dW_hh, H);
-        }
-        if (K <= 0) std::fill(dW_hh, dW_hh + m * H, T(0));
-        // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
-        if (h0) {
-          // Each block gathers its own columns j0..j1 of a per-direction [B, KH] buffer.
-          T* gather = scratch + d * g.B * KH + j0;
-          for (int64_t b = 0; b < g.B; ++b) {
-            const int64_t t0 = d == 0 ? 0 : (g.lengths ? g.lengths[b] - 1 : g.T - 1);
-            std::memcpy(gather + b * KH, dghd + (t0 * g.st + b * g.sb) * DKH, sizeof(T) * m);
-          }
-          gemm<T>(true, false, m, H, g.B, gather, KH, h0, H, T(1), dW_hh, H);
-        }
-      }
-      if (a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
-    } else {
-      // dX for one fixed block of rows.
-      const int64_t blk = task - 2 * n_w;
-      const int64_t r0 = rows * blk / n_row_blocks, r1 = rows * (blk + 1) / n_row_blocks;
-      gemm<T>(false, false, r1 - r0, I, DKH, p.dG + r0 * DKH, DKH, w_ih_all, I, T(0),
-              dX + r0 * I, I);
+  run_task_queue(tasks.count(), threads, [&](int64_t i) {
+    const GradTasks::Task task = tasks[i];
+    if (task.kind == GradTasks::kInputGrad) {
+      gemm<T>(false, false, task.r1 - task.r0, I, DKH, p.dG + task.r0 * DKH, DKH, w_ih_all, I,
+              T(0), dX + task.r0 * I, I);
+      return;
     }
+    const int64_t d = task.d, j0 = task.j0, m = task.m;
+    if (m == 0) return;
+    const int64_t base = (l * D + d) * a.per_dir();
+    const T* dgd = p.dG + d * KH + j0;    // columns j0..j0+m of direction d
+    const T* dghd = p.dGh + d * KH + j0;
+    if (task.kind == GradTasks::kInputWeights) {
+      // dW_ih = dG^T X over all rows.
+      gemm<T>(true, false, m, I, rows, dgd, DKH, p.X, I, T(0),
+              dweights[base].data_ptr<T>() + j0 * I, I);
+      return;
+    }
+    T* dW_hh = dweights[base + 1].data_ptr<T>() + j0 * H;
+    const T* h0 = p.h0 ? p.h0 + d * g.B * H : nullptr;
+    const T* hsd = p.Hs + d * H;
+    if (nonfinite) {
+      hidden_weight_grad_nonfinite<T>(g, int(d), m, dghd, DKH, hsd, h0, dW_hh);
+    } else {
+      // dW_hh = sum_t dg_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
+      // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
+      const int64_t segments = g.sb == 1 ? 1 : g.B;
+      const int64_t K = g.sb == 1 ? (g.T - 1) * g.B : g.T - 1;
+      for (int64_t seg = 0; seg < segments; ++seg) {
+        const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
+        const T* A = d == 0 ? dghd + (r + g.st) * DKH : dghd + r * DKH;
+        const T* Bm = d == 0 ? hsd + r * DH : hsd + (r + g.st) * DH;
+        gemm<T>(true, false, m, H, K, A, DKH, Bm, DH, seg == 0 ? T(0) : T(1), dW_hh, H);
+      }
+      if (K <= 0) std::fill(dW_hh, dW_hh + m * H, T(0));
+      // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
+      if (h0) {
+        // Each block gathers its own columns j0..j1 of a per-direction [B, KH] buffer.
+        T* gather = scratch + d * g.B * KH + j0;
+        for (int64_t b = 0; b < g.B; ++b) {
+          const int64_t t0 = d == 0 ? 0 : (g.lengths ? g.lengths[b] - 1 : g.T - 1);
+          std::memcpy(gather + b * KH, dghd + (t0 * g.st + b * g.sb) * DKH, sizeof(T) * m);
+        }
+        gemm<T>(true, false, m, H, g.B, gather, KH, h0, H, T(1), dW_hh, H);
+      }
+    }
+    if (a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
   });
 }
 
@@ -254,8 +277,7 @@ constexpr int64_t kBf16PackRows = 512;
 // written by BPTT), the layer's input, and each direction's previous hidden state of every row,
 // zeros where there is none (no h0, or a padded step, whose gate gradients are zero too: the
 // shifted sum, h0's term and padding are one form, and a NaN reaches dW_hh as in nn). Then the
-// same fixed product tasks as gemm_grads (weight-row blocks of dW_hh and dW_ih with the bias
-// gradients, row blocks of dX); a weight gradient sums over the rows in chunks of
+// same GradTasks as gemm_grads; a weight gradient sums over the rows in chunks of
 // kBf16GradChunk, added in order: the thread count cannot change a result.
 template <typename T>
 void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
@@ -263,10 +285,7 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
                      std::vector<Tensor>& dweights, T* dX, int64_t threads) {
   const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
   const int64_t rows = g.T * g.B, row_pairs = paired(rows) / 2;
-  const int64_t n_row_blocks = dX ? row_blocks(rows) : 0;
-  const int64_t n_wblk = std::max<int64_t>(1, KH / 512);
-  const int64_t wblk = (KH + n_wblk - 1) / n_wblk;
-  const int64_t n_w = D * n_wblk;
+  const GradTasks tasks(D, KH, rows, dX != nullptr);
   const bf16_bits* dG_bits = bf.dG;
   const bool split = bf.dGh != nullptr;
   const int64_t ldx = 2 * packed_columns(I), ldh = 2 * packed_columns(H);
@@ -311,19 +330,17 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
                             h_pairs.data + (d * row_pairs + r0 / 2) * ldh);
     }
   });
-  run_task_queue(2 * n_w + n_row_blocks, threads, [&](int64_t task) {
-    if (task >= 2 * n_w) {  // dX for one fixed block of rows
-      const int64_t blk = task - 2 * n_w;
-      const int64_t r0 = rows * blk / n_row_blocks, r1 = rows * (blk + 1) / n_row_blocks;
-      bf16_gemm_into<T>(r1 - r0, I, D * bf.direction_ld, dG_bits + r0 * bf.ld, bf.ld,
-                        w_ih_pairs.data(), 2 * packed_columns(I), T(0), dX + r0 * I, I);
+  run_task_queue(tasks.count(), threads, [&](int64_t i) {
+    const GradTasks::Task task = tasks[i];
+    if (task.kind == GradTasks::kInputGrad) {
+      bf16_gemm_into<T>(task.r1 - task.r0, I, D * bf.direction_ld, dG_bits + task.r0 * bf.ld,
+                        bf.ld, w_ih_pairs.data(), 2 * packed_columns(I), T(0),
+                        dX + task.r0 * I, I);
       return;
     }
-    const bool hh = task < n_w;
-    const int64_t w = hh ? task : task - n_w;
-    const int64_t d = w / n_wblk, j0 = (w % n_wblk) * wblk, j1 = std::min(KH, j0 + wblk);
-    const int64_t m = j1 - j0;
-    if (m <= 0) return;
+    const bool hh = task.kind == GradTasks::kHiddenWeights;
+    const int64_t d = task.d, j0 = task.j0, m = task.m;
+    if (m == 0) return;
     const int64_t base = (l * D + d) * a.per_dir(), N = hh ? H : I, ldb = hh ? ldh : ldx;
     T* dW = dweights[base + (hh ? 1 : 0)].data_ptr<T>() + j0 * N;
     // Row j of A (the block's gate column j0 + j) pairs along the rows: a_row 2, a_pair 2 ld.
