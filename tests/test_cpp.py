@@ -175,7 +175,8 @@ def test_torch_compile_fullgraph_forward_and_backward(batch_first):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_auto_picks_cpp_on_cpu(dtype):
     """At the tutorial's shape 'auto' runs the fused kernel, on an instruction set a committed
-    grid measured; elsewhere (FASTBIRNN_ISA=avx2, scalar) the rule hands it to nn.RNN."""
+    grid measured (AVX-512, AVX2); elsewhere (FASTBIRNN_ISA=scalar) the rule hands it to
+    nn.RNN."""
     from fastbirnn.backends import cpp_backend, cpu_rule
 
     expected = "cpp" if cpp_backend.cpu_isa() in cpu_rule.MEASURED_ISAS else "torch"

@@ -3,7 +3,7 @@ hot-path cache of the choice. These test the rule's behaviour and plumbing, not 
 committed grid's numbers (those are benchmarks: benchmarks/cpu_grid.py --check)."""
 
 import itertools
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -40,9 +40,10 @@ def test_small_and_medium_problems_are_fused(training, dtype, threads):
         assert cpu_rule.prefer_cpp(s), s
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 16])
-def test_rule_is_monotone_in_problem_size(training, threads):
+def test_rule_is_monotone_in_problem_size(training, threads, isa):
     # Once nn.RNN is preferred for a per-step size, it stays preferred for larger ones (the
     # fused kernel's edge is the per-step overhead it saves, which shrinks with the step).
     for bi, layers, dtype in itertools.product((False, True), (1, 3),
@@ -50,7 +51,7 @@ def test_rule_is_monotone_in_problem_size(training, threads):
         for H in (32, 64, 128, 256, 512, 1024, 2048):
             picks = [cpu_rule.prefer_cpp(shape(batch=B, hidden=H, bidirectional=bi,
                                                layers=layers, dtype=dtype, training=training,
-                                               threads=threads))
+                                               threads=threads, isa=isa))
                      for B in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
             first_torch = picks.index(False) if False in picks else len(picks)
             assert all(not p for p in picks[first_torch:]), (H, picks)
@@ -215,3 +216,47 @@ def test_outside_the_measured_machines_the_rule_is_conservative(cell, training):
     # The tagger's and the tutorial's small steps stay fused on a 64-thread machine.
     assert cpu_rule.prefer_cpp(shape(batch=32, hidden=128, threads=64))
     assert not cpu_rule.prefer_cpp(shape(batch=64, hidden=512, threads=64))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_avx2_fuses_only_where_avx512_does(cell, training):
+    """The AVX2 grids measured smaller margins than AVX-512's: on AVX2 the rule fuses a subset
+    of what it fuses on AVX-512, never more."""
+    declined = 0
+    for B, T, H, bi, dtype in itertools.product((1, 8, 32, 128), (4, 16, 128),
+                                                (32, 128, 512, 1024), (False, True),
+                                                (torch.float32, torch.float64)):
+        s = shape(batch=B, seq=T, hidden=H, bidirectional=bi, dtype=dtype, cell=cell,
+                  training=training)
+        on_avx2 = cpu_rule.prefer_cpp(replace(s, isa="avx2"))
+        assert not on_avx2 or cpu_rule.prefer_cpp(s), s
+        declined += cpu_rule.prefer_cpp(s) and not on_avx2
+    assert declined > 0  # the AVX2 limits are in force for every cell and mode
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+@pytest.mark.parametrize("training", [False, True])
+def test_avx2_fuses_the_issue_shapes(cell, training):
+    # The tutorial's shape and (32, 128, 128, 128) bidirectional (1.8-2.0x nn on AVX2).
+    for B, T, H in [(2, 4, 32), (32, 128, 128)]:
+        assert cpu_rule.prefer_cpp(shape(batch=B, seq=T, hidden=H, cell=cell, isa="avx2",
+                                         training=training))
+
+
+def test_avx2_limits():
+    """The shapes behind each AVX2 limit (cpu_rule._avx2_declines) go to the nn class there and
+    stay fused on AVX-512."""
+    limited = [
+        dict(batch=64, seq=4, hidden=128, layers=2, bidirectional=False, training=False),
+        dict(batch=256, seq=4, hidden=512, dtype=torch.float64, training=False, threads=1),
+        dict(batch=1, seq=4, hidden=1024, dtype=torch.float64, threads=1),
+        dict(batch=32, seq=16, hidden=512, cell="gru"),
+        dict(batch=1, seq=128, hidden=256, cell="lstm"),
+        dict(batch=32, seq=128, hidden=64, cell="lstm", training=False),
+    ]
+    for kw in limited:
+        assert cpu_rule.prefer_cpp(shape(**kw)), kw
+        assert not cpu_rule.prefer_cpp(shape(isa="avx2", **kw)), kw
+    # Below the LSTM's AVX2 limit both directions at once stay fused (1.64x / 1.45x at B 8).
+    assert cpu_rule.prefer_cpp(shape(batch=8, seq=128, hidden=64, cell="lstm", isa="avx2"))

@@ -101,14 +101,14 @@ def workers(s: CallShape) -> int:
     return max(1, min(s.threads, (2 if s.bidirectional else 1) * per_dir))
 
 
-# What the committed grids measured: the engine's instruction set (csrc/simd.h) and the
-# thread counts. Outside them the rule is conservative. Without vector paths the engine lost
-# (0.46-0.66x nn at small shapes, issue 22): the nn class. With more threads than measured,
+# What the committed grids measured: the engine's instruction set (csrc/simd.h; AVX2 with the
+# limits of _avx2_declines) and the thread counts. Outside them the rule is conservative.
+# Without vector paths the engine lost (0.46-0.66x nn at small shapes, issue 22): the nn class. With more threads than measured,
 # the nn class's per-step GEMMs use all of them while the engine's team is capped at
 # D * ceil(H / 64) workers: fused only where a whole step (both directions, every gate) is at
 # most UNMEASURED_STEP_LIMIT multiply-adds, where the per-step dispatch the engine saves
 # outweighs what more threads give one small GEMM, and where the measured rule fuses too.
-MEASURED_ISAS = ("avx512",)
+MEASURED_ISAS = ("avx512", "avx2")
 MEASURED_MAX_THREADS = 2
 UNMEASURED_STEP_LIMIT = 1 << 20  # 1 M: (32, 128, 128, 128) bidirectional Elman
 
@@ -127,6 +127,8 @@ def prefer_cpp(s: CallShape) -> bool:
         return _prefer_bf16(s)
     team = workers(s)
     per_worker = s.step_macs / team
+    if s.isa == "avx2" and _avx2_declines(s, team, per_worker):
+        return False
     if s.cell != "rnn":
         return _prefer_gated(s, per_worker)
     if s.dtype == torch.float64:
@@ -155,6 +157,37 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
         return s.training or s.batch > 1 or s.seq > SHORT
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
+
+
+# AVX2 without AVX-512 (benchmarks/results/cpu-grid-avx2/, cpu-grid-gru-avx2/ and
+# cpu-grid-lstm-avx2/, measured by `cpu_grid.py --isa avx2`: the engine, ATen, MKL and oneDNN all
+# lowered to AVX2 on the AVX-512 machine). The engine's per-step products run 8 wide instead of
+# 16 and its margins shrink, but the AVX-512 rule held at most points. Where it fuses, these
+# lost or were mixed over three runs, and take the nn class on AVX2:
+# - unidirectional inference over T <= 16 on a team of workers (Elman B 64 T 4 H 128 0.60-0.87x;
+#   GRU B 1 and 8, T 16, H 128 0.78-3.2x): few small steps do not pay for the team's start;
+# - fp64 inference from 8.4 M per worker (0.70x and 0.88x), and fp64 over T < 16 at batch 1
+#   (B 1 T 4 H 1024 training 0.82-0.84x): W_hh's packing outweighs a few steps;
+# - GRU over T <= 16 from 8.4 M per worker (B 32 T 16 H 512: 0.81-0.92x);
+# - LSTM above 65 k per worker, or 131 k with both directions at once (B 1 T 128 H 256
+#   0.61-1.05x, H 512 0.67-0.77x, B 32 T 128 H 64 0.84-1.47x; 1.20-1.64x at or below it).
+AVX2_LARGE_STEP = 1 << 23  # 8.4 M
+AVX2_LSTM_BI_LIMIT = 1 << 17  # 131 k
+
+
+def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
+    """Where the AVX2 grids measured the nn class faster, or no clear win, though the rule for
+    AVX-512 fuses (see above)."""
+    if not s.training and not s.bidirectional and s.seq <= SHORT and team > 1:
+        return True
+    if s.dtype == torch.float64 and (s.seq < SHORT and s.batch == 1 or
+                                     not s.training and per_worker >= AVX2_LARGE_STEP):
+        return True
+    if s.cell == "gru":
+        return s.seq <= SHORT and per_worker >= AVX2_LARGE_STEP
+    if s.cell == "lstm":
+        return per_worker > (AVX2_LSTM_BI_LIMIT if s.bidirectional else GATED_SMALL_LIMIT)
+    return False
 
 
 # bfloat16 (under CPU autocast, or bf16 modules and inputs): the engine's products run on bf16
