@@ -9,8 +9,10 @@
 // Waiting: the worker whose arrival completes a step bumps a generation word (park.h) that the
 // others read; they never poll the counter every arrival writes. A waiter spins on the word
 // (with a pause instruction) for a bounded time, then sleeps on it (a futex) until the last
-// arriver wakes it. The spin bound adapts: halved after every wait that had to sleep, grown
-// slowly after waits that the spin covered, and carried from call to call. On an idle machine
+// arriver wakes it. The spin bound adapts: halved after a sleep that outlasted the longest
+// spin (a partner away), raised to twice the wait after a shorter one (a partner that was
+// running, just later than the spin), grown slowly after waits that the spin covered, and
+// carried from call to call. On an idle machine
 // the partners arrive within the spin and nobody sleeps; on an oversubscribed one (other
 // processes on the cores) a waiter soon stops spinning and gives its core to the worker it
 // waits for, as OpenMP's own barriers do.
@@ -291,12 +293,19 @@ class Team {
       if (spins % 16 == 0 && now_ns() - start >= spin_ns) break;
     }
     // Sleep until the last arriver (or a failing worker) changes the word.
-    spin_ns = std::max<int64_t>(SpinBudget::kMinNs, spin_ns / 2);
     while ((seen & kCount) != want) {
       if (seen & kFailed) failed();
       released_.sleep_while(seen);
       seen = released_.load();
     }
+    // A partner that came within kMaxNs was running: the spin was too short, and the sleep
+    // cost a wake-up (tens of microseconds on a VM) that makes this worker the late one at the
+    // next step, whose waiter then sleeps too: every step would sleep. Spin that long next
+    // time. A longer wait (a descheduled partner): sleeping was right, spin less.
+    const int64_t waited = now_ns() - start;
+    spin_ns = waited < SpinBudget::kMaxNs
+                  ? std::max(spin_ns, std::min<int64_t>(SpinBudget::kMaxNs, 2 * waited))
+                  : std::max<int64_t>(SpinBudget::kMinNs, spin_ns / 2);
   }
 
   int64_t size_;
