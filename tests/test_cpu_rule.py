@@ -162,15 +162,16 @@ def test_cached_module_pickles_and_deep_copies():
 @pytest.mark.parametrize("training", [False, True])
 def test_lstm_taggers_both_directions_are_fused_up_to_the_measured_limit(training):
     """Issue 23's grid (cpu-grid-tagger-lstm): a bidirectional tagger step up to 640 k
-    multiply-adds per worker runs the kernel in both modes; 1 M per worker, one direction or
-    a 16-step batch-1 inference keep nn.LSTM."""
+    multiply-adds per worker runs the kernel in both modes; above 1 M per worker inference,
+    one direction or a 16-step batch-1 inference keep nn.LSTM."""
     lstm = dict(cell="lstm", training=training)
     assert cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, **lstm))  # 640 k
     assert cpu_rule.prefer_cpp(shape(batch=8, seq=128, hidden=128, **lstm))  # 524 k
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=30, hidden=256, layers=2, **lstm))
     assert not cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, bidirectional=False,
                                          **lstm))
-    assert not cpu_rule.prefer_cpp(shape(batch=32, seq=40, hidden=128, **lstm))  # 2.1 M
+    # 2.1 M: the training step only (test_lstm_training_steps_of_taggers_are_fused)
+    assert cpu_rule.prefer_cpp(shape(batch=32, seq=40, hidden=128, **lstm)) == training
     assert not cpu_rule.prefer_cpp(shape(batch=16, hidden=100, dtype=torch.float64, **lstm))
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=256, **lstm)) == training
 
@@ -248,7 +249,7 @@ def test_avx2_limits():
     """The shapes behind each AVX2 limit (cpu_rule._avx2_declines) go to the nn class there and
     stay fused on AVX-512."""
     limited = [
-        dict(batch=64, seq=4, hidden=128, layers=2, bidirectional=False, training=False),
+        dict(batch=64, seq=16, hidden=512, bidirectional=False, dtype=torch.float64, training=False),
         dict(batch=256, seq=4, hidden=512, dtype=torch.float64, training=False, threads=1),
         dict(batch=1, seq=4, hidden=1024, dtype=torch.float64, threads=1),
         dict(batch=32, seq=16, hidden=512, cell="gru"),
@@ -260,3 +261,15 @@ def test_avx2_limits():
         assert not cpu_rule.prefer_cpp(shape(isa="avx2", **kw)), kw
     # Below the LSTM's AVX2 limit both directions at once stay fused (1.64x / 1.45x at B 8).
     assert cpu_rule.prefer_cpp(shape(batch=8, seq=128, hidden=64, cell="lstm", isa="avx2"))
+
+
+def test_lstm_training_steps_of_taggers_are_fused():
+    """Both directions' training steps up to 2.1 M multiply-adds per worker and step, over 32
+    steps or more, run the kernel (the tagger's (32, 40, 100, 128): 1.25-1.43x nn.LSTM in
+    three runs); their inference and short sequences stay with nn.LSTM."""
+    tagger = dict(batch=32, seq=40, hidden=128, cell="lstm")
+    assert cpu_rule.prefer_cpp(shape(training=True, **tagger))
+    assert not cpu_rule.prefer_cpp(shape(training=False, **tagger))
+    assert not cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "seq": 16}))
+    assert not cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "bidirectional": False}))
+    assert not cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "batch": 64}))

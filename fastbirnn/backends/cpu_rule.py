@@ -89,6 +89,13 @@ GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
 LSTM_BATCH1_LONG_SEQ = 64  # between the grid's T = 16 and T = 128
 LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inference)
+# Training steps with both directions go further, over sequences of 32 steps or more: up to
+# 2.1 M per worker (1.10-1.25x at B 8 T 128 H 256, B 128 T 128 H 64 and the tagger's B 32
+# T 40 H 128 in the grids of af21127, where the spin fix let small steps stop sleeping; B 32
+# T 128 H 128 0.97-0.98x in the full grid and 1.35-1.47x in the tagger preset). At T = 16 the
+# same steps were 0.95-1.09x, above 2.1 M 0.88-1.25x.
+LSTM_BI_TRAIN_LIMIT = 1 << 21  # 2.1 M
+LSTM_TRAIN_MIN_SEQ = 32
 
 # The engine's fixed column blocks (csrc/geometry.h, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
@@ -156,6 +163,9 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     # LSTM
     if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
         return s.training or s.batch > 1 or s.seq > SHORT
+    if (s.dtype == torch.float32 and s.bidirectional and s.training
+            and s.seq >= LSTM_TRAIN_MIN_SEQ and per_worker <= LSTM_BI_TRAIN_LIMIT):
+        return True
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
 
 
@@ -163,23 +173,21 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
 # cpu-grid-lstm-avx2/, measured by `cpu_grid.py --isa avx2`: the engine, ATen, MKL and oneDNN all
 # lowered to AVX2 on the AVX-512 machine). The engine's per-step products run 8 wide instead of
 # 16 and its margins shrink, but the AVX-512 rule held at most points. Where it fuses, these
-# lost or were mixed over three runs, and take the nn class on AVX2:
-# - unidirectional inference over T <= 16 on a team of workers (Elman B 64 T 4 H 128 0.60-0.87x;
-#   GRU B 1 and 8, T 16, H 128 0.78-3.2x): few small steps do not pay for the team's start;
-# - fp64 inference from 8.4 M per worker (0.70x and 0.88x), and fp64 over T < 16 at batch 1
-#   (B 1 T 4 H 1024 training 0.82-0.84x): W_hh's packing outweighs a few steps;
-# - GRU over T <= 16 from 8.4 M per worker (B 32 T 16 H 512: 0.81-0.92x);
+# lost in both AVX2 runs (and in re-measures), and take the nn class on AVX2 (one loss is left:
+# B 1 T 64 H 1024 inference at 1 thread, 0.86-1.20x over five runs, median 0.94x; a limit for
+# batch 1 alone would break the rule's monotonicity in the batch):
+# - fp64 inference from 8.4 M per worker (0.70-0.95x), and fp64 over T < 16 at batch 1
+#   (B 1 T 4 H 1024 training: 0.82-0.91x in five runs): W_hh's packing outweighs a few steps;
+# - GRU over T <= 16 from 8.4 M per worker (B 32 T 16 H 512: 0.81-0.94x);
 # - LSTM above 65 k per worker, or 131 k with both directions at once (B 1 T 128 H 256
-#   0.61-1.05x, H 512 0.67-0.77x, B 32 T 128 H 64 0.84-1.47x; 1.20-1.64x at or below it).
+#   0.61-1.05x, H 512 0.67-0.86x, B 32 T 128 H 64 0.84-1.47x; 1.02-9.3x at or below it).
 AVX2_LARGE_STEP = 1 << 23  # 8.4 M
 AVX2_LSTM_BI_LIMIT = 1 << 17  # 131 k
 
 
 def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
-    """Where the AVX2 grids measured the nn class faster, or no clear win, though the rule for
-    AVX-512 fuses (see above)."""
-    if not s.training and not s.bidirectional and s.seq <= SHORT and team > 1:
-        return True
+    """Where the AVX2 grids measured the nn class faster, though the rule for AVX-512 fuses
+    (see above)."""
     if s.dtype == torch.float64 and (s.seq < SHORT and s.batch == 1 or
                                      not s.training and per_worker >= AVX2_LARGE_STEP):
         return True
