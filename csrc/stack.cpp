@@ -466,6 +466,10 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
                              saved};
     kept.insert(kept.end(), weights.begin(), weights.end());
     ctx->save_for_backward(kept);
+    // Outputs the loss does not use reach backward undefined, not as zeros the autograd engine
+    // would allocate and fill (a visible part of a tiny training step); both backwards take
+    // them as absent.
+    ctx->set_materialize_grads(false);
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["num_layers"] = num_layers;
     ctx->saved_data["bidirectional"] = bidirectional;

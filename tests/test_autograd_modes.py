@@ -171,3 +171,31 @@ def test_activation_follows_the_constructed_mode_like_nn_rnn(backend):
     reference, fast = pair(backend, nonlinearity="relu")
     reference.nonlinearity = fast.nonlinearity = "tanh"
     torch.testing.assert_close(fast(X), reference(X))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("used", ["out", "h_n", "c_n"])
+def test_a_loss_on_one_output_matches_nn(cell, backend, used):
+    """The outputs a loss does not use reach the backward as no gradient at all (the node does
+    not materialise zeros): first- and second-order gradients still match nn."""
+    if used == "c_n" and cell != "lstm":
+        pytest.skip("only the LSTM has c_n")
+    expected, fast = _cell_pair(cell, backend, num_layers=2)
+    x = X[:, :, :3].clone().requires_grad_(True)
+
+    def loss(module):
+        out, state = module(x)
+        finals = state if isinstance(state, tuple) else (state,)
+        picked = {"out": out, "h_n": finals[0], "c_n": finals[-1]}[used]
+        return picked.pow(2).sum()
+
+    want_inputs, got_inputs = [x, *expected.parameters()], [x, *fast.parameters()]
+    # First order (the engine's own backward), then second order (create_graph: the
+    # differentiable recomputation), each through the same single output.
+    torch.testing.assert_close(torch.autograd.grad(loss(fast), got_inputs),
+                               torch.autograd.grad(loss(expected), want_inputs))
+    want = torch.autograd.grad(loss(expected), want_inputs, create_graph=True)
+    got = torch.autograd.grad(loss(fast), got_inputs, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(got[0].sum(), x),
+                               torch.autograd.grad(want[0].sum(), x))
