@@ -28,10 +28,14 @@ struct Projection {
   const T* X;
   int64_t I, rows, cols;
   const T* w_ih[2];
-  const T* w_ih_t[2];  // W_ih^T [I, cols] (register tiles / the tiny loops), or null for BLAS
-  int64_t blocks;      // row blocks per direction
-  bool tiny;           // small_gemm on W_ih^T (cols, I <= kSmallHidden, rows <= kSmallRows)
+  T* w_ih_t[2];     // W_ih^T [I, cols] (register tiles / the tiny loops), or null for BLAS
+  int64_t blocks;   // row blocks per direction
+  bool tiny;        // small_gemm on W_ih^T (cols, I <= kSmallHidden, rows <= kSmallRows)
+  bool transposes;  // the team writes W_ih^T first (the tiles' copy; the tiny one is written)
 };
+
+// Rows of W_ih per task of the team's transpose (a multiple of the transpose's tiles).
+constexpr int64_t kTransposeRows = 8 * kTransposeTile;
 
 // Projections over at least this many rows run on register tiles from W_ih^T (the one-off
 // transpose costs about as much as the tiles save on a few hundred rows).
@@ -46,8 +50,9 @@ std::array<const T*, 2> input_weights(at::TensorList weights, const StackArgs& a
 }
 
 // The projection of one layer onto cols (kGates * H) columns per direction. W_ih^T goes to
-// tiny_t for the tiny loops, or to `packed` (allocated here) for register tiles over long
-// projections; otherwise BLAS reads W_ih as stored.
+// tiny_t for the tiny loops (written here), or to `packed` (allocated here, written by the
+// team in project()) for register tiles over long projections; otherwise BLAS reads W_ih as
+// stored.
 template <typename T>
 Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols, int64_t D,
                                const T* const w_ih[2], T (&tiny_t)[2][kSmallHidden * kSmallHidden],
@@ -56,13 +61,14 @@ Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols
   const bool tiles = !tiny && have_gemm_tiles() && rows >= kPackedProjectionRows;
   if (tiles) packed = at::empty({D, I, cols}, options);
   Projection<T> p{X, I, rows, cols, {nullptr, nullptr}, {nullptr, nullptr},
-                  tiny ? 1 : row_blocks(rows), tiny};
+                  tiny ? 1 : row_blocks(rows), tiny, tiles};
   for (int64_t d = 0; d < D; ++d) {
     p.w_ih[d] = w_ih[d];
-    if (tiny || tiles) {
-      T* w_t = tiny ? tiny_t[d] : packed.data_ptr<T>() + d * I * cols;
-      transpose(w_ih[d], cols, I, w_t);
-      p.w_ih_t[d] = w_t;
+    if (tiny) {
+      transpose(w_ih[d], cols, I, tiny_t[d]);
+      p.w_ih_t[d] = tiny_t[d];
+    } else if (tiles) {
+      p.w_ih_t[d] = packed.data_ptr<T>() + d * I * cols;
     }
   }
   return p;
@@ -75,6 +81,16 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out,
              const Bf16Forward* bf16 = nullptr) {
   const int64_t H = p.cols, ld = g.D * p.cols, n = g.D * p.blocks;
   const bool on_bf16 = bf16 && bf16->x;
+  if (p.transposes && !on_bf16) {  // W_ih^T for the tiles, in row ranges of W_ih over the team
+    const int64_t per_dir = (p.cols + kTransposeRows - 1) / kTransposeRows;
+    for (int64_t task = 0; task < g.D * per_dir; ++task) {
+      if (!m.owns(task)) continue;
+      const int64_t d = task / per_dir, r0 = (task % per_dir) * kTransposeRows;
+      const int64_t r1 = std::min(p.cols, r0 + kTransposeRows);
+      transpose(p.w_ih[d], p.cols, p.I, p.w_ih_t[d], r0, r1);
+    }
+    m.sync();
+  }
   if (on_bf16) {
     for (int64_t blk = 0; blk < p.blocks; ++blk) {
       if (!m.owns(blk)) continue;
