@@ -46,8 +46,10 @@ inline int64_t pair_slot(int64_t k, int64_t n, int64_t npad) {
 template <typename RowOf>
 void pack_rows_in_pairs(int64_t K, int64_t N, const RowOf& row, bf16_bits* packed) {
   const int64_t npad = clear_pairs(K, N, packed);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) packed[pair_slot(k, n, npad)] = to_bf16_bits(float(row(n)[k]));
+  for (int64_t n = 0; n < N; ++n) {
+    const auto* r = row(n);
+    for (int64_t k = 0; k < K; ++k) packed[pair_slot(k, n, npad)] = to_bf16_bits(float(r[k]));
+  }
 }
 
 // B[k][n] = row(k)[n] for K rows of N elements (row(k) null: a zero row), packed in pairs.
@@ -56,7 +58,8 @@ void pack_columns_in_pairs(int64_t K, int64_t N, const RowOf& row, bf16_bits* pa
   const int64_t npad = clear_pairs(K, N, packed);
   for (int64_t k = 0; k < K; ++k) {
     const auto* r = row(k);
-    for (int64_t n = 0; r && n < N; ++n) packed[pair_slot(k, n, npad)] = to_bf16_bits(float(r[n]));
+    if (!r) continue;  // a zero row: already cleared
+    for (int64_t n = 0; n < N; ++n) packed[pair_slot(k, n, npad)] = to_bf16_bits(float(r[n]));
   }
 }
 
