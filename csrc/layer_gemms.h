@@ -28,10 +28,12 @@ struct Projection {
   const T* X;
   int64_t I, rows, cols;
   const T* w_ih[2];
-  T* w_ih_t[2];     // W_ih^T [I, cols] (register tiles / the tiny loops), or null for BLAS
-  int64_t blocks;   // row blocks per direction
-  bool tiny;        // small_gemm on W_ih^T (cols, I <= kSmallHidden, rows <= kSmallRows)
-  bool transposes;  // the team writes W_ih^T first (the tiles' copy; the tiny one is written)
+  T* w_ih_t[2];    // W_ih^T [I, cols] (register tiles / the tiny loops), or null for BLAS
+  int64_t blocks;  // row blocks per direction
+  bool tiny;       // small_gemm on W_ih^T (cols, I <= kSmallHidden, rows <= kSmallRows)
+  // Whether the team writes W_ih^T before the products: the tiles' copy (the tiny one is
+  // written by layer_projection).
+  bool team_transposes() const { return !tiny && w_ih_t[0] != nullptr; }
 };
 
 // Rows of W_ih per task of the team's transpose (a multiple of the transpose's tiles).
@@ -52,16 +54,17 @@ std::array<const T*, 2> input_weights(at::TensorList weights, const StackArgs& a
 // The projection of one layer onto cols (kGates * H) columns per direction. W_ih^T goes to
 // tiny_t for the tiny loops (written here), or to `packed` (allocated here, written by the
 // team in project()) for register tiles over long projections; otherwise BLAS reads W_ih as
-// stored.
+// stored. On_bf16: the products run on the bf16 tiles (project()), which read their own copy
+// of W_ih: no fp32 W_ih^T for long projections.
 template <typename T>
 Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols, int64_t D,
                                const T* const w_ih[2], T (&tiny_t)[2][kSmallHidden * kSmallHidden],
-                               Tensor& packed, const at::TensorOptions& options) {
+                               Tensor& packed, const at::TensorOptions& options, bool on_bf16) {
   const bool tiny = cols <= kSmallHidden && I <= kSmallHidden && rows <= kSmallRows;
-  const bool tiles = !tiny && have_gemm_tiles() && rows >= kPackedProjectionRows;
+  const bool tiles = !tiny && !on_bf16 && have_gemm_tiles() && rows >= kPackedProjectionRows;
   if (tiles) packed = at::empty({D, I, cols}, options);
   Projection<T> p{X, I, rows, cols, {nullptr, nullptr}, {nullptr, nullptr},
-                  tiny ? 1 : row_blocks(rows), tiny, tiles};
+                  tiny ? 1 : row_blocks(rows), tiny};
   for (int64_t d = 0; d < D; ++d) {
     p.w_ih[d] = w_ih[d];
     if (tiny) {
@@ -81,7 +84,7 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out,
              const Bf16Forward* bf16 = nullptr) {
   const int64_t H = p.cols, ld = g.D * p.cols, n = g.D * p.blocks;
   const bool on_bf16 = bf16 && bf16->x;
-  if (p.transposes && !on_bf16) {  // W_ih^T for the tiles, in row ranges of W_ih over the team
+  if (p.team_transposes()) {  // W_ih^T for the tiles, in row ranges of W_ih over the team
     const int64_t per_dir = (p.cols + kTransposeRows - 1) / kTransposeRows;
     for (int64_t task = 0; task < g.D * per_dir; ++task) {
       if (!m.owns(task)) continue;

@@ -148,7 +148,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     T* S = !Cell::kInPlace && keep ? saved.data_ptr<T>() + l * rows * g.DH() : nullptr;
     const Projection<T> proj = layer_projection<T>(layer_in, in_size, rows, KH, D,
                                                    input_weights<T>(weights, a, l).data(),
-                                                   w_ih_t, w_ih_packed, x.options());
+                                                   w_ih_t, w_ih_packed, x.options(), on_bf16);
     ForwardOperands<T> ops;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir();
