@@ -48,19 +48,26 @@ inline int64_t column_sums_scratch(int64_t rows, int64_t n) {
   return (levels + 2) * n;
 }
 
-// out[c, r] = in[r, c] for rows [first, last) of a row-major [R, C] matrix (all of it by
+// out[c * ldo + r] = in[r * ldi + c] for rows [first, last) of an [R, C] matrix (all of it by
 // default), in 32 x 32 tiles so that large ones do not miss the cache on every strided write.
 // Row ranges write disjoint parts of out: workers can share one transpose.
-constexpr int64_t kTransposeTile = 32;
+constexpr int64_t kTransposeTile = 8;
 
 template <typename T>
-void transpose(const T* in, int64_t R, int64_t C, T* out, int64_t first = 0, int64_t last = -1) {
+void transpose_strided(const T* in, int64_t ldi, int64_t R, int64_t C, T* out, int64_t ldo,
+                       int64_t first = 0, int64_t last = -1) {
   if (last < 0) last = R;
   for (int64_t r0 = first; r0 < last; r0 += kTransposeTile)
     for (int64_t c0 = 0; c0 < C; c0 += kTransposeTile)
       for (int64_t r = r0; r < std::min(last, r0 + kTransposeTile); ++r)
         for (int64_t c = c0; c < std::min(C, c0 + kTransposeTile); ++c)
-          out[c * R + r] = in[r * C + c];
+          out[c * ldo + r] = in[r * ldi + c];
+}
+
+// The dense form: a row-major [R, C] matrix into [C, R].
+template <typename T>
+void transpose(const T* in, int64_t R, int64_t C, T* out, int64_t first = 0, int64_t last = -1) {
+  transpose_strided(in, C, R, C, out, R, first, last);
 }
 
 template <typename T>

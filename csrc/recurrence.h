@@ -24,6 +24,7 @@
 
 #include "bf16.h"
 #include "geometry.h"
+#include "matrix.h"
 #include "team.h"
 #include "tiles.h"
 #include "tiles_bf16.h"
@@ -59,13 +60,11 @@ void pack_block(const T* w_hh, int64_t K, int64_t H, int64_t j0, int64_t w, bool
   T* block = packed + K * j0 * H;
   const int64_t n_all = K * w;
   for (int64_t q = 0; q < K; ++q) {
-    for (int64_t n = 0; n < w; ++n) {
-      const T* row = w_hh + (q * H + j0 + n) * H;
-      if (tiles)
-        for (int64_t k = 0; k < H; ++k) block[k * n_all + q * w + n] = row[k];
-      else
-        std::memcpy(block + (q * w + n) * H, row, sizeof(T) * H);
-    }
+    const T* rows = w_hh + (q * H + j0) * H;  // the gate's w rows of the block
+    if (tiles)  // into columns q * w.. of the panel: a blocked transpose, not a strided scatter
+      transpose_strided(rows, H, w, H, block + q * w, n_all);
+    else
+      std::memcpy(block + q * w * H, rows, sizeof(T) * w * H);
   }
 }
 
