@@ -51,7 +51,7 @@ import fastbirnn
 from fastbirnn import backends
 from fastbirnn import benchmarking as bm
 from fastbirnn.backends import cpp_backend, cpu_rule
-from fastbirnn.benchmarking import machine_info, measure_interleaved
+from fastbirnn.benchmarking import machine_info, measure_by_mode
 
 BATCH = (1, 8, 64, 256)
 SEQ = (4, 64, 512)
@@ -272,11 +272,15 @@ def estimate_call_s(p: Point, mode: str) -> float:
 
 
 def estimate_point_s(p: Point, budget_s: float, contenders: int = 3) -> float:
-    """Seconds measure() takes for ``p``, by the model above and measure_interleaved's loop."""
-    calls = [estimate_call_s(p, m) for m in ("infer", "train")] * contenders
-    round_s = sum(max(SAMPLE_S, c) for c in calls)
-    rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(budget_s / round_s) + 1))
-    return 0.05 + 2 * sum(calls) + rounds * round_s  # build, warm-up + estimate, rounds
+    """Seconds measure() takes for ``p``, by the model above and measure_by_mode's loops (each
+    mode's rounds on half the budget)."""
+    seconds = 0.05  # build
+    for mode in ("infer", "train"):
+        call_s = estimate_call_s(p, mode)
+        round_s = contenders * max(SAMPLE_S, call_s)
+        rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(budget_s / 2 / round_s) + 1))
+        seconds += 2 * contenders * call_s + rounds * round_s  # warm-up + estimate, rounds
+    return seconds
 
 
 # -------------------------------------------------------------------------- measuring
@@ -324,9 +328,8 @@ def measure(p: Point, budget_s: float) -> dict:
         for name, m in models.items():
             fns[(name, "infer")] = bm.forward_step(m, x)
             fns[(name, "train")] = bm.train_step(m, x, grad_out)
-        t = measure_interleaved(fns, "cpu", warmup=1, min_rounds=MIN_ROUNDS,
-                                max_rounds=MAX_ROUNDS, budget_s=budget_s,
-                                target_sample_s=SAMPLE_S)
+        t = measure_by_mode(fns, "cpu", warmup=1, min_rounds=MIN_ROUNDS,
+                            max_rounds=MAX_ROUNDS, budget_s=budget_s, target_sample_s=SAMPLE_S)
         with torch.no_grad():
             auto_infer = models["auto"].selected_backend(x)
         auto_train = models["auto"].selected_backend(x)

@@ -244,8 +244,8 @@ def compare_paths(case: bm.Case, device, budget_s: float, rounds: int = 3,
             entry["paths"][name] = info
             fns[(name, "forward")] = _with_path(bm.forward_step(fused, x), path, mode)
             fns[(name, "train")] = _with_path(bm.train_step(fused, x, grad_out), path, mode)
-        timings = bm.measure_interleaved(fns, device, warmup=warmup, min_rounds=rounds,
-                                         max_rounds=max(rounds, 9), budget_s=budget_s)
+        timings = bm.measure_by_mode(fns, device, warmup=warmup, min_rounds=rounds,
+                                     max_rounds=max(rounds, 9), budget_s=budget_s)
     base_ms = {m: timings[(bm.BASELINE, m)].median * 1e3 for m in ("forward", "train")}
     entry["cudnn_ms"] = base_ms
     for name, info in entry["paths"].items():
@@ -344,8 +344,8 @@ def compare_gated(cell: str, batch: int, seq: int, hidden: int, dtype_label: str
                for name, model in (("cudnn", base), ("triton", fused))
                for mode, step in (("forward", bm.forward_step(model, x)),
                                   ("train", bm.train_step(model, x, grad_out)))}
-        timings = bm.measure_interleaved(fns, device, warmup=warmup, min_rounds=rounds,
-                                         max_rounds=max(rounds, 9), budget_s=budget_s)
+        timings = bm.measure_by_mode(fns, device, warmup=warmup, min_rounds=rounds,
+                                     max_rounds=max(rounds, 9), budget_s=budget_s)
     for mode in ("forward", "train"):
         cudnn, triton_ms = (timings[(n, mode)].median * 1e3 for n in ("cudnn", "triton"))
         entry[f"cudnn_{mode}_ms"] = cudnn

@@ -9,8 +9,9 @@ For each N the script starts N busy processes of its own (pure-Python spin loops
 exiting by itself once this script is gone), lets them settle, then times, for each cell and
 shape (default (32,128,128,128) and (16,200,80,320), bidirectional, fp32), an inference call
 (``no_grad``) and a training step of both contenders with the same weights and input,
-interleaved (``fastbirnn.benchmarking.measure_interleaved``: rounds in rotating order, each
-sample ``--sample-ms`` of back-to-back calls, long enough to span scheduler time slices).
+interleaved (``fastbirnn.benchmarking.measure_by_mode``: each mode in turn, its rounds in
+rotating order, each sample ``--sample-ms`` of back-to-back calls, long enough to span
+scheduler time slices).
 It reports the median ratio nn time / cpp time (above 1: the kernel is faster) per row and
 the issue's targets (>= 0.9x with 2 busy processes, >= 3x with 1). The load processes are
 always stopped: at the end, on an error, on Ctrl-C and on SIGTERM.
@@ -120,7 +121,7 @@ def measure(case: bm.Case, args) -> list[dict]:
         if "train" in args.modes:
             fns[(name, "train")] = bm.train_step(models[name], x, grad_out)
     meter = bm.OtherCpuMeter()
-    timings = bm.measure_interleaved(
+    timings = bm.measure_by_mode(
         fns, "cpu", warmup=2, min_rounds=args.rounds, max_rounds=args.max_rounds,
         budget_s=args.budget, target_sample_s=args.sample_ms / 1e3)
     other = meter.cores()

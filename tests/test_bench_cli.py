@@ -72,6 +72,23 @@ STEADY = [1.00, 1.02, 0.99, 1.01, 1.00]
 SPIKY = [1.0, 1.1, 9.0, 8.5, 1.05]  # a few repeats hit by other work
 
 
+def test_modes_are_timed_one_after_the_other_contenders_interleaved():
+    """measure_by_mode: every inference call of every contender before any training step
+    (a model alternating modes is not what users run, and it slows nn.LSTM alone); within a
+    mode the contenders alternate; the budget is split between the modes."""
+    calls = []
+    fns = {(name, mode): (lambda key=(name, mode): calls.append(key))
+           for mode in ("fwd", "train") for name in ("nn.RNN", "cpp")}
+    timings = bm.measure_by_mode(fns, "cpu", warmup=1, min_rounds=3, max_rounds=3,
+                                 budget_s=0.0, target_sample_s=0.0)
+    assert set(timings) == set(fns) and all(len(t.samples) == 3 for t in timings.values())
+    modes = [mode for _, mode in calls]
+    assert modes == sorted(modes, key=("fwd", "train").index)  # fwd calls first, all of them
+    timed_fwd = [name for name, mode in calls if mode == "fwd"][-6:]  # the three rounds
+    assert timed_fwd.count("nn.RNN") == timed_fwd.count("cpp") == 3
+    assert any(a != b for a, b in zip(timed_fwd, timed_fwd[1:]))  # interleaved
+
+
 def test_disturbance_quiet_case_flags_nothing():
     steady = {"fwd": STEADY, "train": STEADY}
     assert bm.disturbance(steady, steady, other_cores=0.03) == []
