@@ -220,10 +220,14 @@ def main() -> None:
           f"{tiny['fused_forward_recording_graph_us']:.1f} + backward (the rest); a one-multiply "
           f"graph's backward {tiny['one_multiply_backward_us']:.1f} us; nn.RNN's step "
           f"{tiny['nn_rnn_step_us']:.1f} us")
-    if args.out:
-        with open(args.out, "w") as f:
+    write_json(result, args.out)
+
+
+def write_json(result: dict, path) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        print(f"wrote {path}")
 
 
 def report_lstm(result: dict, threads: int, args) -> None:
@@ -238,10 +242,7 @@ def report_lstm(result: dict, threads: int, args) -> None:
                   f"({m['nn_fraction_of_peak']:4.0%})   {m['cpp_gflops']:6.1f} "
                   f"({m['cpp_fraction_of_peak']:4.0%}) {m['speedup']:5.2f}x  {m['target']:.1f}x  "
                   f"{m['target_gflops']:6.1f} ({m['target_fraction_of_peak']:4.0%})")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":
