@@ -14,7 +14,8 @@ training step spends its time: the profile behind the CPU-engine targets the ker
    and nn.RNN's whole step.
 
 With ``--cell lstm``, in place of 2 and 3: issue 23's rows (B, T, I, H, layers, directions),
-the kernel and nn.LSTM (oneDNN's fused LSTM) timed interleaved at all threads, the GFLOP/s
+the kernel and nn.LSTM (oneDNN's fused LSTM) timed at all threads (each mode on its own,
+contenders interleaved), the GFLOP/s
 each reaches, and the rate the kernel would need for the issue's targets (inference 1.0x and
 training 1.3x nn.LSTM; 1.3x / 1.5x at batch 1), as a fraction of the peak.
 
@@ -65,20 +66,11 @@ def peak_gflops(threads: int) -> float:
     return 2 * 2048**3 / median_seconds(lambda: torch.mm(a, b), 10) / 1e9
 
 
-def multiply_adds(B: int, T: int, I: int, H: int) -> dict:
-    """Bidirectional, one layer: the input projection and the recurrence forward; backward
-    the BPTT products, dW_hh, dW_ih and the input gradient."""
-    rows, D = T * B, 2
-    projection, recurrence = D * rows * I * H, D * rows * H * H
-    forward = projection + recurrence
-    backward = recurrence + recurrence + projection + projection  # dh W, dW_hh, dW_ih, dX
-    return {"forward": forward, "train": forward + backward}
-
-
 def stack_multiply_adds(B: int, T: int, I: int, H: int, layers: int, bidirectional: bool,
                         gates: int) -> dict:
-    """A stack of layers: each layer's projection from its input width (I, then D * H) and its
-    recurrence, per gate; the training step adds the BPTT products, dW_hh, dW_ih and dX."""
+    """Multiply-adds of a stack of layers: each layer's projection from its input width (I,
+    then D * H) and its recurrence, per gate; the training step adds the BPTT products, dW_hh,
+    dW_ih and the input gradient."""
     D, rows = (2 if bidirectional else 1), T * B
     forward = backward = 0
     for layer in range(layers):
@@ -90,7 +82,7 @@ def stack_multiply_adds(B: int, T: int, I: int, H: int, layers: int, bidirection
 
 
 def lstm_rows(peak: float, threads: int, budget_s: float) -> list[dict]:
-    """The kernel and nn.LSTM at issue 23's rows, interleaved, at ``threads`` threads."""
+    """The kernel and nn.LSTM at issue 23's rows at ``threads`` threads (measure_by_mode)."""
     torch.set_num_threads(threads)
     entries = []
     for (B, T, I, H, layers, bidirectional), targets in LSTM_ROWS:
@@ -171,7 +163,7 @@ def main() -> None:
     parser.add_argument("--cell", choices=("rnn", "lstm"), default="rnn",
                         help="rnn: the design's shapes and the tiny step; lstm: issue 23's rows")
     parser.add_argument("--budget", type=float, default=8.0,
-                        help="--cell lstm: seconds of interleaved rounds per row")
+                        help="--cell lstm: seconds of timed rounds per row, both modes")
     args = parser.parse_args()
     all_threads = args.threads
     result = {"machine": machine_info("cpu"), "peak_gflops": {}, "shapes": [], "tiny": None}
@@ -180,7 +172,7 @@ def main() -> None:
     if args.cell == "lstm":
         return report_lstm(result, all_threads, args)
     for shape in SHAPES:
-        macs = multiply_adds(*shape)
+        macs = stack_multiply_adds(*shape, layers=1, bidirectional=True, gates=1)
         steps = kernel_steps(*shape)
         entry = {"shape": shape, "multiply_adds": macs, "modes": {}}
         for mode, fn in steps.items():

@@ -472,8 +472,9 @@ def measure_by_mode(fns: dict, device, *, budget_s: float = 5.0, **kwargs) -> di
     ``fns`` maps ``(contender, mode)`` keys to callables; the budget is split evenly between
     the modes. Interleaving the modes too would time each model alternating between an
     inference and a training call, which no training loop or server does, and which costs
-    nn.LSTM alone: oneDNN's training step at the tagger's (32, 40, 100, 128) took 32 ms
-    after inference calls against 19-21 ms after training steps (2-core Zen 4, torch 2.13).
+    nn.LSTM alone: oneDNN's training step at the tagger's (32, 40, 100, 128) took 37.4 ms
+    with the modes interleaved and 18.4 ms timed per mode (benchmarks/results/
+    cpu-grid-tagger-lstm/, 2-core Zen 4, torch 2.13).
     """
     modes = list(dict.fromkeys(key[-1] for key in fns))
     timings: dict = {}

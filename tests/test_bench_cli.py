@@ -400,17 +400,21 @@ def test_gated_grid_covers_its_preset_within_the_time_it_claims(grid):
 
 def test_roofline_script_pieces_run(monkeypatch):
     """benchmarks/roofline.py (committed output in benchmarks/results/targets/): its step
-    functions run the kernel, its multiply-add count is the textbook one, and the tiny
+    functions run the kernel, its multiply-add counts are the textbook ones, and the tiny
     breakdown gives positive times. No timing is asserted."""
     pytest.importorskip("fastbirnn._C")
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import roofline
 
     B, T, I, H = 3, 5, 4, 6
-    assert roofline.multiply_adds(B, T, I, H) == {
+    assert roofline.stack_multiply_adds(B, T, I, H, 1, True, gates=1) == {
         "forward": 2 * T * B * (I * H + H * H),
         "train": 2 * T * B * (I * H + H * H) * 3,
     }
+    # An LSTM stack: four gates, the second layer's input both directions' outputs.
+    forward = 2 * T * B * 4 * (I * H + H * H) + 2 * T * B * 4 * (2 * H * H + H * H)
+    assert roofline.stack_multiply_adds(B, T, I, H, 2, True, gates=4) == {
+        "forward": forward, "train": 3 * forward}
     steps = roofline.kernel_steps(B, T, I, H)
     steps["forward"]()
     steps["train"]()
