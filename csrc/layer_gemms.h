@@ -1,11 +1,13 @@
 // The big products of one layer, outside the per-step recurrence: the input projection before
 // it (X W_ih^T for every step at once) and the weight and input gradients after BPTT.
-// Each is a list of fixed tasks (row blocks, weight-row blocks) whose shapes depend only on the
-// problem, so no sum is ever split over workers and the thread count cannot change a result.
+// Each is a list of fixed tasks (row blocks; blocks of weight rows and columns) whose shapes
+// depend only on the problem, so no sum is ever split over workers and the thread count cannot
+// change a result; they run on every thread, not only on the recurrence's team.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -77,6 +79,19 @@ Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols
   return p;
 }
 
+// Multiply-adds from which a projection takes more threads than the recurrence's team has
+// (a parallel region of its own costs a few microseconds).
+constexpr int64_t kSplitProjectionWork = int64_t(1) << 20;
+
+// The workers for projection p: every thread its tasks can use where the recurrence's team
+// (`team` workers, capped by its column blocks) is smaller and the product big enough, else
+// that team.
+template <typename T>
+int64_t projection_workers(const Projection<T>& p, int64_t D, int64_t team) {
+  if (p.rows * D * p.cols * p.I < kSplitProjectionWork) return team;
+  return std::max(team, std::min<int64_t>(at::get_num_threads(), D * p.blocks));
+}
+
 // The projection's tasks; with bf16 (a bf16 call on the bf16 tiles) each worker first converts
 // the rows of its blocks to bf16, then the team meets once before the products read them.
 template <typename T>
@@ -120,17 +135,18 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out,
   }
 }
 
-// m rows of direction d's dW_hh as nn computes them: a sum over the steps each row actually
-// takes, h0 (or zeros) at its first step. dz points at the rows' gate-gradient columns
-// (leading dimension ldz), Hs at direction d's columns of the outputs. Used only when the
+// Rows j0..j0+m, columns n0..n0+n of direction d's dW_hh as nn computes them: a sum over the
+// steps each row actually takes, h0 (or zeros) at its first step. dz points at the rows'
+// gate-gradient columns (leading dimension ldz), Hs at direction d's columns of the outputs, h0
+// at direction d's initial states, dW at row j0 (leading dimension H). Used only when the
 // layer's states or gradients hold a NaN or inf, where the fast path would differ: its shifted
 // GEMM also multiplies the zero dz of padded steps with the last valid state (0 * NaN = NaN),
 // and it skips the zero h0 term when no h0 was given (NaN * 0 = NaN in nn.RNN).
 template <typename T>
-void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t m, const T* dz, int64_t ldz,
-                                  const T* Hs, const T* h0, T* dW) {
+void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t m, int64_t n0, int64_t n,
+                                  const T* dz, int64_t ldz, const T* Hs, const T* h0, T* dW) {
   const int64_t H = g.H, DH = g.DH();
-  std::fill(dW, dW + m * H, T(0));
+  for (int64_t j = 0; j < m; ++j) std::fill(dW + j * H + n0, dW + j * H + n0 + n, T(0));
   for (int64_t b = 0; b < g.B; ++b) {
     const int64_t length = g.lengths ? g.lengths[b] : g.T;
     for (int64_t s = 0; s < length; ++s) {
@@ -142,7 +158,8 @@ void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t m, const T* 
       else if (h0)
         prev = h0 + b * H;
       for (int64_t j = 0; j < m; ++j)
-        for (int64_t k = 0; k < H; ++k) dW[j * H + k] += dz_row[j] * (prev ? prev[k] : T(0));
+        for (int64_t k = n0; k < n0 + n; ++k)
+          dW[j * H + k] += dz_row[j] * (prev ? prev[k] : T(0));
     }
   }
 }
@@ -177,52 +194,91 @@ void bias_grads(const GradOperands<T>& p, std::vector<Tensor>& dweights, int64_t
   }
 }
 
+// How one direction's weight gradient, rows x cols summed over `steps`, is cut into tasks: row
+// blocks first, then column blocks of whole 64-column panels, until each task has about
+// kGradTaskWork multiply-adds, at most kMaxWeightTasks of them. The cut depends only on the
+// problem, and every element's sum keeps its one order on the register tiles (tiles.h) and the
+// bf16 tiles whatever its block: the thread count cannot change a result. More tasks than a
+// 2-core machine needs let many cores share one layer's weight gradients (at H 128, 4 weight
+// tasks of the whole weights held 60 cores idle).
+struct WeightBlocks {
+  static constexpr int64_t kGradTaskWork = int64_t(1) << 22;
+  static constexpr int64_t kMaxWeightTasks = 16;
+  static constexpr int64_t kMinRows = 64;
+  static constexpr int64_t kPanel = 64;
+
+  WeightBlocks(int64_t rows, int64_t cols, int64_t steps) : rows(rows), cols(cols) {
+    const int64_t tasks = std::clamp<int64_t>(rows * cols * steps / kGradTaskWork, 1,
+                                              kMaxWeightTasks);
+    n_row = std::min(tasks, ceil_div(rows, kMinRows));
+    const int64_t panels = ceil_div(cols, kPanel);
+    n_col = std::min(panels, std::max<int64_t>(1, tasks / n_row));
+    row_block = ceil_div(rows, n_row);
+    col_block = ceil_div(panels, n_col) * kPanel;
+  }
+  int64_t count() const { return n_row * n_col; }
+  // Task i's rows j0..j0+m and columns n0..n0+n (m or n may be 0: nothing to do).
+  void block(int64_t i, int64_t& j0, int64_t& m, int64_t& n0, int64_t& n) const {
+    j0 = (i / n_col) * row_block;
+    m = std::max<int64_t>(0, std::min(rows, j0 + row_block) - j0);
+    n0 = (i % n_col) * col_block;
+    n = std::max<int64_t>(0, std::min(cols, n0 + col_block) - n0);
+  }
+
+  static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+  int64_t rows, cols, n_row, n_col, row_block, col_block;
+};
+
 // The fixed tasks of one layer's gradient products, shared by gemm_grads and gemm_grads_bf16,
-// biggest first: per direction, blocks of weight rows of dW_hh (with the bias gradients), the
-// same blocks of dW_ih, then fixed row blocks of dX. Their shapes depend only on the problem.
+// biggest first: per direction, the blocks of dW_hh (the bias gradients with each row block's
+// first), the blocks of dW_ih, then fixed row blocks of dX. Their shapes depend only on the
+// problem.
 struct GradTasks {
   enum Kind { kHiddenWeights, kInputWeights, kInputGrad };
   struct Task {
     Kind kind;
     int64_t d, j0, m;  // weight tasks: direction d's weight rows j0..j0+m (m may be 0: skip)
+    int64_t n0, n;     // and its columns n0..n0+n (n may be 0: skip)
     int64_t r0, r1;    // kInputGrad: rows r0..r1 of dX
   };
 
-  // Weight-row blocks per direction: single-threaded MKL loses ~40% of its rate on these
-  // long-K products below m = 256 rows, so blocks stay at >= 512 rows; balance comes from
-  // the dynamic queue and the small dX blocks instead.
-  GradTasks(int64_t D, int64_t KH, int64_t rows, bool dX)
-      : KH(KH), rows(rows), n_wblk(std::max<int64_t>(1, KH / 512)),
-        wblk((KH + n_wblk - 1) / n_wblk), n_w(D * n_wblk), n_row_blocks(dX ? row_blocks(rows) : 0) {}
+  GradTasks(int64_t D, int64_t KH, int64_t H, int64_t I, int64_t rows, bool dX)
+      : D(D), rows(rows), hh(KH, H, rows), ih(KH, I, rows),
+        n_row_blocks(dX ? row_blocks(rows) : 0) {}
 
-  int64_t count() const { return 2 * n_w + n_row_blocks; }
+  int64_t count() const { return D * (hh.count() + ih.count()) + n_row_blocks; }
 
   Task operator[](int64_t task) const {
-    if (task >= 2 * n_w) {
-      const int64_t blk = task - 2 * n_w;
-      return {kInputGrad, 0, 0, 0, rows * blk / n_row_blocks, rows * (blk + 1) / n_row_blocks};
+    const int64_t n_hh = D * hh.count(), n_w = n_hh + D * ih.count();
+    if (task >= n_w) {
+      const int64_t blk = task - n_w;
+      return {kInputGrad, 0, 0, 0, 0, 0, rows * blk / n_row_blocks,
+              rows * (blk + 1) / n_row_blocks};
     }
-    const bool hh = task < n_w;
-    const int64_t w = hh ? task : task - n_w;
-    const int64_t j0 = (w % n_wblk) * wblk;
-    return {hh ? kHiddenWeights : kInputWeights, w / n_wblk, j0,
-            std::max<int64_t>(0, std::min(KH, j0 + wblk) - j0), 0, 0};
+    const bool is_hh = task < n_hh;
+    const WeightBlocks& w = is_hh ? hh : ih;
+    const int64_t i = is_hh ? task : task - n_hh;
+    Task t{is_hh ? kHiddenWeights : kInputWeights, i / w.count(), 0, 0, 0, 0, 0, 0};
+    w.block(i % w.count(), t.j0, t.m, t.n0, t.n);
+    return t;
   }
 
  private:
-  int64_t KH, rows, n_wblk, wblk, n_w, n_row_blocks;
+  int64_t D, rows;
+  WeightBlocks hh, ih;
+  int64_t n_row_blocks;
 };
 
 // dW_ih, dW_hh, the bias gradients and dX (when dX is not null) of layer l, as GradTasks.
 // Splitting over output rows/columns means no sum is ever split, so the thread count cannot
-// change any result. scratch: D * B * KH elements.
+// change any result.
 template <typename T>
 void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
-                const GradOperands<T>& p, std::vector<Tensor>& dweights, T* dX, int64_t threads,
-                T* scratch) {
+                const GradOperands<T>& p, std::vector<Tensor>& dweights, T* dX,
+                int64_t threads) {
   const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
   const int64_t rows = g.T * g.B;
-  const GradTasks tasks(D, KH, rows, dX != nullptr);
+  const GradTasks tasks(D, KH, H, I, rows, dX != nullptr);
   // dX = dG [W_ih^f; W_ih^r]: one product with K = D*KH per block (not D with K = KH).
   const T* w_ih_all = weights[l * D * a.per_dir()].data_ptr<T>();
   std::vector<T> w_ih_cat;
@@ -242,22 +298,22 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
               T(0), dX + task.r0 * I, I);
       return;
     }
-    const int64_t d = task.d, j0 = task.j0, m = task.m;
-    if (m == 0) return;
+    const int64_t d = task.d, j0 = task.j0, m = task.m, n0 = task.n0, n = task.n;
+    if (m == 0 || n == 0) return;
     const int64_t base = (l * D + d) * a.per_dir();
     const T* dgd = p.dG + d * KH + j0;    // columns j0..j0+m of direction d
     const T* dghd = p.dGh + d * KH + j0;
     if (task.kind == GradTasks::kInputWeights) {
       // dW_ih = dG^T X over all rows.
-      gemm<T>(true, false, m, I, rows, dgd, DKH, p.X, I, T(0),
-              dweights[base].data_ptr<T>() + j0 * I, I);
+      gemm<T>(true, false, m, n, rows, dgd, DKH, p.X + n0, I, T(0),
+              dweights[base].data_ptr<T>() + j0 * I + n0, I);
       return;
     }
     T* dW_hh = dweights[base + 1].data_ptr<T>() + j0 * H;
     const T* h0 = p.h0 ? p.h0 + d * g.B * H : nullptr;
     const T* hsd = p.Hs + d * H;
     if (nonfinite) {
-      hidden_weight_grad_nonfinite<T>(g, int(d), m, dghd, DKH, hsd, h0, dW_hh);
+      hidden_weight_grad_nonfinite<T>(g, int(d), m, n0, n, dghd, DKH, hsd, h0, dW_hh);
     } else {
       // dW_hh = sum_t dg_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
       // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
@@ -267,21 +323,22 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
         const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
         const T* A = d == 0 ? dghd + (r + g.st) * DKH : dghd + r * DKH;
         const T* Bm = d == 0 ? hsd + r * DH : hsd + (r + g.st) * DH;
-        gemm<T>(true, false, m, H, K, A, DKH, Bm, DH, seg == 0 ? T(0) : T(1), dW_hh, H);
+        gemm<T>(true, false, m, n, K, A, DKH, Bm + n0, DH, seg == 0 ? T(0) : T(1), dW_hh + n0,
+                H);
       }
-      if (K <= 0) std::fill(dW_hh, dW_hh + m * H, T(0));
+      if (K <= 0)
+        for (int64_t j = 0; j < m; ++j) std::fill(dW_hh + j * H + n0, dW_hh + j * H + n0 + n, T(0));
       // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
       if (h0) {
-        // Each block gathers its own columns j0..j1 of a per-direction [B, KH] buffer.
-        T* gather = scratch + d * g.B * KH + j0;
+        std::vector<T> gather(size_t(g.B) * m);  // those steps' gate gradients, [B, m]
         for (int64_t b = 0; b < g.B; ++b) {
           const int64_t t0 = d == 0 ? 0 : (g.lengths ? g.lengths[b] - 1 : g.T - 1);
-          std::memcpy(gather + b * KH, dghd + (t0 * g.st + b * g.sb) * DKH, sizeof(T) * m);
+          std::memcpy(gather.data() + b * m, dghd + (t0 * g.st + b * g.sb) * DKH, sizeof(T) * m);
         }
-        gemm<T>(true, false, m, H, g.B, gather, KH, h0, H, T(1), dW_hh, H);
+        gemm<T>(true, false, m, n, g.B, gather.data(), m, h0 + n0, H, T(1), dW_hh + n0, H);
       }
     }
-    if (a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
+    if (n0 == 0 && a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
   });
 }
 
@@ -304,7 +361,7 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
                      std::vector<Tensor>& dweights, T* dX, int64_t threads) {
   const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
   const int64_t rows = g.T * g.B, row_pairs = paired(rows) / 2;
-  const GradTasks tasks(D, KH, rows, dX != nullptr);
+  const GradTasks tasks(D, KH, H, I, rows, dX != nullptr);
   const bf16_bits* dG_bits = bf.dG;
   const bool split = bf.dGh != nullptr;
   const int64_t ldx = 2 * packed_columns(I), ldh = 2 * packed_columns(H);
@@ -358,19 +415,20 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
       return;
     }
     const bool hh = task.kind == GradTasks::kHiddenWeights;
-    const int64_t d = task.d, j0 = task.j0, m = task.m;
-    if (m == 0) return;
+    const int64_t d = task.d, j0 = task.j0, m = task.m, n0 = task.n0, n = task.n;
+    if (m == 0 || n == 0) return;
     const int64_t base = (l * D + d) * a.per_dir(), N = hh ? H : I, ldb = hh ? ldh : ldx;
-    T* dW = dweights[base + (hh ? 1 : 0)].data_ptr<T>() + j0 * N;
+    T* dW = dweights[base + (hh ? 1 : 0)].data_ptr<T>() + j0 * N + n0;
     // Row j of A (the block's gate column j0 + j) pairs along the rows: a_row 2, a_pair 2 ld.
     const bf16_bits* A = (hh && split ? dGh_pairs : dG_pairs).data + (d * bf.direction_ld + j0) * 2;
-    const bf16_bits* Bm = hh ? h_pairs.data + d * row_pairs * ldh : x_pairs.data;
+    // Column c of B's row pair at 2 c.
+    const bf16_bits* Bm = (hh ? h_pairs.data + d * row_pairs * ldh : x_pairs.data) + 2 * n0;
     for (int64_t r0 = 0; r0 < rows; r0 += kBf16GradChunk) {
       const int64_t rc = std::min(kBf16GradChunk, rows - r0);
-      bf16_gemm_strided_into<T>(m, N, rc, A + (r0 / 2) * bf.ld * 2, 2, 2 * bf.ld,
+      bf16_gemm_strided_into<T>(m, n, rc, A + (r0 / 2) * bf.ld * 2, 2, 2 * bf.ld,
                                 Bm + (r0 / 2) * ldb, ldb, r0 == 0 ? T(0) : T(1), dW, N);
     }
-    if (hh && a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
+    if (hh && n0 == 0 && a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
   });
 }
 

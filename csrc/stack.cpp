@@ -2,10 +2,11 @@
 // autograd node of every cell.
 //
 // Forward, per layer: the input projection X [W_ih^f; W_ih^r]^T as fixed row-block tasks
-// (layer_gemms.h), then the recurrence on the same team (recurrence.h). Backward, per layer from
-// the top: BPTT on the team, then the weight and input gradients as fixed GEMM tasks over all
-// steps. A gated cell keeps its activated gates and saved values per layer for the backward;
-// the Elman cell keeps only its outputs (its pre-activation is its output, cell.h).
+// (layer_gemms.h) on the recurrence's team (on all threads first where that team is smaller),
+// then the recurrence (recurrence.h). Backward, per layer from the top: BPTT on the team, then
+// the weight and input gradients as fixed GEMM tasks over all steps, on all threads. A gated
+// cell keeps its activated gates and saved values per layer for the backward; the Elman cell
+// keeps only its outputs (its pre-activation is its output, cell.h).
 
 #include "stack.h"
 
@@ -191,9 +192,15 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         bf16.state = state_bf16.data();
       }
     }
+    // The projection on more threads than the recurrence's team where that is smaller (which
+    // worker runs a task changes no result); else on that team, before its first step.
+    const Bf16Forward* const proj_bf16 = on_bf16 ? &bf16 : nullptr;
+    const int64_t proj_workers = projection_workers(proj, D, workers);
+    if (proj_workers > workers)
+      Team(proj_workers).run([&](Team::Member& m) { project<T>(m, g, proj, G, proj_bf16); });
     Team team(workers);
     team.run([&](Team::Member& m) {
-      project<T>(m, g, proj, G, on_bf16 ? &bf16 : nullptr);
+      if (proj_workers <= workers) project<T>(m, g, proj, G, proj_bf16);
       recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
                                  rounded.empty() ? nullptr : rounded.data(),
                                  on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data());
@@ -217,7 +224,6 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
   const Blocks blk = column_blocks(D, H);
   const int64_t workers = team_size(g, blk, K);
   std::vector<T> bptt(size_t(D) * 3 * B * H);  // carry, tmp and dc per direction
-  std::vector<T> scratch(size_t(D) * B * KH);  // for gemm_grads
   const Tensor dGh = Cell::kSplitGate >= 0
                          ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
   // A bf16 call on a CPU with AVX512-BF16: every product on the bf16 tiles (tiles_bf16.h), with
@@ -276,7 +282,7 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
     if (on_bf16)
       gemm_grads_bf16<T>(g, a, weights, l, operands, bf16, dweights, dX, threads);
     else
-      gemm_grads<T>(g, a, weights, l, operands, dweights, dX, threads, scratch.data());
+      gemm_grads<T>(g, a, weights, l, operands, dweights, dX, threads);
     if (l > 0) {
       dOut_buf = dX_buf;  // becomes the output gradient of the layer below
       dOut = dOut_buf.data_ptr<T>();

@@ -30,6 +30,11 @@ CONFIGS = [
     # rows >= 512: the projection on register tiles from W_ih^T; I and D*H > 256: products
     # summed over K in chunks; a 64 + 64 + 22 split
     (32, 17, 300, 150, 2, True, "tanh", False, True, True),
+    # a uni layer of one block: a recurrence team of one, the projection on every thread
+    (16, 60, 64, 48, 1, False, "tanh", False, False, False),
+    # weight gradients in row and column blocks (dW_hh 3 x 3 at 64 + 64 + 2 columns, dW_ih
+    # 3 x 4), per batch row (batch_first), packed, h0's term per block
+    (64, 40, 200, 130, 1, True, "tanh", True, True, True),
 ]
 
 
@@ -160,6 +165,10 @@ GATED_CONFIGS = [
     # multiply W_hh as it is)
     ("lstm", 8, 9, 10, 130, 2, True, True, True, True),
     ("gru", 9, 8, 12, 65, 1, True, False, True, False),
+    # weight gradients in row and column blocks: GRU dW_hh 4 x 2 (the bias gradients with
+    # each row block's first, n's hidden-side ones apart), LSTM dW_ih 3 x 2 at 128 + 2 columns
+    ("gru", 60, 90, 16, 65, 1, True, False, True, True),
+    ("lstm", 48, 30, 130, 40, 1, True, True, True, True),
 ]
 
 
@@ -222,6 +231,44 @@ def test_gated_inference_bit_identical_across_threads(config):
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell,poisoned", [("rnn", "h0"), ("rnn", "x"), ("gru", "h0")])
+def test_nonfinite_hidden_weight_gradients_in_blocks_match_nn(cell, poisoned):
+    # dW_hh in row and column blocks (3 x 3 at H 130, 4 x 2 at H 65) with a NaN or inf in
+    # play, against nn for every thread count. An inf in one element of Elman's h0 leaves the
+    # states finite (tanh(inf) = 1): the fast path's h0 term makes one column non-finite. A
+    # NaN in x (Elman), or an inf in GRU's h0 (carried into h_t), makes states non-finite:
+    # the exact dW_hh path (layer_gemms.h) runs, and dW_hh is NaN throughout.
+    hidden = 130 if cell == "rnn" else 65
+    fused_class, nn_class = (FastBiRNN, nn.RNN) if cell == "rnn" else (FastBiGRU, nn.GRU)
+    torch.manual_seed(0)
+    ref = nn_class(200, hidden, bidirectional=True, dtype=torch.float64)
+    fast = fused_class(200, hidden, bidirectional=True, dtype=torch.float64, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(90, 64, 200, dtype=torch.float64)
+    h0 = torch.randn(2, 64, hidden, dtype=torch.float64)
+    if poisoned == "h0":
+        h0[1, 2, 4] = float("inf")
+    else:
+        x[5, 3, 7] = float("nan")
+    lengths = [90 - b % 7 for b in range(64)]
+
+    def run(model):
+        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        packed = nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False)
+        out, h_n = model(packed, hi)
+        out = nn.utils.rnn.pad_packed_sequence(out)[0]
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        return [out, h_n, *torch.autograd.grad(loss, [xi, hi, *model.parameters()])]
+
+    expected = run(ref)
+    dW_hh_reverse = expected[2 + 2 + 5]
+    assert not torch.isfinite(dW_hh_reverse).all()
+    assert torch.isfinite(dW_hh_reverse).any() == (cell == "rnn" and poisoned == "h0")
+    for threads in THREADS:
+        torch.testing.assert_close(with_threads(threads, lambda: run(fast)), expected,
+                                   equal_nan=True, rtol=1e-7, atol=1e-9)
 
 
 def _fused_and_nn(cell, hidden, layers, dtype, seed):
