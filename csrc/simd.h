@@ -103,10 +103,11 @@ inline const char* isa_request_error() { return kIsaRequest.error.c_str(); }
 // Vectors of T for one ISA level: the register tiles and the activations are one template over
 // these. Mask selects the first lanes of a partial vector (mask(left): min(left, kLanes) of
 // them); a masked load zeroes the others, a masked store leaves them. kMaxVectors: the widest
-// tile in vectors; kAccumulators: the registers a tile may keep its sums in (the rest hold B's
-// vectors and the broadcast of A). run(f) calls f() with the level's instructions enabled and
-// everything f calls inlined into it (GCC's target attribute cannot depend on a template
-// argument; flatten carries it into the generic code).
+// tile in vectors (tiles.h widens it for 1 and 2 rows on AVX2); kAccumulators: the registers
+// a tile may keep its sums in (the rest hold B's vectors and the broadcast of A). run(f) calls
+// f() with the level's instructions enabled and everything f calls inlined into it (GCC's
+// target attribute cannot depend on a template argument; flatten carries it into the generic
+// code).
 template <typename T>
 struct Avx512;
 template <typename T>
@@ -161,8 +162,8 @@ struct Avx512<double> {
 };
 
 // AVX2: 16 ymm registers, so tiles of at most 12 accumulators (6 rows x 16 fp32 columns) and
-// at most 2 vectors wide; wider products run as panels of that width. Masks are vectors
-// (vmaskmov), built by comparing the lane index with the lanes left.
+// 2 vectors wide (8 for one row, 4 for two: tiles.h); wider products run as panels of that
+// width. Masks are vectors (vmaskmov), built by comparing the lane index with the lanes left.
 template <>
 struct Avx2<float> {
   using Vec = __m256;

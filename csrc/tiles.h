@@ -139,29 +139,41 @@ void small_gemm_vectors(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda
   });
 }
 
-// small_gemm_vectors for the number of vectors N needs (at most V::kMaxVectors).
-template <typename V, bool kTransA, int NV = 1, typename T>
+// small_gemm_vectors for the number of vectors N needs (at most kWidest).
+template <typename V, bool kTransA, int kWidest, int NV = 1, typename T>
 void small_gemm_dispatch(int vectors, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if constexpr (NV <= V::kMaxVectors) {
+  if constexpr (NV <= kWidest) {
     if (vectors == NV)
       return small_gemm_vectors<V, NV, kTransA>(M, N, K, A, lda, B, ldb, beta, C, ldc);
-    small_gemm_dispatch<V, kTransA, NV + 1>(vectors, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    small_gemm_dispatch<V, kTransA, kWidest, NV + 1>(vectors, M, N, K, A, lda, B, ldb, beta, C,
+                                                     ldc);
   }
 }
 
-// small_gemm on V's tiles: panels of V::kMaxVectors vectors (all of N <= 64 at once on
-// AVX-512), the last one narrower. Columns apart never share a sum, so the panels change no
-// result.
-template <typename V, bool kTransA, typename T>
+// small_gemm on V's tiles: panels of kVectors vectors (V::kMaxVectors: all of N <= 64 at once
+// on AVX-512), the last one narrower. Columns apart never share a sum, so the panels change
+// no result.
+template <typename V, bool kTransA, int kVectors = V::kMaxVectors, typename T>
 void small_gemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                        int64_t ldb, T beta, T* C, int64_t ldc) {
-  constexpr int64_t kPanel = int64_t(V::kLanes) * V::kMaxVectors;
+  constexpr int64_t kPanel = int64_t(V::kLanes) * kVectors;
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int64_t n = std::min(kPanel, N - n0);
-    small_gemm_dispatch<V, kTransA>(int((n + V::kLanes - 1) / V::kLanes), M, n, K, A, lda,
-                                    B + n0, ldb, beta, C + n0, ldc);
+    small_gemm_dispatch<V, kTransA, kVectors>(int((n + V::kLanes - 1) / V::kLanes), M, n, K, A,
+                                              lda, B + n0, ldb, beta, C + n0, ldc);
   }
+}
+
+// small_gemm on AVX2 for M rows: 2-vector panels keep 12 sums in 6 rows, but only 2 in one
+// row and 4 in two, too few to hide the FMA latency (batch-1 steps ran below MKL's GEMV), so
+// one row takes 8-vector panels and two rows 4-vector ones: 8 sums each.
+template <typename T, bool kTransA>
+void small_gemm_avx2(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                     int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 1) return small_gemm_panels<Avx2<T>, kTransA, 8>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (M == 2) return small_gemm_panels<Avx2<T>, kTransA, 4>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  small_gemm_panels<Avx2<T>, kTransA>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 #endif
 
@@ -179,8 +191,7 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
 #ifdef FASTBIRNN_X86
   if (kIsa == Isa::kAvx512)
     return small_gemm_panels<Avx512<T>, kTransA>(M, N, K, A, lda, B, ldb, beta, C, ldc);
-  if (kIsa == Isa::kAvx2)
-    return small_gemm_panels<Avx2<T>, kTransA>(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (kIsa == Isa::kAvx2) return small_gemm_avx2<T, kTransA>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 #endif
   small_gemm_loops<kTransA, T>(M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
