@@ -199,8 +199,8 @@ void bias_grads(const GradOperands<T>& p, std::vector<Tensor>& dweights, int64_t
 // kGradTaskWork multiply-adds, at most kMaxWeightTasks of them. The cut depends only on the
 // problem, and every element's sum keeps its one order on the register tiles (tiles.h) and the
 // bf16 tiles whatever its block: the thread count cannot change a result. More tasks than a
-// 2-core machine needs let many cores share one layer's weight gradients (at H 128, 4 weight
-// tasks of the whole weights held 60 cores idle).
+// 2-core machine needs let many cores share one layer's weight gradients (before, a
+// bidirectional layer's were 4 tasks below 1024 gate rows, whatever the core count).
 struct WeightBlocks {
   static constexpr int64_t kGradTaskWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWeightTasks = 16;
