@@ -2,7 +2,8 @@
 // it (X W_ih^T for every step at once) and the weight and input gradients after BPTT.
 // Each is a list of fixed tasks (row blocks; blocks of weight rows and columns) whose shapes
 // depend only on the problem, so no sum is ever split over workers and the thread count cannot
-// change a result; they run on every thread, not only on the recurrence's team.
+// change a result; they run on every thread (the projection where it is big enough), not only
+// on the recurrence's team.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -204,14 +205,14 @@ void bias_grads(const GradOperands<T>& p, std::vector<Tensor>& dweights, int64_t
 struct WeightBlocks {
   static constexpr int64_t kGradTaskWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWeightTasks = 16;
-  static constexpr int64_t kMinRows = 64;
+  static constexpr int64_t kRowsPerBlock = 64;  // at most one row block per this many rows
   static constexpr int64_t kPanel = 64;
 
   WeightBlocks(int64_t rows, int64_t cols, int64_t steps) : rows(rows), cols(cols) {
     const int64_t tasks = std::clamp<int64_t>(rows * cols * steps / kGradTaskWork, 1,
                                               kMaxWeightTasks);
-    n_row = std::min(tasks, ceil_div(rows, kMinRows));
-    const int64_t panels = ceil_div(cols, kPanel);
+    n_row = std::max<int64_t>(1, std::min(tasks, ceil_div(rows, kRowsPerBlock)));
+    const int64_t panels = std::max<int64_t>(1, ceil_div(cols, kPanel));
     n_col = std::min(panels, std::max<int64_t>(1, tasks / n_row));
     row_block = ceil_div(rows, n_row);
     col_block = ceil_div(panels, n_col) * kPanel;
@@ -317,8 +318,8 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
     } else {
       // dW_hh = sum_t dg_t^T h_{t-1}: h_{t-1} is the neighbouring row in time, a uniform
       // shift of st rows (one GEMM for time-major, one per batch row for batch_first).
-      const int64_t segments = g.sb == 1 ? 1 : g.B;
       const int64_t K = g.sb == 1 ? (g.T - 1) * g.B : g.T - 1;
+      const int64_t segments = K <= 0 ? 0 : g.sb == 1 ? 1 : g.B;
       for (int64_t seg = 0; seg < segments; ++seg) {
         const int64_t r = seg * g.sb;  // first row of the segment (t = 0)
         const T* A = d == 0 ? dghd + (r + g.st) * DKH : dghd + r * DKH;

@@ -57,7 +57,8 @@ void small_gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, 
 // Register tiles on the vector traits V (simd.h; AVX-512 or AVX2): MR rows of C by NV
 // vectors, held in registers for the whole k loop. Each k loads NV vectors of B once for MR
 // rows (the one-row form loaded B for every row and was load-bound); MR * NV <=
-// V::kAccumulators leaves registers for B and the broadcast. kPartial: the last vector is
+// V::kAccumulators leaves registers for B and the broadcast (AVX2's one-row tile of 8 vectors
+// uses each B vector once: its load can be the FMA's operand). kPartial: the last vector is
 // partial and goes through masks (which cost on AVX2, vmaskmov, even when full).
 template <typename V, int NV, int MR, bool kPartial, bool kTransA, typename T>
 void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, bool accumulate,
@@ -234,11 +235,17 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   }
   if (beta == T(0) || M <= 0 || N <= 0)
     return blas_gemm<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
-  thread_local std::vector<T> products;
-  products.resize(size_t(M) * N);
-  blas_gemm<T>(trans_a, trans_b, M, N, K, A, lda, B, ldb, T(0), products.data(), N);
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] += products[i * N + j];
+  // In row chunks of at most kScratch elements (a chunk's rows depend only on N).
+  constexpr int64_t kScratch = int64_t(1) << 14;
+  const int64_t chunk = std::max<int64_t>(1, kScratch / N);
+  std::vector<T> products(size_t(std::min(chunk, M)) * N);
+  for (int64_t i0 = 0; i0 < M; i0 += chunk) {
+    const int64_t m = std::min(chunk, M - i0);
+    const T* A_rows = trans_a ? A + i0 : A + i0 * lda;
+    blas_gemm<T>(trans_a, trans_b, m, N, K, A_rows, lda, B, ldb, T(0), products.data(), N);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < N; ++j) C[(i0 + i) * ldc + j] += products[i * N + j];
+  }
 }
 
 }  // namespace fastbirnn
