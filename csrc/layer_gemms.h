@@ -197,15 +197,17 @@ void bias_grads(const GradOperands<T>& p, std::vector<Tensor>& dweights, int64_t
 
 // How one direction's weight gradient, rows x cols summed over `steps`, is cut into tasks: row
 // blocks first, then column blocks of whole 64-column panels, until each task has about
-// kGradTaskWork multiply-adds, at most kMaxWeightTasks of them. The cut depends only on the
+// kGradTaskWork multiply-adds, at most kMaxWeightTasks of them (finer cuts, 16 tasks of 64
+// rows or more, made 2-core training steps at H 512 4-11 % slower: each task reads all of its
+// operand's rows again). The cut depends only on the
 // problem, and every element's sum keeps its one order on the register tiles (tiles.h) and the
 // bf16 tiles whatever its block: the thread count cannot change a result. More tasks than a
 // 2-core machine needs let many cores share one layer's weight gradients (before, a
 // bidirectional layer's were 4 tasks below 1024 gate rows, whatever the core count).
 struct WeightBlocks {
   static constexpr int64_t kGradTaskWork = int64_t(1) << 22;
-  static constexpr int64_t kMaxWeightTasks = 16;
-  static constexpr int64_t kRowsPerBlock = 64;  // at most one row block per this many rows
+  static constexpr int64_t kMaxWeightTasks = 4;
+  static constexpr int64_t kRowsPerBlock = 256;  // at most one row block per this many rows
   static constexpr int64_t kPanel = 64;
 
   WeightBlocks(int64_t rows, int64_t cols, int64_t steps) : rows(rows), cols(cols) {
