@@ -147,7 +147,7 @@ template <typename T>
 void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t m, int64_t n0, int64_t n,
                                   const T* dz, int64_t ldz, const T* Hs, const T* h0, T* dW) {
   const int64_t H = g.H, DH = g.DH();
-  for (int64_t j = 0; j < m; ++j) std::fill(dW + j * H + n0, dW + j * H + n0 + n, T(0));
+  zero_columns(dW, H, m, n0, n);
   for (int64_t b = 0; b < g.B; ++b) {
     const int64_t length = g.lengths ? g.lengths[b] : g.T;
     for (int64_t s = 0; s < length; ++s) {
@@ -199,11 +199,11 @@ void bias_grads(const GradOperands<T>& p, std::vector<Tensor>& dweights, int64_t
 // blocks first, then column blocks of whole 64-column panels, until each task has about
 // kGradTaskWork multiply-adds, at most kMaxWeightTasks of them (finer cuts, 16 tasks of 64
 // rows or more, made 2-core training steps at H 512 4-11 % slower: each task reads all of its
-// operand's rows again). The cut depends only on the
-// problem, and every element's sum keeps its one order on the register tiles (tiles.h) and the
-// bf16 tiles whatever its block: the thread count cannot change a result. More tasks than a
-// 2-core machine needs let many cores share one layer's weight gradients (before, a
-// bidirectional layer's were 4 tasks below 1024 gate rows, whatever the core count).
+// operand's rows again). The cut depends only on the problem, and every element's sum keeps
+// its one order on the register tiles (tiles.h) and the bf16 tiles whatever its block: the
+// thread count cannot change a result. More tasks than a 2-core machine needs let many cores
+// share one layer's weight gradients (before, a bidirectional layer's were 4 tasks below 1024
+// gate rows, whatever the core count).
 struct WeightBlocks {
   static constexpr int64_t kGradTaskWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWeightTasks = 4;
@@ -329,8 +329,7 @@ void gemm_grads(const Geometry& g, const StackArgs& a, at::TensorList weights, i
         gemm<T>(true, false, m, n, K, A, DKH, Bm + n0, DH, seg == 0 ? T(0) : T(1), dW_hh + n0,
                 H);
       }
-      if (K <= 0)
-        for (int64_t j = 0; j < m; ++j) std::fill(dW_hh + j * H + n0, dW_hh + j * H + n0 + n, T(0));
+      if (K <= 0) zero_columns(dW_hh, H, m, n0, n);
       // The first step of each row saw h0: forward at t = 0, reverse at t = lengths-1.
       if (h0) {
         std::vector<T> gather(size_t(g.B) * m);  // those steps' gate gradients, [B, m]

@@ -70,6 +70,12 @@ void transpose(const T* in, int64_t R, int64_t C, T* out, int64_t first = 0, int
   transpose_strided(in, C, R, C, out, R, first, last);
 }
 
+// Zeroes columns n0..n0+n of m rows that are ld apart.
+template <typename T>
+void zero_columns(T* p, int64_t ld, int64_t m, int64_t n0, int64_t n) {
+  for (int64_t r = 0; r < m; ++r) std::fill(p + r * ld + n0, p + r * ld + n0 + n, T(0));
+}
+
 template <typename T>
 bool all_finite(const T* p, int64_t n) {
   // NaN and inf are the values with every exponent bit set; an integer OR-reduction over the

@@ -254,23 +254,17 @@ def test_nonfinite_hidden_weight_gradients_in_blocks_match_nn(cell, poisoned):
         h0[1, 2, 4] = float("inf")
     else:
         x[5, 3, 7] = float("nan")
+    x.requires_grad_(), h0.requires_grad_()
     lengths = [90 - b % 7 for b in range(64)]
 
-    def run(model):
-        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
-        packed = nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False)
-        out, h_n = model(packed, hi)
-        out = nn.utils.rnn.pad_packed_sequence(out)[0]
-        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
-        return [out, h_n, *torch.autograd.grad(loss, [xi, hi, *model.parameters()])]
-
-    expected = run(ref)
-    dW_hh_reverse = expected[2 + 2 + 5]
+    expected = _run(ref, x, h0, lengths, False)  # out, h_n, dx, parameter grads, dh0
+    names = [name for name, _ in ref.named_parameters()]
+    dW_hh_reverse = expected[3 + names.index("weight_hh_l0_reverse")]
     assert not torch.isfinite(dW_hh_reverse).all()
     assert torch.isfinite(dW_hh_reverse).any() == (cell == "rnn" and poisoned == "h0")
     for threads in THREADS:
-        torch.testing.assert_close(with_threads(threads, lambda: run(fast)), expected,
-                                   equal_nan=True, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(with_threads(threads, lambda: _run(fast, x, h0, lengths, False)),
+                                   expected, equal_nan=True, rtol=1e-7, atol=1e-9)
 
 
 def _fused_and_nn(cell, hidden, layers, dtype, seed):
