@@ -39,8 +39,8 @@ struct Projection {
   bool team_transposes() const { return !tiny && w_ih_t[0] != nullptr; }
 };
 
-// Rows of W_ih per task of the team's transpose (a multiple of the transpose's tiles).
-constexpr int64_t kTransposeRows = 8 * kTransposeTile;
+// Rows of W_ih per task of the team's transpose (two of the transpose's tiles).
+constexpr int64_t kTransposeRows = 2 * kTransposeTile;
 
 // Projections over at least this many rows run on register tiles from W_ih^T (the one-off
 // transpose costs about as much as the tiles save on a few hundred rows).
