@@ -101,7 +101,9 @@ inline std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>
 // least recently are freed first; a buffer that still does not fit is not kept.
 enum Scratch : int {
   kScratchGates, kScratchGradGates, kScratchGradGatesHidden,
-  kScratchLayer0, kScratchLayer1, kScratchGradInput0, kScratchGradInput1, kScratchSlots
+  kScratchLayer0, kScratchLayer1, kScratchGradInput0, kScratchGradInput1,
+  kScratchPackedHidden, kScratchPackedInput,  // the forward's packed W_hh blocks and W_ih^T
+  kScratchSlots
 };
 constexpr int64_t kScratchMinBytes = int64_t(1) << 20;          // below: allocating is cheap
 constexpr int64_t kScratchThreadBytes = int64_t(128) << 20;     // kept per thread, all slots

@@ -85,16 +85,23 @@ inline bool worth_threads(int64_t flops) { return flops >= (int64_t(1) << 18); }
 // Each worker should have at least this many multiply-adds per step, or the barrier dominates.
 constexpr int64_t kMinStepWork = int64_t(1) << 14;
 
-// Rows (T * B) from which the forward packs W_hh's blocks for the register tiles: packing
-// moves all of W_hh once per layer, about the time of a hundred rows' products on it, so
-// shorter calls multiply W_hh as it is on BLAS (at T = 4, B = 1 packing cost half the speed).
-constexpr int64_t kPackedRecurrenceRows = 64;
+// Whether a product over `rows` rows of a weight of `bytes` (per direction) runs on the
+// register tiles from a copy packed for them (W_ih^T, W_hh's blocks) rather than on BLAS
+// reading the weight as it is. Packing moves the weight once per call; the tiles then beat
+// BLAS (gemv at batch 1) on every row. Break-even (2-core Zen 4, batch 1, I = H) grows with the
+// weight, which falls out of the caches: about 8 rows for Elman H 256, 14-20 for LSTM H 256-384,
+// 30 for LSTM H 512, 40 for Elman H 1024, over 32 for LSTM H 1024: one row per 96 KiB of
+// weight, from 16 rows up to 64 (where it was fixed before the transposes were vectorised).
+inline bool packs_weights(int64_t rows, int64_t bytes) {
+  return rows >= std::clamp<int64_t>(bytes / (int64_t(96) << 10), 16, 64);
+}
 
 // Whether the forward's per-step block products run on small_gemm, from W_hh blocks packed
 // once per layer (register tiles where the CPU has them; plain loops below kSmallHidden), or
 // on BLAS calls. (The backward reads W_hh's columns as they are: gemm picks the tiles itself.)
-inline bool forward_block_tiles(const Geometry& g) {
-  return g.H <= kSmallHidden || (have_gemm_tiles() && g.T * g.B >= kPackedRecurrenceRows);
+inline bool forward_block_tiles(const Geometry& g, int64_t gates, int64_t element_size) {
+  return g.H <= kSmallHidden ||
+         (have_gemm_tiles() && packs_weights(g.T * g.B, gates * g.H * g.H * element_size));
 }
 
 // Workers for the recurrence: up to torch.get_num_threads(), at most one per block, fewer when

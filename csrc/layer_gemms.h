@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "buffers.h"
 #include "geometry.h"
 #include "matrix.h"
 #include "stack.h"
@@ -42,9 +43,11 @@ struct Projection {
 // Rows of W_ih per task of the team's transpose (two of the transpose's tiles).
 constexpr int64_t kTransposeRows = 2 * kTransposeTile;
 
-// Projections over at least this many rows run on register tiles from W_ih^T (the one-off
-// transpose costs about as much as the tiles save on a few hundred rows).
-constexpr int64_t kPackedProjectionRows = 512;
+// Projections over at least this many rows run on register tiles from W_ih^T: the one-off
+// transpose costs about what the tiles save on a hundred rows (at 30 rows and I 300 BLAS was
+// 7 % faster, from 200 rows the tiles 10-15 %; it was 512 rows before the transposes were
+// vectorised).
+constexpr int64_t kPackedProjectionRows = 128;
 
 // Layer l's W_ih of each direction.
 template <typename T>
@@ -65,7 +68,8 @@ Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols
                                Tensor& packed, const at::TensorOptions& options, bool on_bf16) {
   const bool tiny = cols <= kSmallHidden && I <= kSmallHidden && rows <= kSmallRows;
   const bool tiles = !tiny && !on_bf16 && have_gemm_tiles() && rows >= kPackedProjectionRows;
-  if (tiles) packed = at::empty({D, I, cols}, options);
+  packed = Tensor();  // the previous layer's: its scratch slot is free again
+  if (tiles) packed = scratch_buffer(kScratchPackedInput, D * I * cols, options);
   Projection<T> p{X, I, rows, cols, {nullptr, nullptr}, {nullptr, nullptr},
                   tiny ? 1 : row_blocks(rows), tiny};
   for (int64_t d = 0; d < D; ++d) {

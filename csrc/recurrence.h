@@ -46,8 +46,8 @@ struct ForwardOperands {
 
 // Whether the forward packs W_hh's blocks at all: for the register tiles, and for a gated cell
 // on BLAS (its K gate rows of a block are not contiguous in W_hh; the Elman cell's are).
-inline bool forward_packs(const Geometry& g, int64_t gates) {
-  return forward_block_tiles(g) || gates > 1;
+inline bool forward_packs(const Geometry& g, int64_t gates, int64_t element_size) {
+  return forward_block_tiles(g, gates, element_size) || gates > 1;
 }
 
 // Packs block [j0, j0 + w) of W_hh [K*H, H] (its K*w gate rows, nn's gate order) for the
@@ -98,7 +98,7 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
                              T* hid) {
   constexpr int64_t K = Cell::kGates;
   const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
-  const bool tiles = forward_block_tiles(g);
+  const bool tiles = forward_block_tiles(g, K, sizeof(T));
   auto buffer = [&](int64_t d, int64_t s) { return state + (d * 2 + (s & 1)) * B * H; };
   // What the per-step product reads: h_{t-1} itself, or rounded to bf16 (the cell still
   // gets it in fp32).

@@ -121,9 +121,10 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   // the stack) and for long ones (w_ih_packed).
   constexpr int64_t kStackPacked = 2 * kSmallHidden * kSmallHidden;
   alignas(64) T w_small[kStackPacked];
-  const bool packs = forward_packs(g, K);
-  const Tensor packed = packs && D * KH * H > kStackPacked ? at::empty({D * KH * H}, x.options())
-                                                           : Tensor();
+  const bool packs = forward_packs(g, K, sizeof(T));
+  const Tensor packed = packs && D * KH * H > kStackPacked
+                            ? scratch_buffer(kScratchPackedHidden, D * KH * H, x.options())
+                            : Tensor();
   T* const packed_data = !packs ? nullptr : packed.defined() ? packed.data_ptr<T>() : w_small;
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
   Tensor w_ih_packed;
@@ -134,7 +135,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   // (W_hh's blocks packed in pairs by their owners, h_{t-1} kept as bf16). Elsewhere the fp32
   // products read h_{t-1} rounded to bf16 from `rounded`.
   const bool on_bf16 = on_bf16_tiles<T>(g);
-  const bool bf16_recurrence = on_bf16 && forward_block_tiles(g);
+  const bool bf16_recurrence = on_bf16 && forward_block_tiles(g, K, sizeof(T));
   const int64_t Hp = paired(H), block_stride = paired(H) * packed_columns(K * blk.width);
   std::vector<bf16_bits> w_hh_bf16(bf16_recurrence ? blk.count() * block_stride : 0);
   std::vector<bf16_bits> state_bf16(bf16_recurrence ? D * 2 * B * Hp : 0);  // zeros: the pads

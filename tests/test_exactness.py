@@ -301,7 +301,7 @@ _CELLS = {  # name: (fused class, nn class, extra arguments)
 
 @pytest.mark.parametrize("cell", list(_CELLS))
 @pytest.mark.parametrize("hidden_size", [32, 64, 65, 130])
-@pytest.mark.parametrize("batch", [3, 32])  # the C++ engine packs W_hh blocks from T*B >= 64
+@pytest.mark.parametrize("batch", [3, 32])
 def test_fp32_error_against_fp64_is_the_nn_classes_own(cell, hidden_size, batch):
     """The C++ kernels in fp32 are about as accurate as the nn classes, measured against fp64.
 

@@ -35,7 +35,7 @@ def _cases(profile: str):
     (each at least once); the slow profile is the full product over more sizes and shapes."""
     combos = [(cell, dtype, layout) for cell in ("rnn", "lstm", "gru")
               for dtype in (torch.float32, torch.float64) for layout in ("padded", "packed")]
-    shape = (7, 10, 5, 1, False)  # T * B >= 64: the forward packs W_hh for the tiles
+    shape = (7, 10, 5, 1, False)  # T * B = 70: the forward packs W_hh for the tiles
     if profile == "default":
         for i in range(max(len(combos), len(DEFAULT_HIDDEN))):
             B, T, I, L, bf = shape
