@@ -96,9 +96,12 @@ inline std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>
 // and went with the allocator's state: (32, 128, 128, 128) LSTM inference took 14 ms with no
 // faults and 25 ms with 4,700. Each slot keeps its buffer for the next call on the thread.
 //
-// What all threads keep together is capped (a server calling from 64 threads would otherwise
-// keep 64 x 128 MiB): to keep a new buffer past the cap, the caches of the threads that called
-// least recently are freed first; a buffer that still does not fit is not kept.
+// A thread keeps at most kScratchThreadBytes: a buffer that does not fit beside the others
+// first frees the thread's own idle slots, least recently used first (else, after a call of
+// another shape, its old buffers kept the new one out and every call faulted its pages in
+// again). What all threads keep together is capped too (a server calling from 64 threads would
+// otherwise keep 64 x 128 MiB): to keep a new buffer past the cap, the caches of the threads
+// that called least recently are freed first; a buffer that still does not fit is not kept.
 enum Scratch : int {
   kScratchGates, kScratchGradGates, kScratchGradGatesHidden,
   kScratchLayer0, kScratchLayer1, kScratchGradInput0, kScratchGradInput1,
@@ -126,12 +129,15 @@ class ScratchCaches {
     self.last_use = ++clock_;
     Tensor& cached = self.slots[slot];
     if (cached.defined() && cached.use_count() == 1 && cached.dtype() == options.dtype() &&
-        cached.numel() >= numel)
+        cached.numel() >= numel) {
+      self.used[slot] = self.last_use;
       return cached;
+    }
     if (cached.defined() && cached.use_count() > 1)  // still held by an earlier result
       return empty_buffer({numel}, options);
     drop(self, cached);  // the smaller one first
-    if (self.bytes + bytes > kScratchThreadBytes || !make_room(bytes, &self))
+    self.used[slot] = self.last_use;
+    if (!fit_in_thread(bytes, self) || !make_room(bytes, &self))
       return empty_buffer({numel}, options);
     cached = empty_buffer({numel}, options);
     self.bytes += int64_t(cached.nbytes());
@@ -165,6 +171,7 @@ class ScratchCaches {
  private:
   struct PerThread {
     std::array<Tensor, kScratchSlots> slots;  // all below: guarded by the caches' mutex
+    std::array<uint64_t, kScratchSlots> used{};  // when each slot was last asked for
     int64_t bytes = 0;
     uint64_t last_use = 0;
     PerThread() { instance().add(this); }
@@ -196,6 +203,22 @@ class ScratchCaches {
     const int64_t freed = t.bytes;
     for (Tensor& slot : t.slots) drop(t, slot);
     return freed;
+  }
+
+  // Frees t's idle slots, least recently used first, until `bytes` more fit in its share;
+  // whether they do. (A slot still held by an earlier result is in use, not idle.)
+  bool fit_in_thread(int64_t bytes, PerThread& t) {
+    if (bytes > kScratchThreadBytes) return false;
+    while (t.bytes + bytes > kScratchThreadBytes) {
+      int oldest = -1;
+      for (int i = 0; i < kScratchSlots; ++i)
+        if (t.slots[i].defined() && t.slots[i].use_count() == 1 &&
+            (oldest < 0 || t.used[i] < t.used[oldest]))
+          oldest = i;
+      if (oldest < 0) return false;
+      drop(t, t.slots[oldest]);
+    }
+    return true;
   }
 
   // Frees the least recently used other threads' caches until `bytes` more fit under the

@@ -85,13 +85,13 @@ inline bool worth_threads(int64_t flops) { return flops >= (int64_t(1) << 18); }
 // Each worker should have at least this many multiply-adds per step, or the barrier dominates.
 constexpr int64_t kMinStepWork = int64_t(1) << 14;
 
-// Whether a product over `rows` rows of a weight of `bytes` (per direction) runs on the
-// register tiles from a copy packed for them (W_ih^T, W_hh's blocks) rather than on BLAS
-// reading the weight as it is. Packing moves the weight once per call; the tiles then beat
-// BLAS (gemv at batch 1) on every row. Break-even (2-core Zen 4, batch 1, I = H) grows with the
-// weight, which falls out of the caches: about 8 rows for Elman H 256, 14-20 for LSTM H 256-384,
-// 30 for LSTM H 512, 40 for Elman H 1024, over 32 for LSTM H 1024: one row per 96 KiB of
-// weight, from 16 rows up to 64 (where it was fixed before the transposes were vectorised).
+// Whether the forward's per-step products over `rows` rows (T * B) of a W_hh of `bytes` per
+// direction run on the register tiles from its blocks packed once per call, rather than on BLAS
+// reading W_hh as it is. Packing moves the weight once; the tiles then beat BLAS (gemv at batch
+// 1) on every row. Break-even (2-core Zen 4, batch 1, I = H) grows with the weight as it falls
+// out of the caches: about 8 rows for Elman H 256, 14-20 for LSTM H 256-384, 30 for LSTM H 512,
+// 40 for Elman H 1024, over 32 for LSTM H 1024: one row per 96 KiB of weight, from 16 rows up to
+// 64 (where it was fixed before the transposes were vectorised).
 inline bool packs_weights(int64_t rows, int64_t bytes) {
   return rows >= std::clamp<int64_t>(bytes / (int64_t(96) << 10), 16, 64);
 }

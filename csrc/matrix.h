@@ -60,7 +60,8 @@ constexpr int64_t kTransposeTile = 64;
 
 #ifdef FASTBIRNN_X86
 // out rows 0..7 (ldo apart) = columns 0..7 of in's rows 0..7 (ldi apart).
-__attribute__((target("avx2"))) inline void transpose_8x8(const float* in, int64_t ldi, float* out, int64_t ldo) {
+__attribute__((target("avx2"))) inline void transpose_8x8(const float* in, int64_t ldi, float* out,
+                                                          int64_t ldo) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
   for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
@@ -94,7 +95,8 @@ void transpose_strided(const T* in, int64_t ldi, int64_t R, int64_t C, T* out, i
         if (kIsa != Isa::kScalar) {
           for (; r + 8 <= r1; r += 8) {
             int64_t c = c0;
-            for (; c + 8 <= c1; c += 8) transpose_8x8(in + r * ldi + c, ldi, out + c * ldo + r, ldo);
+            for (; c + 8 <= c1; c += 8)
+              transpose_8x8(in + r * ldi + c, ldi, out + c * ldo + r, ldo);
             for (; c < c1; ++c)
               for (int64_t i = r; i < r + 8; ++i) out[c * ldo + i] = in[i * ldi + c];
           }

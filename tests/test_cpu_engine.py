@@ -341,6 +341,30 @@ def test_sizes_past_32_bit_blas_raise_before_any_work_and_auto_declines_them():
         assert model.selected_backend(x[:, : 2**10]) == "cpp"  # the same model, shorter input
 
 
+def test_a_buffer_that_does_not_fit_beside_idle_ones_frees_them():
+    """A thread keeps at most 128 MiB of scratch. After a training step of one shape (its
+    50 MiB gate gradients kept), an inference of another needs a 100 MiB gate buffer: the
+    thread frees its idle buffers for it, so later calls of that shape reuse it instead of
+    faulting 100 MiB of fresh pages in on every call (before, it was not kept)."""
+    from fastbirnn.backends import cpp_backend
+
+    cpp_backend.release_scratch()
+    previous = cpp_backend.set_scratch_limit(256 << 20)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(200, 64, 64)
+        trained = FastBiLSTM(64, 128, backend="cpp")
+        trained(x.requires_grad_())[0].sum().backward()  # dG: 12,800 x 1,024 fp32
+        assert cpp_backend.kept_scratch_bytes() >= 50 << 20
+        with torch.no_grad():
+            FastBiLSTM(64, 256, backend="cpp")(x)  # gates: 12,800 x 2,048 fp32
+        assert cpp_backend.kept_scratch_bytes() >= 100 << 20
+        assert cpp_backend.kept_scratch_bytes() <= 128 << 20
+    finally:
+        cpp_backend.release_scratch()
+        cpp_backend.set_scratch_limit(previous)
+
+
 def _scratch_user(seed):
     """An LSTM whose inference keeps one 8 MiB gate buffer as scratch: B16 T128 H128 bi."""
     torch.manual_seed(seed)
