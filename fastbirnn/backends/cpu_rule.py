@@ -78,9 +78,10 @@ FP64_SMALL_HIDDEN_MAX_BATCH = 128
 # 131-524 k, 1.00-1.83x inference and 0.99-1.83x training; cpu-grid-tagger-lstm, issue 23: the
 # tagger shapes B 16 H 100 at 640 k, 1.32-1.36x / 1.08-1.12x, and B 1 H 256 2 layers, 1.12x /
 # 1.26x) and lost inference from 1 M (B 1 H 512: 0.86-0.96x): fused below LSTM_BI_LIMIT.
-# The one inference loss under it, 0.90x at B 1 T 16 H 256, is a short sequence at batch 1:
-# inference there stays with nn.LSTM up to T = 16. (The held-out grid, kept out of this fit,
-# agrees: 1.10-1.44x / 1.01-1.42x at its three points in this range.)
+# The one inference loss under it, 0.90x at B 1 T 16 H 256, a short sequence at batch 1, kept
+# that inference with nn.LSTM up to T = 16 until 0495a1a, whose grid measured it at 5.31x (its
+# W_hh packed from 16 rows, in kept scratch). (The held-out grid, kept out of this fit, agrees:
+# 1.10-1.44x / 1.01-1.42x at its three points in this range.)
 # Sequences shorter than the gated grids' T = 16 take the LSTM's limit for both cells.
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 GRU_FP64_LIMIT = 1 << 20  # 1 M
@@ -89,16 +90,19 @@ GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
 LSTM_BATCH1_LONG_SEQ = 64  # between the grid's T = 16 and T = 128
 LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inference)
-# Training steps with both directions go further, over sequences of 32 steps or more: up to
-# 8.4 M per worker. Since the weight gradients run on the register tiles (7073f32), in the
+# Training steps with both directions go further: up to 8.4 M per worker (over sequences of
+# 32 steps or more until 0495a1a's grid; from the rule's shortest, T = 16, since). Since the weight gradients run on the register tiles (7073f32), in the
 # grids of d68e213 (each mode timed on its own): 1.25x and 1.34x at B 32 H 256 and B 128
 # H 128 (T 128, 8.4 M), 0.99x at B 8 H 512 (8.4 M; 1.02x at af21127), 1.02-1.08x at the
 # tagger preset's 2-layer rows (B 32 T 40 H 256 at 8.4 M included) and the speech stack,
 # 1.05-1.55x up to 2.1 M but B 8 T 128 H 256 (0.97x); the held-out B 16 T 50 H 200 2-layer
 # step, kept out of this fit, 1.01x. At T = 16 the same steps were 0.99-1.21x, above 8.4 M
-# 0.80-1.16x (B 16 T 40 H 512 1.00x, B 128 T 128 H 256 0.80x).
+# 0.80-1.16x (B 16 T 40 H 512 1.00x, B 128 T 128 H 256 0.80x). In 0495a1a's grids (the weights'
+# transposes vectorised, packed from fewer rows) the T = 16 steps from 1 M to 8.4 M were
+# 1.06-1.41x (B 8 H 256 and 512, B 32 H 128 and 256, B 128 H 64 and 128, one and two layers),
+# and B 32 T 20 I 300 H 256 (the tagger preset, at 8.4 M) 1.05-1.11x in three runs.
 LSTM_BI_TRAIN_LIMIT = 1 << 23  # 8.4 M
-LSTM_TRAIN_MIN_SEQ = 32
+LSTM_TRAIN_MIN_SEQ = SHORT
 
 # The engine's fixed column blocks (csrc/geometry.h, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
@@ -165,7 +169,7 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
         return s.batch < GRU_LARGE_BATCH or per_worker < GRU_LARGE_BATCH_LIMIT
     # LSTM
     if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
-        return s.training or s.batch > 1 or s.seq > SHORT
+        return True
     if (s.dtype == torch.float32 and s.bidirectional and s.training
             and s.seq >= LSTM_TRAIN_MIN_SEQ and per_worker <= LSTM_BI_TRAIN_LIMIT):
         return True
