@@ -92,7 +92,10 @@ constexpr int64_t kMinStepWork = int64_t(1) << 14;
 // out of the caches: about 8 rows for Elman H 256, 14-20 for LSTM H 256-384, 30 for LSTM H 512,
 // 40 for Elman H 1024, over 32 for LSTM H 1024: one row per 96 KiB of weight, from 16 rows up to
 // 64 (where it was fixed before the transposes were vectorised).
-inline bool packs_weights(int64_t rows, int64_t bytes) {
+// fp64's transposes are scalar copies (matrix.h): it keeps the 64 rows of before (from 16 rows
+// it lost up to 18 % at H 512, batch 8).
+inline bool packs_weights(int64_t rows, int64_t bytes, int64_t element_size) {
+  if (element_size != 4) return rows >= 64;
   return rows >= std::clamp<int64_t>(bytes / (int64_t(96) << 10), 16, 64);
 }
 
@@ -101,7 +104,8 @@ inline bool packs_weights(int64_t rows, int64_t bytes) {
 // on BLAS calls. (The backward reads W_hh's columns as they are: gemm picks the tiles itself.)
 inline bool forward_block_tiles(const Geometry& g, int64_t gates, int64_t element_size) {
   return g.H <= kSmallHidden ||
-         (have_gemm_tiles() && packs_weights(g.T * g.B, gates * g.H * g.H * element_size));
+         (have_gemm_tiles() &&
+          packs_weights(g.T * g.B, gates * g.H * g.H * element_size, element_size));
 }
 
 // Workers for the recurrence: up to torch.get_num_threads(), at most one per block, fewer when

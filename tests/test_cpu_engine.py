@@ -161,16 +161,17 @@ GATED_CONFIGS = [
     ("gru", 5, 7, 6, 63, 2, True, True, True, False),
     ("lstm", 4, 6, 9, 64, 1, False, False, False, True),
     ("gru", 6, 5, 8, 65, 1, True, False, True, True),
-    # The forward packs W_hh's gate blocks for the register tiles from T * B >= 16 rows, more
-    # for weights past 1.5 MiB (geometry.h, packs_weights; fewer rows multiply W_hh as it is):
-    # 15 and 16 rows at H 130; at H 300 (1.4 MiB in fp32, 2.9 MiB in fp64: 29 rows) 20 rows
-    # pack in fp32 only, 32 in both
+    # The forward packs W_hh's gate blocks for the register tiles from T * B >= 16 rows in
+    # fp32, more for weights past 1.5 MiB (geometry.h, packs_weights), from 64 in fp64; fewer
+    # rows multiply W_hh as it is: 15 and 16 rows at H 130; LSTM H 400 (2.4 MiB in fp32: 26
+    # rows) at 20 and 32 rows
     ("lstm", 3, 5, 10, 130, 2, True, True, True, True),
     ("gru", 4, 4, 12, 130, 1, False, False, False, False),
-    ("lstm", 4, 5, 8, 300, 1, True, False, True, True),
-    ("gru", 4, 8, 8, 300, 1, True, True, False, True),
+    ("lstm", 4, 5, 8, 400, 1, True, False, True, True),
+    ("lstm", 4, 8, 8, 400, 1, True, True, False, True),
     ("lstm", 8, 9, 10, 130, 2, True, True, True, True),
-    # 128 rows: the input projection on the register tiles from W_ih^T (fewer: BLAS)
+    # 128 rows: the input projection on the register tiles from W_ih^T in fp32 (fewer: BLAS;
+    # fp64 from 512)
     ("gru", 8, 16, 12, 65, 1, True, False, True, False),
     # weight gradients in row and column blocks: GRU dW_hh 2 x 2 (the bias gradients with
     # each row block's first, n's hidden-side ones apart), LSTM dW_ih 1 x 3 at 64 + 64 + 2
