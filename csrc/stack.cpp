@@ -116,12 +116,18 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias(a.has_biases ? DKH : 0);
-  // Packed W_hh blocks (filled by the workers): on the stack while they fit (an allocation
-  // is a visible part of a tiny call), else in `packed`. W_ih^T for the tiny projection (on
-  // the stack) and for long ones (w_ih_packed).
+  // A bf16 call: on a CPU with AVX512-BF16 the products run on the bf16 tiles (tiles_bf16.h):
+  // the projection always, the recurrence where the fp32 engine would use its register tiles
+  // (W_hh's blocks packed in pairs by their owners, h_{t-1} kept as bf16). Elsewhere the fp32
+  // products read h_{t-1} rounded to bf16 from `rounded`.
+  const bool on_bf16 = on_bf16_tiles<T>(g);
+  const bool bf16_recurrence = on_bf16 && forward_block_tiles(g, K, sizeof(T));
+  // Packed W_hh blocks (filled by the workers; none where the bf16 tiles pack their own): on
+  // the stack while they fit (an allocation is a visible part of a tiny call), else in
+  // `packed`. W_ih^T for the tiny projection (on the stack) and for long ones (w_ih_packed).
   constexpr int64_t kStackPacked = 2 * kSmallHidden * kSmallHidden;
   alignas(64) T w_small[kStackPacked];
-  const bool packs = forward_packs(g, K, sizeof(T));
+  const bool packs = forward_packs(g, K, sizeof(T)) && !bf16_recurrence;
   const Tensor packed = packs && D * KH * H > kStackPacked
                             ? scratch_buffer(kScratchPackedHidden, D * KH * H, x.options())
                             : Tensor();
@@ -130,12 +136,6 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   Tensor w_ih_packed;
   std::vector<T> state(size_t(D) * 2 * B * H), cstate(Cell::kCellState ? D * B * H : 0);
   std::vector<T> hid(Cell::kInPlace ? 0 : size_t(D) * B * KH);
-  // A bf16 call: on a CPU with AVX512-BF16 the products run on the bf16 tiles (tiles_bf16.h):
-  // the projection always, the recurrence where the fp32 engine would use its register tiles
-  // (W_hh's blocks packed in pairs by their owners, h_{t-1} kept as bf16). Elsewhere the fp32
-  // products read h_{t-1} rounded to bf16 from `rounded`.
-  const bool on_bf16 = on_bf16_tiles<T>(g);
-  const bool bf16_recurrence = on_bf16 && forward_block_tiles(g, K, sizeof(T));
   const int64_t Hp = paired(H), block_stride = paired(H) * packed_columns(K * blk.width);
   std::vector<bf16_bits> w_hh_bf16(bf16_recurrence ? blk.count() * block_stride : 0);
   std::vector<bf16_bits> state_bf16(bf16_recurrence ? D * 2 * B * Hp : 0);  // zeros: the pads

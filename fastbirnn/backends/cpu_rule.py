@@ -102,7 +102,6 @@ LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inf
 # 1.06-1.41x (B 8 H 256 and 512, B 32 H 128 and 256, B 128 H 64 and 128, one and two layers),
 # and B 32 T 20 I 300 H 256 (the tagger preset, at 8.4 M) 1.05-1.11x in three runs.
 LSTM_BI_TRAIN_LIMIT = 1 << 23  # 8.4 M
-LSTM_TRAIN_MIN_SEQ = SHORT
 
 # The engine's fixed column blocks (csrc/geometry.h, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
@@ -171,7 +170,7 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
         return True
     if (s.dtype == torch.float32 and s.bidirectional and s.training
-            and s.seq >= LSTM_TRAIN_MIN_SEQ and per_worker <= LSTM_BI_TRAIN_LIMIT):
+            and per_worker <= LSTM_BI_TRAIN_LIMIT):  # from T = SHORT (checked above)
         return True
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
 
