@@ -126,17 +126,14 @@ class ScratchCaches {
     if (bytes < kScratchMinBytes) return at::empty({numel}, options);
     PerThread& self = this_thread();  // registers itself: before taking the lock
     std::lock_guard<std::mutex> lock(mutex_);
-    self.last_use = ++clock_;
+    self.last_use = self.used[slot] = ++clock_;
     Tensor& cached = self.slots[slot];
     if (cached.defined() && cached.use_count() == 1 && cached.dtype() == options.dtype() &&
-        cached.numel() >= numel) {
-      self.used[slot] = self.last_use;
+        cached.numel() >= numel)
       return cached;
-    }
     if (cached.defined() && cached.use_count() > 1)  // still held by an earlier result
       return empty_buffer({numel}, options);
     drop(self, cached);  // the smaller one first
-    self.used[slot] = self.last_use;
     if (!fit_in_thread(bytes, self) || !make_room(bytes, &self))
       return empty_buffer({numel}, options);
     cached = empty_buffer({numel}, options);

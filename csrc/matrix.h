@@ -81,6 +81,15 @@ __attribute__((target("avx2"))) inline void transpose_8x8(const float* in, int64
 }
 #endif
 
+// out[c * ldo + r] = in[r * ldi + c] over rows [r0, r1) and columns [c0, c1), one output row
+// (one column of in) at a time: the scalar copy, and the vector one's edges.
+template <typename T>
+void transpose_rectangle(const T* in, int64_t ldi, T* out, int64_t ldo, int64_t r0, int64_t r1,
+                         int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = r0; r < r1; ++r) out[c * ldo + r] = in[r * ldi + c];
+}
+
 template <typename T>
 void transpose_strided(const T* in, int64_t ldi, int64_t R, int64_t C, T* out, int64_t ldo,
                        int64_t first = 0, int64_t last = -1) {
@@ -89,23 +98,19 @@ void transpose_strided(const T* in, int64_t ldi, int64_t R, int64_t C, T* out, i
     const int64_t r1 = std::min(last, r0 + kTransposeTile);
     for (int64_t c0 = 0; c0 < C; c0 += kTransposeTile) {
       const int64_t c1 = std::min(C, c0 + kTransposeTile);
-      int64_t r = r0;
+      int64_t r = r0;  // rows from here on go through the scalar copy
 #ifdef FASTBIRNN_X86
       if constexpr (std::is_same_v<T, float>) {
         if (kIsa != Isa::kScalar) {
-          for (; r + 8 <= r1; r += 8) {
-            int64_t c = c0;
-            for (; c + 8 <= c1; c += 8)
+          const int64_t c8 = c0 + (c1 - c0) / 8 * 8;  // the columns of whole squares
+          for (; r + 8 <= r1; r += 8)
+            for (int64_t c = c0; c < c8; c += 8)
               transpose_8x8(in + r * ldi + c, ldi, out + c * ldo + r, ldo);
-            for (; c < c1; ++c)
-              for (int64_t i = r; i < r + 8; ++i) out[c * ldo + i] = in[i * ldi + c];
-          }
+          transpose_rectangle(in, ldi, out, ldo, r0, r, c8, c1);
         }
       }
 #endif
-      // What is left, columns outside: each out row written in one run.
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t i = r; i < r1; ++i) out[c * ldo + i] = in[i * ldi + c];
+      transpose_rectangle(in, ldi, out, ldo, r, r1, c0, c1);
     }
   }
 }
