@@ -91,7 +91,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](int64_t bytes) { return fastbirnn::ScratchCaches::instance().set_limit(bytes); },
         "Cap the scratch all threads keep (bytes); returns the previous cap");
   m.def("advises_huge_pages", [] { return fastbirnn::kAdviseHugePages; },
-        "Whether large buffers are advised as transparent huge pages (FASTBIRNN_HUGE_PAGES)");
+        "Whether large buffers are advised as transparent huge pages (FASTBIRNN_HUGE_PAGES; "
+        "unset: unless the hypervisor reclaims free pages)");
+  m.def("huge_pages_error", [] { return fastbirnn::kHugePageAdvice.error; },
+        "Why FASTBIRNN_HUGE_PAGES was not understood, or ''");
+  m.def("hypervisor_reclaims_free_pages", &fastbirnn::hypervisor_reclaims_free_pages,
+        "Whether a virtio balloon reports free pages to the host (sysfs)");
   m.def("set_differentiable_backward", &set_differentiable_backward,
         "Install the function the stack's autograd node calls under create_graph=True");
   fastbirnn::team_mode();  // FASTBIRNN_TEAM is read once, as the extension loads

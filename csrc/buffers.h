@@ -9,6 +9,8 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -28,12 +30,54 @@ using at::Tensor;
 // faults: 9 % of a (64, 256, 256, 512) forward's time was the kernel zeroing pages.
 constexpr int64_t kHugePageAdviceBytes = int64_t(32) << 20;
 
-// Whether to give that advice: FASTBIRNN_HUGE_PAGES=0, read once at load, turns it off (for
-// machines where khugepaged's compaction stalls cost more than the faults it saves).
-inline const bool kAdviseHugePages = [] {
-  const char* value = std::getenv("FASTBIRNN_HUGE_PAGES");
-  return value == nullptr || std::string(value) != "0";
-}();
+// Whether the hypervisor takes the guest's free memory back: a virtio balloon that reports
+// free pages (VIRTIO_BALLOON_F_REPORTING, feature bit 5; sysfs lists a device's features as one
+// '0' or '1' per bit), as Firecracker VMs have. The guest then hands its free 2 MiB blocks to
+// the host, a huge page is faulted into such a block, and that fault costs a host fault too:
+// training steps that allocate 100-300 MiB per call became 1.5-2.6x slower at random (on such
+// a 2-core VM the mean step of the LSTM at B 64 T 250 H 512 was 7-16 % slower with the advice,
+// benchmarks/results/cpu/huge_pages.json), while 4 KiB faults mostly reuse memory the guest
+// still has.
+inline bool hypervisor_reclaims_free_pages() {
+#if defined(__linux__)
+  std::error_code error;
+  for (const auto& device : std::filesystem::directory_iterator(
+           "/sys/bus/virtio/drivers/virtio_balloon", error)) {
+    std::ifstream features(device.path() / "features");
+    std::string bits;
+    if (features >> bits && bits.size() > 5 && bits[5] == '1') return true;
+  }
+#endif
+  return false;
+}
+
+// Whether to give that advice, decided once at load: FASTBIRNN_HUGE_PAGES=1 or 0 says so;
+// unset, everywhere but where the hypervisor reclaims free pages. Any other value is an error
+// (raised when fastbirnn's cpp backend loads), not a silent default.
+struct HugePageAdvice {
+  bool on = true;
+  std::string error;
+};
+
+inline HugePageAdvice read_huge_page_advice() {
+  HugePageAdvice advice;
+  const char* raw = std::getenv("FASTBIRNN_HUGE_PAGES");
+  const std::string value = raw ? raw : "";
+  if (value == "1") return advice;
+  if (value == "0") {
+    advice.on = false;
+  } else {
+    advice.on = !hypervisor_reclaims_free_pages();
+    if (!value.empty())
+      advice.error = "FASTBIRNN_HUGE_PAGES=" + value +
+                     " is not '1' or '0' (unset: advise huge pages unless the hypervisor "
+                     "reclaims free memory)";
+  }
+  return advice;
+}
+
+inline const HugePageAdvice kHugePageAdvice = read_huge_page_advice();
+inline const bool kAdviseHugePages = kHugePageAdvice.on;
 
 // at::empty that asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
 // a large buffer before anything touches it (what PyTorch's THP_MEM_ALLOC_ENABLE does for

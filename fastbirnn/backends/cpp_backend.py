@@ -72,6 +72,8 @@ def has_bf16_tiles() -> bool:
 _CPU_ISA = None if _C is None else str(_C.cpu_isa())
 if _C is not None and _C.cpu_isa_error():
     raise ValueError(f"fastbirnn: {_C.cpu_isa_error()}")
+if _C is not None and _C.huge_pages_error():
+    raise ValueError(f"fastbirnn: {_C.huge_pages_error()}")
 
 
 def cpu_isa() -> Optional[str]:
