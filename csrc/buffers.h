@@ -33,11 +33,13 @@ constexpr int64_t kHugePageAdviceBytes = int64_t(32) << 20;
 // Whether the hypervisor takes the guest's free memory back: a virtio balloon that reports
 // free pages (VIRTIO_BALLOON_F_REPORTING, feature bit 5; sysfs lists a device's features as one
 // '0' or '1' per bit), as Firecracker VMs have. The guest then hands its free 2 MiB blocks to
-// the host, a huge page is faulted into such a block, and that fault costs a host fault too:
-// training steps that allocate 100-300 MiB per call became 1.5-2.6x slower at random (on such
-// a 2-core VM the mean step of the LSTM at B 64 T 250 H 512 was 7-16 % slower with the advice,
-// benchmarks/results/cpu/huge_pages.json), while 4 KiB faults mostly reuse memory the guest
-// still has.
+// the host, a huge page is faulted into such a block, and that fault costs a host fault too.
+// On such a 2-core VM (benchmarks/results/cpu/huge_pages_*.json) the advice made the median
+// training step 1-12 % faster, but single steps took up to 2.5x the median (1.4x without) and
+// the mean step was 7 % slower for the LSTM at B 64 T 250 H 512 uni and the GRU at B 128
+// T 128 H 512 bi, 4 % faster for the Elman cell at (64, 256, 256, 512) (one shape per process;
+// with all three in one process the means were within 2 %): there the steadier 4 KiB faults
+// are the default.
 inline bool hypervisor_reclaims_free_pages() {
 #if defined(__linux__)
   std::error_code error;
