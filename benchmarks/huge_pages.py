@@ -34,6 +34,7 @@ def time_steps(shape: str, steps: int) -> list[float]:
     import torch
 
     import fastbirnn
+    from fastbirnn.benchmarking import train_step
 
     cell, B, T, I, H, direction = shape.split(",")
     B, T, I, H = int(B), int(T), int(I), int(H)
@@ -44,13 +45,7 @@ def time_steps(shape: str, steps: int) -> list[float]:
     model = module(I, H, bidirectional=bidirectional, backend="cpp")
     x = torch.randn(T, B, I, requires_grad=True)
     grad = torch.randn(T, B, (2 if bidirectional else 1) * H)
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-        out, _ = model(x)
-        out.backward(grad)
-
+    step = train_step(model, x, grad)
     step()
     seconds = []
     for _ in range(steps):
@@ -100,6 +95,8 @@ def main(argv=None) -> int:
         child(shapes, args.steps)
         return 0
 
+    import torch
+
     import fastbirnn.benchmarking as bm
     from fastbirnn import _C
 
@@ -128,7 +125,7 @@ def main(argv=None) -> int:
         doc = {"machine": bm.machine_info("cpu"),
                "hypervisor_reclaims_free_pages": reclaims,
                "config": {"shapes": shapes, "rounds": args.rounds, "steps": args.steps,
-                          "threads": __import__("torch").get_num_threads()},
+                          "threads": torch.get_num_threads()},
                "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
