@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "matrix.h"
 #include "tiles.h"
 
 namespace fastbirnn {
@@ -92,10 +93,10 @@ constexpr int64_t kMinStepWork = int64_t(1) << 14;
 // out of the caches: about 8 rows for Elman H 256, 14-20 for LSTM H 256-384, 30 for LSTM H 512,
 // 40 for Elman H 1024, over 32 for LSTM H 1024: one row per 96 KiB of weight, from 16 rows up to
 // 64 (where it was fixed before the transposes were vectorised).
-// fp64's transposes are scalar copies (matrix.h): it keeps the 64 rows of before (from 16 rows
-// it lost up to 18 % at H 512, batch 8).
+// Where the transposes are scalar copies (fp64; matrix.h) it keeps the 64 rows of before (from
+// 16 rows fp64 lost up to 18 % at H 512, batch 8).
 inline bool packs_weights(int64_t rows, int64_t bytes, int64_t element_size) {
-  if (element_size != 4) return rows >= 64;
+  if (!transposes_in_vectors(element_size)) return rows >= 64;
   return rows >= std::clamp<int64_t>(bytes / (int64_t(96) << 10), 16, 64);
 }
 

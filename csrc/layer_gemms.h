@@ -46,9 +46,9 @@ constexpr int64_t kTransposeRows = 2 * kTransposeTile;
 // Projections over at least this many rows run on register tiles from W_ih^T: the one-off
 // transpose costs about what the tiles save on a hundred rows (at 30 rows and I 300 BLAS was
 // 7 % faster, from 200 rows the tiles 10-15 %; it was 512 rows before the transposes were
-// vectorised, and still is for fp64, whose transposes are scalar copies).
+// vectorised, and still is where they are scalar copies: fp64).
 constexpr int64_t kPackedProjectionRows = 128;
-constexpr int64_t kPackedProjectionRowsFp64 = 512;
+constexpr int64_t kPackedProjectionRowsScalarTranspose = 512;
 
 // Layer l's W_ih of each direction.
 template <typename T>
@@ -69,7 +69,8 @@ Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols
                                Tensor& packed, const at::TensorOptions& options, bool on_bf16) {
   const bool tiny = cols <= kSmallHidden && I <= kSmallHidden && rows <= kSmallRows;
   const bool tiles = !tiny && !on_bf16 && have_gemm_tiles() &&
-                     rows >= (sizeof(T) == 4 ? kPackedProjectionRows : kPackedProjectionRowsFp64);
+                     rows >= (transposes_in_vectors(sizeof(T))
+                                  ? kPackedProjectionRows : kPackedProjectionRowsScalarTranspose);
   packed = Tensor();  // the previous layer's: its scratch slot is free again
   if (tiles) packed = scratch_buffer(kScratchPackedInput, D * I * cols, options);
   Projection<T> p{X, I, rows, cols, {nullptr, nullptr}, {nullptr, nullptr},

@@ -90,6 +90,13 @@ void transpose_rectangle(const T* in, int64_t ldi, T* out, int64_t ldo, int64_t 
     for (int64_t r = r0; r < r1; ++r) out[c * ldo + r] = in[r * ldi + c];
 }
 
+// Whether transpose_strided moves elements of this size through vector registers (fp32 where
+// the CPU has AVX2) or one at a time (fp64): what packing a weight for the register tiles
+// costs, so the packing thresholds (geometry.h, layer_gemms.h) depend on it.
+inline bool transposes_in_vectors(int64_t element_size) {
+  return element_size == int64_t(sizeof(float)) && kIsa != Isa::kScalar;
+}
+
 template <typename T>
 void transpose_strided(const T* in, int64_t ldi, int64_t R, int64_t C, T* out, int64_t ldo,
                        int64_t first = 0, int64_t last = -1) {
@@ -101,7 +108,7 @@ void transpose_strided(const T* in, int64_t ldi, int64_t R, int64_t C, T* out, i
       int64_t r = r0;  // rows from here on go through the scalar copy
 #ifdef FASTBIRNN_X86
       if constexpr (std::is_same_v<T, float>) {
-        if (kIsa != Isa::kScalar) {
+        if (transposes_in_vectors(sizeof(T))) {
           const int64_t c8 = c0 + (c1 - c0) / 8 * 8;  // the columns of whole squares
           for (; r + 8 <= r1; r += 8)
             for (int64_t c = c0; c < c8; c += 8)
