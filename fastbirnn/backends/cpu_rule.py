@@ -90,19 +90,13 @@ GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
 LSTM_BATCH1_LONG_SEQ = 64  # between the grid's T = 16 and T = 128
 LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inference)
-# Training steps with both directions go further: up to 8.4 M per worker (over sequences of 32
-# steps or more until 0495a1a's grid; from the rule's shortest, T = 16, since). Since the weight
-# gradients run on the register tiles (7073f32), in the grids of d68e213 (each mode timed on its
-# own): 1.25x and 1.34x at B 32 H 256 and B 128 H 128 (T 128, 8.4 M), 0.99x at B 8 H 512 (8.4 M;
-# 1.02x at af21127), 1.02-1.08x at the tagger preset's 2-layer rows (B 32 T 40 H 256 at 8.4 M
-# included) and the speech stack, 1.05-1.55x up to 2.1 M but B 8 T 128 H 256 (0.97x); the held-out
-# B 16 T 50 H 200 2-layer step, kept out of this fit, 1.01x. At T = 16 the same steps were
-# 0.99-1.21x, above 8.4 M 0.80-1.16x (B 16 T 40 H 512 1.00x, B 128 T 128 H 256 0.80x). In
-# 0495a1a's grids (the weights' transposes vectorised, packed from fewer rows) the T = 16 steps
-# from 1 M to 8.4 M were 1.06-1.41x (B 8 H 256 and 512, B 32 H 128 and 256, B 128 H 64 and 128,
-# one and two layers), and B 32 T 20 I 300 H 256 (the tagger preset, at 8.4 M) 1.05-1.11x in three
-# runs.
-LSTM_BI_TRAIN_LIMIT = 1 << 23  # 8.4 M
+# Training steps with both directions are fused at every size, from the rule's shortest
+# sequence (T = 16). Up to 8.4 M per worker they won since the weight gradients moved onto the
+# register tiles (7073f32; 1.05-1.55x, the 2-layer and speech rows 1.02-1.11x). Above it some
+# lost (0.43-0.80x) until 49717e1 took away a stall of the whole step (fresh huge pages on a
+# host that had reclaimed them); since, every such point measured 0.99-1.20x (cpu-grid-lstm
+# at 2106332: B 32-128, H 256-512, T 16 and 128, 0.99x at B 32 T 16 H 512, 1.00x at B 128 T 128
+# H 512; cpu-grid-tagger-lstm at fbb3174: 1.01-1.17x at five I != H rows up to 67 M).
 
 # The engine's fixed column blocks (csrc/geometry.h, kBlockWidth and kSmallHidden).
 _BLOCK_WIDTH = 64
@@ -170,8 +164,7 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     # LSTM
     if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
         return True
-    if (s.dtype == torch.float32 and s.bidirectional and s.training
-            and per_worker <= LSTM_BI_TRAIN_LIMIT):  # from T = SHORT (checked above)
+    if s.dtype == torch.float32 and s.bidirectional and s.training:  # from T = SHORT (above)
         return True
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
 
