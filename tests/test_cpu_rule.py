@@ -173,9 +173,41 @@ def test_lstm_taggers_both_directions_are_fused_up_to_the_measured_limit(trainin
                                          **lstm))
     # 2.1 M: the training step only (test_lstm_training_steps_of_taggers_are_fused)
     assert cpu_rule.prefer_cpp(shape(batch=32, seq=40, hidden=128, **lstm)) == training
-    assert not cpu_rule.prefer_cpp(shape(batch=16, hidden=100, dtype=torch.float64, **lstm))
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=256, **lstm))
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=512, **lstm)) == training  # 1 M
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gated_fp64_steps_are_fused_below_the_measured_limit(cell, training, bidirectional):
+    """fp64 gated steps below 16.8 M multiply-adds per worker run the kernel (the grids: 1.08x
+    to 3.07x the nn class from 393 k to 4.2 M), from T = 16; the grids' largest fp64 step
+    (100-134 M: 0.85-1.07x) keeps the nn class."""
+    fp64 = dict(cell=cell, dtype=torch.float64, training=training, bidirectional=bidirectional)
+    gates, directions = cpu_rule.GATES[cell], 2 if bidirectional else 1
+    assert cpu_rule.prefer_cpp(shape(batch=8, hidden=128, **fp64))
+    assert cpu_rule.prefer_cpp(shape(batch=32, seq=16, hidden=256, **fp64))
+    assert not cpu_rule.prefer_cpp(shape(batch=32, seq=15, hidden=256, **fp64))  # short
+    # gates * D * B * 256^2 over 2 workers reaches 16.8 M at this batch
+    at_limit = -(-2 ** 25 // (gates * directions * 256 ** 2))
+    assert cpu_rule.prefer_cpp(shape(batch=at_limit - 1, hidden=256, **fp64))
+    assert not cpu_rule.prefer_cpp(shape(batch=at_limit, hidden=256, **fp64))
+    assert not cpu_rule.prefer_cpp(shape(batch=128, hidden=512, **fp64))
+
+
+def test_gru_fp32_steps_are_fused_at_every_size_on_avx512():
+    """The GRU grid at 5a9275d: the kernel won at every fp32 point, B 128 with H 128-512
+    included (1.10-1.68x); on AVX2 B >= 128 from 4.2 M per worker stays with nn.GRU (0.70-0.96x
+    in its grid)."""
+    gru = dict(cell="gru", batch=128, hidden=512)
+    for training in (False, True):
+        for bidirectional in (False, True):
+            call = dict(gru, training=training, bidirectional=bidirectional)
+            assert cpu_rule.prefer_cpp(shape(**call))
+            assert not cpu_rule.prefer_cpp(shape(isa="avx2", **call))
+    assert cpu_rule.prefer_cpp(shape(cell="gru", batch=127, hidden=512, isa="avx2"))
+    assert cpu_rule.prefer_cpp(shape(cell="gru", batch=128, hidden=64, isa="avx2"))  # 1.6 M
 
 
 def test_grid_check_flags_a_rule_that_picks_the_slower_contender(grid, monkeypatch):

@@ -139,8 +139,8 @@ def test_auto_follows_the_gated_rule(cell):
     shape = dict(batch=32, seq=128, hidden=128, layers=1, bidirectional=True,
                  dtype=torch.float32, training=True, threads=2)
     # The design's mid-size shape: the GRU kernel beats nn.GRU; oneDNN's nn.LSTM keeps the
-    # inference, and the LSTM's training step (2.1 M per worker; up to 8.4 M with T >= 32)
-    # is fused.
+    # inference, and the LSTM's training step (2.1 M per worker; both directions' training
+    # steps are fused at every size from T = 16) is fused.
     assert prefer_cpp(CallShape(**shape, cell=cell))
     assert prefer_cpp(CallShape(**dict(shape, training=False), cell=cell)) == (cell == "gru")
     # LSTM training at batch 1 is fused; its inference is not.

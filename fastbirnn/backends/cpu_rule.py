@@ -65,10 +65,15 @@ FP64_SMALL_HIDDEN_MAX_BATCH = 128
 
 # The gated cells, in multiply-adds per worker per recurrence step (gates included).
 # GRU: nn.GRU has no fused CPU path (several ATen ops per gate and step), and the kernel won at
-# almost every fp32 point of its grid (1.0-26x), but at B = 128 its margin thins to 1.0-1.2x and
-# at (128, 128, 128, 128) bidirectional it lost (0.88x re-measured): at B >= 128 only steps
-# below 4.2 M per worker are fused. In fp64 it lost at 100 M per worker (0.78x) and was within
-# noise at 3 M (0.95x and 1.10x in two runs): fused below 1 M.
+# every fp32 point of its grid at 5a9275d (1.10-19x; B = 128, H 128-512: 1.10-1.68x).
+# Until then B >= 128 went to nn.GRU from 4.2 M per worker: its large steps had lost (0.54-0.88x)
+# to the stall of fresh huge pages on a host that had reclaimed them, which 49717e1 took away.
+# fp64, both cells: the kernel won at 393 k to 4.2 M per worker (GRU B 8 T 128 H 128 bi 1.98x /
+# 2.92x, B 32 T 16 H 256 uni 1.08x / 1.21x; LSTM 2.37x / 3.07x and 1.19x / 1.39x at the same
+# points) and lost or tied at the grids' largest fp64 step, 100-134 M (B 128 T 128 H 512 bi:
+# GRU 0.91x / 0.85x, LSTM 0.98x / 1.07x): fused below 16.8 M, between the two in log-scale. (The
+# held-out B 64 T 20 I 100 H 200 bi, 7.7 M for the GRU and 10 M for the LSTM, kept out of this
+# fit: GRU 1.41x / 1.61x, LSTM 1.78x / 1.37x.)
 # LSTM: nn.LSTM runs through oneDNN's fused LSTM, which the kernel beat only where a step is
 # small (and in training at batch 1, where oneDNN's backward is per step): nn.LSTM elsewhere.
 # At batch 1 a unidirectional layer over a long sequence was a toss-up (T = 128, training:
@@ -84,9 +89,7 @@ FP64_SMALL_HIDDEN_MAX_BATCH = 128
 # 1.10-1.44x / 1.01-1.42x at its three points in this range.)
 # Sequences shorter than the gated grids' T = 16 take the LSTM's limit for both cells.
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-GRU_FP64_LIMIT = 1 << 20  # 1 M
-GRU_LARGE_BATCH = 128
-GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
+GATED_FP64_LIMIT = 1 << 24  # 16.8 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
 LSTM_BATCH1_LONG_SEQ = 64  # between the grid's T = 16 and T = 128
 LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inference)
@@ -157,10 +160,10 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
         return True
     if s.seq < SHORT:
         return False
+    if s.dtype == torch.float64 and per_worker < GATED_FP64_LIMIT:
+        return True
     if s.cell == "gru":
-        if s.dtype == torch.float64:
-            return per_worker < GRU_FP64_LIMIT
-        return s.batch < GRU_LARGE_BATCH or per_worker < GRU_LARGE_BATCH_LIMIT
+        return s.dtype == torch.float32
     # LSTM
     if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
         return True
@@ -178,11 +181,15 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
 # batch 1 alone would break the rule's monotonicity in the batch):
 # - fp64 inference from 8.4 M per worker (0.70-0.95x), and fp64 over T < 16 at batch 1
 #   (B 1 T 4 H 1024 training: 0.82-0.91x in five runs): W_hh's packing outweighs a few steps;
-# - GRU over T <= 16 from 8.4 M per worker (B 32 T 16 H 512: 0.81-0.94x);
+# - GRU over T <= 16 from 8.4 M per worker (B 32 T 16 H 512: 0.81-0.94x), and at B >= 128 from
+#   4.2 M (B 128 T 128 H 256-512: 0.70-0.96x, measured with the huge-page advice that cost the
+#   AVX-512 grid its losses there);
 # - LSTM above 65 k per worker, or 131 k with both directions at once (B 1 T 128 H 256
 #   0.61-1.05x, H 512 0.67-0.86x, B 32 T 128 H 64 0.84-1.47x; 1.02-9.3x at or below it).
 AVX2_LARGE_STEP = 1 << 23  # 8.4 M
 AVX2_LSTM_BI_LIMIT = 1 << 17  # 131 k
+AVX2_GRU_LARGE_BATCH = 128
+AVX2_GRU_LARGE_BATCH_LIMIT = 1 << 22  # 4.2 M
 
 
 def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
@@ -192,7 +199,8 @@ def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
                                      not s.training and per_worker >= AVX2_LARGE_STEP):
         return True
     if s.cell == "gru":
-        return s.seq <= SHORT and per_worker >= AVX2_LARGE_STEP
+        return (s.seq <= SHORT and per_worker >= AVX2_LARGE_STEP or
+                s.batch >= AVX2_GRU_LARGE_BATCH and per_worker >= AVX2_GRU_LARGE_BATCH_LIMIT)
     if s.cell == "lstm":
         return per_worker > (AVX2_LSTM_BI_LIMIT if s.bidirectional else GATED_SMALL_LIMIT)
     return False
