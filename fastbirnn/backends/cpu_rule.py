@@ -181,9 +181,10 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
 # batch 1 alone would break the rule's monotonicity in the batch):
 # - fp64 inference from 8.4 M per worker (0.70-0.95x), and fp64 over T < 16 at batch 1
 #   (B 1 T 4 H 1024 training: 0.82-0.91x in five runs): W_hh's packing outweighs a few steps;
-# - GRU over T <= 16 from 8.4 M per worker (B 32 T 16 H 512: 0.81-0.94x), and at B >= 128 from
-#   4.2 M (B 128 T 128 H 256-512: 0.70-0.96x, measured with the huge-page advice that cost the
-#   AVX-512 grid its losses there);
+# - GRU from 8.4 M per worker (B 32 T 16 H 512: 0.81-0.94x; B 32 T 128 H 512 training 0.98x and
+#   1.16x, then 0.66x (one direction) at 2e2e190 and 1.06-1.07x alone), and at B >= 128 from
+#   4.2 M (B 128 T 16-128 H 256-512: 0.79-1.03x in training at 2e2e190, with the huge-page
+#   advice off as on AVX-512, where the kernel won there);
 # - LSTM above 65 k per worker, or 131 k with both directions at once (B 1 T 128 H 256
 #   0.61-1.05x, H 512 0.67-0.86x, B 32 T 128 H 64 0.84-1.47x; 1.02-9.3x at or below it).
 AVX2_LARGE_STEP = 1 << 23  # 8.4 M
@@ -199,7 +200,7 @@ def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
                                      not s.training and per_worker >= AVX2_LARGE_STEP):
         return True
     if s.cell == "gru":
-        return (s.seq <= SHORT and per_worker >= AVX2_LARGE_STEP or
+        return (per_worker >= AVX2_LARGE_STEP or
                 s.batch >= AVX2_GRU_LARGE_BATCH and per_worker >= AVX2_GRU_LARGE_BATCH_LIMIT)
     if s.cell == "lstm":
         return per_worker > (AVX2_LSTM_BI_LIMIT if s.bidirectional else GATED_SMALL_LIMIT)
