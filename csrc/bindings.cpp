@@ -115,6 +115,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "switches to the crowding back-off (tests)");
   m.def("reset_team_crowding", [] { fastbirnn::Crowding::shared().reset(); },
         "Forgets any crowding: the next team runs on threads");
+  m.def("team_barriers_met",
+        [] { return fastbirnn::Team::barriers_met().load(std::memory_order_relaxed); },
+        "Barriers the engine's team workers have met since the extension loaded (counted per "
+        "thread; tests)");
   m.def("team_mode", &fastbirnn::team_mode,
         "'openmp' (teams run on ATen's OpenMP threads) or 'inline' (on the calling thread)");
 }

@@ -5,7 +5,8 @@
 // hidden units are split into fixed column blocks (geometry.h), both directions' blocks
 // interleaved and dealt round-robin to a team of up to torch.get_num_threads() workers
 // (team.h). Each worker keeps its blocks for the whole sequence (so its slice of W_hh stays in
-// its core's cache) and the team meets at one barrier per step.
+// its core's cache) and the team meets at one barrier per step, unless each direction runs
+// whole on one worker (a team of one or of D workers: steps_share_directions).
 //
 // Forward, each step: a block of w hidden units computes h_{t-1} W_hh^T for its K * w gate rows
 // (one small product on W_hh rows packed once per layer), then the cell combines it with the
@@ -79,13 +80,22 @@ void copy_block(const T* init, T* dst, int64_t B, int64_t H, int64_t j0, int64_t
   }
 }
 
+// Whether a step reads what other workers wrote in the step before: each block reads all of
+// its direction's h_{t-1} (BPTT: its dG). Blocks go round-robin to workers (Team::Member::owns)
+// and block k belongs to direction k % D (Blocks::dir), so in a team of 1 or of D workers each
+// direction runs whole on one worker: the directions then run apart, with no barrier per step,
+// and a worker held up (descheduled, or slower) delays only its own direction.
+inline bool steps_share_directions(const Team::Member& m, const Blocks& blk) {
+  return blk.D % m.team_size() != 0;
+}
+
 // In: G holds x W_ih^T (K*H columns per direction). Out: Hs holds h_t (zero past each row's
 // length), hn/cn the final states; in training (S not null) G the activated gates and S the
 // cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
 // direction's h_{t-1} and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local:
 // updated in place); hid: D * B * K*H (each block's h_{t-1} W_hh^T; unused in place). At step
 // s every block reads all of h_{s-1} and writes its own columns of h_s into the other buffer:
-// one barrier per step.
+// one barrier per step where workers share a direction (steps_share_directions).
 //
 // A bf16 call (g.round_bf16): the products read h_{t-1} rounded to bf16, and the outputs Hs
 // are rounded too (the state and the final states are not). rounded: that copy of state in
@@ -136,6 +146,7 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
     }
   }
   m.sync();  // also orders the input projection before its first use
+  const bool steps_meet = steps_share_directions(m, blk);
   for (int64_t s = 0; s < g.T; ++s) {
     for (int64_t k = 0; k < nb; ++k) {
       if (!m.owns(k)) continue;
@@ -189,7 +200,8 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
         }
       }
     }
-    if (s + 1 < g.T) m.sync();  // after the last step each block reads only its own columns
+    // (After the last step each block reads only its own columns.)
+    if (s + 1 < g.T && steps_meet) m.sync();
   }
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;
@@ -216,7 +228,8 @@ struct BackwardOperands {
 // else flows back in time (LSTM's dc, GRU's dh * z) stays in the block. Writes dG and dGh (zero
 // at padded steps; the same buffer unless the cell has a split gate) and dh0/dc0.
 // scratch: D * 3 * B * H (carry, tmp and dc per direction). Carry columns are only ever
-// touched by their block's owner, so one barrier per step suffices.
+// touched by their block's owner, so one barrier per step suffices, and none where no worker
+// shares a direction (steps_share_directions).
 template <typename T, typename Cell>
 void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
                               const Cell& cell, const T* dOut, const T* Hs, const T* G,
@@ -242,6 +255,7 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
     }
   }
   // s = -1 is the last carry update only: dh0 gets dGh_{first step} W_hh for the active rows.
+  const bool steps_meet = steps_share_directions(m, blk);
   for (int64_t s = g.T - 1; s >= -1; --s) {
     for (int64_t k = 0; k < nb; ++k) {
       if (!m.owns(k)) continue;
@@ -319,7 +333,7 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
         }
       }
     }
-    if (s >= 0) m.sync();
+    if (s >= 0 && steps_meet) m.sync();
   }
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;

@@ -177,6 +177,7 @@ class Team {
           start_ns_(now_ns()), step_start_ns_(start_ns_),
           switches_(on_thread ? involuntary_switches() : -1) {}
     ~Member() {
+      barriers_met().fetch_add(syncs_, std::memory_order_relaxed);
       SpinBudget::shared().store(spin_ns_, std::memory_order_relaxed);
       const int64_t switches = switches_ < 0 ? -1 : involuntary_switches();
       team_.account(now_ns() - start_ns_, stalled_ns_,
@@ -188,6 +189,7 @@ class Team {
     bool owns(int64_t k) const { return runs(k % team_.size_); }
     // Every worker's writes before sync() are visible to every worker after it.
     void sync() {
+      ++syncs_;
       const int64_t arrived = now_ns();
       team_.arrive_and_wait(last_ - first_, ++generation_, spin_ns_);
       const int64_t released = now_ns(), waited = released - arrived;
@@ -197,6 +199,7 @@ class Team {
     }
     int64_t first() const { return first_; }
     int64_t last() const { return last_; }
+    int64_t team_size() const { return team_.size_; }
 
    private:
     Team& team_;
@@ -205,11 +208,17 @@ class Team {
     int64_t spin_ns_;
     int64_t start_ns_, step_start_ns_, stalled_ns_ = 0;
     int64_t switches_;  // involuntary context switches at the start, or -1 (not counted)
+    int64_t syncs_ = 0;
     static constexpr int64_t kStallFloor = Crowding::kMinStallNs;
   };
 
   explicit Team(int64_t size) : size_(size < 1 ? 1 : size) {}
   int64_t size() const { return size_; }
+  // Barriers met (sync() calls, counted per thread) since the extension loaded: for tests.
+  static std::atomic<int64_t>& barriers_met() {
+    static std::atomic<int64_t> count{0};
+    return count;
+  }
 
   // Runs fn(member) on each thread of the team; BLAS is single-threaded inside (see the
   // determinism note in recurrence.h).

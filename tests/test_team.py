@@ -186,6 +186,34 @@ def test_two_python_threads_calling_at_once_agree_with_one_thread():
     assert len(done) == len(threads)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_directions_run_apart_without_a_barrier_per_step(cell):
+    """A team of two on a bidirectional layer runs each direction whole on one worker
+    (recurrence.h, steps_share_directions): its steps meet at no barrier, forward or BPTT, and
+    give the bits a single thread gives. A unidirectional layer split over the same two
+    workers meets once per step."""
+    steps, hidden = 48, 128  # two column blocks per direction: a team of two either way
+    classes = {"rnn": FastBiRNN, "gru": FastBiGRU}
+
+    def barriers(bidirectional):
+        torch.manual_seed(0)
+        model = classes[cell](16, hidden, bidirectional=bidirectional, backend="cpp")
+        x = torch.randn(steps, 8, 16, requires_grad=True)
+        before = _C.team_barriers_met()
+        out, h_n = model(x)
+        (out.sum() + h_n.sum()).backward()
+        return _C.team_barriers_met() - before, [out.detach(), h_n.detach(), x.grad,
+                                                 *(p.grad for p in model.parameters())]
+
+    _C.reset_team_crowding()
+    (apart, results), (together, _) = with_threads(2, lambda: (barriers(True), barriers(False)))
+    # Per layer and thread: the projection's (at most two) and the one before the first step.
+    assert apart <= 2 * 2 * 3
+    assert together >= 2 * (steps - 1)  # forward and BPTT, every step
+    _, alone = with_threads(1, lambda: barriers(True))
+    _assert_same_bits(alone, results, f"{cell}: directions apart on two threads vs one thread")
+
+
 def test_crowded_teams_give_way_to_inline_runs_for_a_doubling_stretch():
     """A team run that lost more than a quarter of its time to stalled waits, with a worker
     preempted, sends the next runs inline, for a stretch that doubles while the crowding lasts
