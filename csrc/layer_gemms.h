@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -101,10 +102,14 @@ int64_t projection_workers(const Projection<T>& p, int64_t D, int64_t team) {
 }
 
 // The projection's tasks; with bf16 (a bf16 call on the bf16 tiles) each worker first converts
-// the rows of its blocks to bf16, then the team meets once before the products read them.
+// the rows of its blocks to bf16, then the team meets once before the products read them. The
+// products' tasks go to whichever worker asks next (`queue`, shared by the team's workers,
+// starting at 0): a worker held up (descheduled on a busy machine) leaves its share to the
+// others, where a fixed share would hold up every worker at the next barrier. Which worker
+// computes a task changes no result.
 template <typename T>
 void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out,
-             const Bf16Forward* bf16 = nullptr) {
+             std::atomic<int64_t>& queue, const Bf16Forward* bf16 = nullptr) {
   const int64_t H = p.cols, ld = g.D * p.cols, n = g.D * p.blocks;
   const bool on_bf16 = bf16 && bf16->x;
   if (p.team_transposes()) {  // W_ih^T for the tiles, in row ranges of W_ih over the team
@@ -125,8 +130,7 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out,
     }
     m.sync();
   }
-  for (int64_t task = 0; task < n; ++task) {
-    if (!m.owns(task)) continue;
+  for (int64_t task = queue.fetch_add(1); task < n; task = queue.fetch_add(1)) {
     const int64_t d = task % g.D, blk = task / g.D;
     const int64_t r0 = p.rows * blk / p.blocks, r1 = p.rows * (blk + 1) / p.blocks;
     const T* x = p.X + r0 * p.I;

@@ -197,11 +197,13 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     // worker runs a task changes no result); else on that team, before its first step.
     const Bf16Forward* const proj_bf16 = on_bf16 ? &bf16 : nullptr;
     const int64_t proj_workers = projection_workers(proj, D, workers);
+    std::atomic<int64_t> projection_tasks{0};
     if (proj_workers > workers)
-      Team(proj_workers).run([&](Team::Member& m) { project<T>(m, g, proj, G, proj_bf16); });
+      Team(proj_workers).run(
+          [&](Team::Member& m) { project<T>(m, g, proj, G, projection_tasks, proj_bf16); });
     Team team(workers);
     team.run([&](Team::Member& m) {
-      if (proj_workers <= workers) project<T>(m, g, proj, G, proj_bf16);
+      if (proj_workers <= workers) project<T>(m, g, proj, G, projection_tasks, proj_bf16);
       recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
                                  rounded.empty() ? nullptr : rounded.data(),
                                  on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data());
