@@ -214,11 +214,12 @@ def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
 # a training step): nn.RNN and nn.GRU have no bf16 CPU kernel of their own, and the engine
 # won everywhere (1.32-3.44x) but the training step at (64, 256, 256, 512), 16.8 M activations
 # per layer (T * B * directions * H), where it lost or tied across runs (Elman 0.83-1.09x, GRU
-# 0.68-0.81x): its kept fp32 gates, their bf16 copies and the fresh pages they take cost about
+# 0.68-0.81x; 1.17x and 1.00x at 47d22c4, after the huge-page stall was removed: one run, not
+# refitted): its kept fp32 gates, their bf16 copies and the fresh pages they take cost about
 # what its products save. Training is fused up to BF16_TRAIN_MAX_ACTIVATIONS, below that shape.
 # nn.LSTM runs oneDNN's bf16 LSTM: the engine's inference lost (0.76-0.86x); its training step
-# won at the speech shape (1.24x), tied at B = 32, H = 128 (0.92-1.17x over three runs) and
-# lost above the limit (0.90x): LSTM training steps are fused up to the limit (from T = 16,
+# won at the speech shape (1.24x; 1.47x at 47d22c4), tied at B = 32, H = 128 (0.90-1.17x over
+# four runs) and lost above the limit (0.90x; 0.99x at 47d22c4): LSTM training steps are fused up to the limit (from T = 16,
 # the shortest gated grid sequence), LSTM inference stays with nn.LSTM. Held-out shapes kept
 # out of this fit (bf16-heldout.json) agree: Elman and GRU 1.11-3.98x, LSTM training
 # 1.00-1.20x, LSTM inference 0.64-0.85x. Without bf16 tiles no measurement is committed: the
