@@ -114,8 +114,11 @@ inline bool forward_block_tiles(const Geometry& g, int64_t gates, int64_t elemen
 inline int64_t team_size(const Geometry& g, const Blocks& blk, int64_t gates) {
   const int64_t per_step = gates * g.D * g.B * g.H * g.H;
   if (!worth_threads(per_step * g.T)) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), blk.count(),
-                                                  per_step / kMinStepWork}));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blk.count());
+  // One worker per direction meets no barrier per step (recurrence.h, steps_share_directions):
+  // the floor on each worker's step, which is there for the barrier, does not hold it back.
+  if (g.D > 1 && threads >= g.D && per_step / kMinStepWork < g.D) return g.D;
+  return std::max<int64_t>(1, std::min<int64_t>(threads, per_step / kMinStepWork));
 }
 
 // Fixed (thread-count independent) split of `rows` into blocks for row-parallel GEMMs.

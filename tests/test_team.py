@@ -214,6 +214,25 @@ def test_directions_run_apart_without_a_barrier_per_step(cell):
     _assert_same_bits(alone, results, f"{cell}: directions apart on two threads vs one thread")
 
 
+def test_small_bidirectional_steps_still_take_one_worker_per_direction():
+    """Below the per-step work that pays for a barrier (16 k multiply-adds per worker), a
+    bidirectional call still runs its directions on two workers, which meet at no barrier per
+    step (geometry.h, team_size): each thread meets only the barrier before the first step.
+    A unidirectional one of the same size runs on one worker."""
+    def members(bidirectional):
+        torch.manual_seed(0)
+        model = FastBiRNN(16, 64, bidirectional=bidirectional, backend="cpp")  # 4 k per step
+        x = torch.randn(128, 1, 16)
+        before = _C.team_barriers_met()
+        with torch.no_grad():
+            model(x)
+        return _C.team_barriers_met() - before
+
+    _C.reset_team_crowding()
+    assert with_threads(2, lambda: members(True)) == (2 if _C.team_mode() == "openmp" else 1)
+    assert with_threads(2, lambda: members(False)) == 1
+
+
 def test_crowded_teams_give_way_to_inline_runs_for_a_doubling_stretch():
     """A team run that lost more than a quarter of its time to stalled waits, with a worker
     preempted, sends the next runs inline, for a stretch that doubles while the crowding lasts
