@@ -142,20 +142,30 @@ inline std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>
 // and went with the allocator's state: (32, 128, 128, 128) LSTM inference took 14 ms with no
 // faults and 25 ms with 4,700. Each slot keeps its buffer for the next call on the thread.
 //
-// A thread keeps at most kScratchThreadBytes: a buffer that does not fit beside the others
-// first frees the thread's own idle slots, least recently used first (else, after a call of
-// another shape, its old buffers kept the new one out and every call faulted its pages in
-// again). What all threads keep together is capped too (a server calling from 64 threads would
-// otherwise keep 64 x 128 MiB): to keep a new buffer past the cap, the caches of the threads
-// that called least recently are freed first; a buffer that still does not fit is not kept.
+// All threads together keep at most the process-wide cap (default kScratchProcessBytes). A
+// buffer that does not fit beside the calling thread's others first frees that thread's idle
+// slots, least recently used first (else, after a call of another shape, its old buffers kept
+// the new one out and every call faulted its pages in again); to fit past the cap, the caches
+// of the threads that called least recently are freed next (a server calling from 64 threads
+// would otherwise keep 64 sets); a buffer that still does not fit is not kept.
 enum Scratch : int {
   kScratchGates, kScratchGradGates, kScratchGradGatesHidden,
   kScratchLayer0, kScratchLayer1, kScratchGradInput0, kScratchGradInput1,
   kScratchPackedHidden, kScratchPackedInput,  // the forward's packed W_hh blocks and W_ih^T
+  // A bf16 call's fp32 working copies (its input, its output before the result's conversion
+  // and again in backward, the output gradient) and its bf16 product operands (the input's
+  // bits, the gate gradients' bits, the weight gradients' operands in row pairs).
+  kScratchWideInput, kScratchWideOutput, kScratchWideGradOutput,
+  kScratchBf16Input, kScratchBf16Grads, kScratchBf16GradsHidden, kScratchBf16GradPairs,
+  kScratchBf16GradPairsHidden, kScratchBf16InputPairs, kScratchBf16StatePairs,
+  // What a forward keeps for its backward (intermediate layers' outputs, a gated cell's gates
+  // and saved values): held by the autograd graph until the backward is done, so a slot is
+  // busy while its graph lives (the next forward before that gets fresh memory) and idle for
+  // the next training step after.
+  kScratchKeptOutputs, kScratchKeptGates, kScratchKeptSaved,
   kScratchSlots
 };
 constexpr int64_t kScratchMinBytes = int64_t(1) << 20;          // below: allocating is cheap
-constexpr int64_t kScratchThreadBytes = int64_t(128) << 20;     // kept per thread, all slots
 constexpr int64_t kScratchProcessBytes = int64_t(256) << 20;    // kept by all threads: default
 
 class ScratchCaches {
@@ -174,10 +184,10 @@ class ScratchCaches {
     std::lock_guard<std::mutex> lock(mutex_);
     self.last_use = self.used[slot] = ++clock_;
     Tensor& cached = self.slots[slot];
-    if (cached.defined() && cached.use_count() == 1 && cached.dtype() == options.dtype() &&
+    if (cached.defined() && idle(cached) && cached.dtype() == options.dtype() &&
         cached.numel() >= numel)
       return cached;
-    if (cached.defined() && cached.use_count() > 1)  // still held by an earlier result
+    if (cached.defined() && !idle(cached))  // still held by an earlier result
       return empty_buffer({numel}, options);
     drop(self, cached);  // the smaller one first
     if (!fit_in_thread(bytes, self) || !make_room(bytes, &self))
@@ -221,6 +231,12 @@ class ScratchCaches {
     ~PerThread() { instance().remove(this); }
   };
 
+  // Whether nothing but the slot holds a kept buffer: neither the slot's tensor (handed out
+  // as is) nor a view of its memory.
+  static bool idle(const Tensor& kept) {
+    return kept.use_count() == 1 && kept.storage().use_count() == 1;
+  }
+
   static PerThread& this_thread() {
     thread_local PerThread caches;
     return caches;
@@ -251,11 +267,11 @@ class ScratchCaches {
   // Frees t's idle slots, least recently used first, until `bytes` more fit in its share;
   // whether they do. (A slot still held by an earlier result is in use, not idle.)
   bool fit_in_thread(int64_t bytes, PerThread& t) {
-    if (bytes > kScratchThreadBytes) return false;
-    while (t.bytes + bytes > kScratchThreadBytes) {
+    if (bytes > limit_) return false;
+    while (t.bytes + bytes > limit_) {
       int oldest = -1;
       for (int i = 0; i < kScratchSlots; ++i)
-        if (t.slots[i].defined() && t.slots[i].use_count() == 1 &&
+        if (t.slots[i].defined() && idle(t.slots[i]) &&
             (oldest < 0 || t.used[i] < t.used[oldest]))
           oldest = i;
       if (oldest < 0) return false;
@@ -297,6 +313,13 @@ class ScratchCaches {
 
 inline Tensor scratch_buffer(Scratch slot, int64_t numel, const at::TensorOptions& options) {
   return ScratchCaches::instance().buffer(slot, numel, options);
+}
+
+// A slot's buffer shaped as `shape` (its first elements), uninitialised.
+inline Tensor scratch_tensor(Scratch slot, at::IntArrayRef shape,
+                             const at::TensorOptions& options) {
+  const int64_t numel = c10::multiply_integers(shape);
+  return scratch_buffer(slot, numel, options).narrow(0, 0, numel).view(shape);
 }
 
 // Frees this thread's kept scratch buffers; returns the bytes freed. (The benchmarks' peak

@@ -379,9 +379,11 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
   const bool split = bf.dGh != nullptr;
   const int64_t ldx = 2 * packed_columns(I), ldh = 2 * packed_columns(H);
   // (Every element is written by the packing tasks below, pads included.)
-  const Bf16Buffer dG_pairs(row_pairs * bf.ld * 2, false);
-  const Bf16Buffer dGh_pairs = split ? Bf16Buffer(row_pairs * bf.ld * 2, false) : Bf16Buffer();
-  const Bf16Buffer x_pairs(row_pairs * ldx, false), h_pairs(D * row_pairs * ldh, false);
+  const Bf16Buffer dG_pairs(kScratchBf16GradPairs, row_pairs * bf.ld * 2, false);
+  const Bf16Buffer dGh_pairs =
+      split ? Bf16Buffer(kScratchBf16GradPairsHidden, row_pairs * bf.ld * 2, false) : Bf16Buffer();
+  const Bf16Buffer x_pairs(kScratchBf16InputPairs, row_pairs * ldx, false);
+  const Bf16Buffer h_pairs(kScratchBf16StatePairs, D * row_pairs * ldh, false);
   // dX = dG [W_ih^f; W_ih^r]: W_ih's rows packed in pairs along the gate rows of both directions
   // (each direction's part padded as the gate gradients' rows are).
   std::vector<bf16_bits> w_ih_pairs;

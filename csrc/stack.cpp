@@ -68,6 +68,14 @@ Tensor engine_tensor(const Tensor& t) {
 Tensor engine_tensor(const std::optional<Tensor>& t) {
   return t && t->defined() ? engine_tensor(*t) : Tensor();
 }
+// The same, with bf16 widened into a scratch slot: a large working copy, never returned, whose
+// pages then stay mapped for the thread's next call.
+Tensor engine_tensor(const Tensor& t, Scratch slot) {
+  if (!t.defined() || t.scalar_type() != at::kBFloat16) return engine_tensor(t);
+  Tensor wide = scratch_tensor(slot, t.sizes(), t.options().dtype(at::kFloat));
+  wide.copy_(t);
+  return wide;
+}
 
 // Where each layer of a forward writes its [rows, D*H] output: the last layer into the result,
 // the others into the kept intermediates (training) or else two scratch buffers in turn, so
@@ -176,7 +184,8 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     if (on_bf16) {
       const int64_t Ip = paired(in_size), w_ih_size = Ip * packed_columns(KH);
       // Uninitialised, but for an odd input size's pad column, which must be zero.
-      x_bf16 = Bf16Buffer(rows * Ip, Ip != in_size);
+      x_bf16 = Bf16Buffer();  // the layer below's: frees the slot
+      x_bf16 = Bf16Buffer(kScratchBf16Input, rows * Ip, Ip != in_size);
       w_ih_bf16.resize(D * w_ih_size);
       for (int64_t d = 0; d < D; ++d) {
         const T* w_ih = proj.w_ih[d];
@@ -239,8 +248,9 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
     bf16.direction_ld = paired(KH);
     bf16.ld = D * bf16.direction_ld;
     // BPTT writes every element but an odd K*H's pad column, which must be zero.
-    dG_bits = Bf16Buffer(rows * bf16.ld, KH % 2 != 0);
-    if (Cell::kSplitGate >= 0) dGh_bits = Bf16Buffer(rows * bf16.ld, KH % 2 != 0);
+    dG_bits = Bf16Buffer(kScratchBf16Grads, rows * bf16.ld, KH % 2 != 0);
+    if (Cell::kSplitGate >= 0)
+      dGh_bits = Bf16Buffer(kScratchBf16GradsHidden, rows * bf16.ld, KH % 2 != 0);
     bf16.block_stride = paired(KH) * packed_columns(blk.width);
     w_hh_columns.resize(blk.count() * bf16.block_stride);
     bf16.dG = dG_bits.data;
@@ -315,7 +325,7 @@ ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
   // A bf16 call (g.round_bf16) runs the fp32 engine on its values (exact) with bf16-rounded
   // product operands; out, h_n and c_n come back in bf16, what backward keeps stays fp32.
   const Geometry g = checked_geometry(cell, x_, h0_, c0_, weights_, lengths, a, lengths_cpu);
-  const Tensor x = engine_tensor(x_);
+  const Tensor x = engine_tensor(x_, kScratchWideInput);
   const Tensor h0 = engine_tensor(h0_), c0 = engine_tensor(c0_);
   std::vector<Tensor> weights;
   weights.reserve(weights_.size());
@@ -324,14 +334,16 @@ ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
   const bool lstm = cell == "lstm", gated = a.gates > 1;
   const auto options = x.options();
   ForwardResults r;
-  r.out = empty_buffer(out_shape(g, batch_first), options);
+  // A bf16 call's fp32 output is a working copy (the result is its bf16 conversion).
+  r.out = g.round_bf16 ? scratch_tensor(kScratchWideOutput, out_shape(g, batch_first), options)
+                       : empty_buffer(out_shape(g, batch_first), options);
   r.hn = at::empty({num_layers * a.D, g.B, g.H}, options);
   r.cn = at::empty({lstm ? num_layers * a.D : 0, g.B, g.H}, options);
   if (keep) {
     const int64_t kept = gated ? num_layers : 0;
-    r.mid = empty_buffer({num_layers - 1, rows, g.DH()}, options);
-    r.gates = empty_buffer({kept, rows, a.gates * g.DH()}, options);
-    r.saved = empty_buffer({kept, rows, g.DH()}, options);
+    r.mid = scratch_tensor(kScratchKeptOutputs, {num_layers - 1, rows, g.DH()}, options);
+    r.gates = scratch_tensor(kScratchKeptGates, {kept, rows, a.gates * g.DH()}, options);
+    r.saved = scratch_tensor(kScratchKeptSaved, {kept, rows, g.DH()}, options);
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastbirnn_stack_forward", [&] {
     with_cell(cell, [&](auto c) {
@@ -395,11 +407,16 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
     check_tensor(*t, name, dtype, sizes);
     return engine_tensor(*t);
   };
-  const Tensor grad_out = optional(grad_out_, "grad_out", out_sizes);
+  Tensor grad_out;
+  if (grad_out_ && grad_out_->defined()) {
+    check_tensor(*grad_out_, "grad_out", dtype, out_sizes);
+    grad_out = engine_tensor(*grad_out_, kScratchWideGradOutput);
+  }
   const Tensor grad_hn = optional(grad_hn_, "grad_hn", state_sizes);
   const Tensor grad_cn = optional(grad_cn_, "grad_cn", state_sizes);
   TORCH_CHECK(lstm || !grad_cn.defined(), "fastbirnn cpp backend: only the LSTM has a c_n");
-  const Tensor x = engine_tensor(x_);
+  const Tensor x = engine_tensor(x_, kScratchWideInput);
+  const Tensor out_values = engine_tensor(out, kScratchWideOutput);
   const Tensor h0 = engine_tensor(h0_), c0 = engine_tensor(c0_);
   std::vector<Tensor> weights;
   std::vector<std::vector<int64_t>> shapes;  // the results: dweights..., dx, dh0, dc0 (, dG)
@@ -427,7 +444,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   AT_DISPATCH_FLOATING_TYPES(kept_dtype, "fastbirnn_stack_backward", [&] {
     with_cell(cell, [&](auto c) {
       backward_layers<scalar_t>(c, grad_out, grad_hn, grad_cn, x, h0, c0, weights, g,
-                                a, engine_tensor(out), mid.contiguous(), gates.contiguous(),
+                                a, out_values, mid.contiguous(), gates.contiguous(),
                                 saved.contiguous(), need_dx, dx, dh0, dc0, results, dG);
     });
   });

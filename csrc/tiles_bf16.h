@@ -265,13 +265,14 @@ struct Bf16Backward {
   int64_t block_stride = 0;
 };
 
-// n bf16 elements in a tensor that owns them: at::empty as buffers.h gives it (huge-page advice
-// for large ones), uninitialised but for `zeroed`.
+// n bf16 elements of a scratch slot (buffers.h: kept for the thread's next call, so a large
+// one does not fault its pages in again every call), uninitialised but for `zeroed`.
 struct Bf16Buffer {
   Tensor storage;
   bf16_bits* data = nullptr;
   Bf16Buffer() = default;
-  Bf16Buffer(int64_t n, bool zeroed) : storage(empty_buffer({n}, at::TensorOptions().dtype(at::kBFloat16))) {
+  Bf16Buffer(Scratch slot, int64_t n, bool zeroed)
+      : storage(scratch_buffer(slot, n, at::TensorOptions().dtype(at::kBFloat16))) {
     data = reinterpret_cast<bf16_bits*>(storage.data_ptr());
     if (zeroed) std::memset(data, 0, sizeof(bf16_bits) * n);
   }

@@ -36,7 +36,7 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 def release_scratch() -> int:
     """Free the scratch buffers the C++ engine keeps for the calling thread between calls
-    (those of 1 MiB and more, up to 128 MiB per thread); returns the bytes freed."""
+    (those of 1 MiB and more, within the process-wide cap); returns the bytes freed."""
     return 0 if _C is None else int(_C.release_scratch())
 
 
