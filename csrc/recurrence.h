@@ -80,6 +80,22 @@ void copy_block(const T* init, T* dst, int64_t B, int64_t H, int64_t j0, int64_t
   }
 }
 
+// Asks for rows a block reads (or, with `write`, writes) at a coming step to be brought into
+// L2 while the step's product runs: `gates` runs of w columns, gate_stride apart, in each of
+// `rows` batch rows, row_stride apart. The projection writes all steps' gates before the
+// recurrence (the forward writes what the backward reads), so a step's rows otherwise come
+// from L3 or memory as the cell reaches them. Only a hint: it changes no result.
+template <bool write = false, typename T>
+void prefetch_rows(const T* first, int64_t rows, int64_t row_stride, int64_t gates,
+                   int64_t gate_stride, int64_t w) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t q = 0; q < gates; ++q) {
+      const T* p = first + b * row_stride + q * gate_stride;
+      for (int64_t j = 0; j < w; j += kLine) __builtin_prefetch(p + j, write ? 1 : 0, 2);
+    }
+}
+
 // Whether a step reads what other workers wrote in the step before: each block reads all of
 // its direction's h_{t-1} (BPTT: its dG). Blocks go round-robin to workers (Team::Member::owns)
 // and block k belongs to direction k % D (Blocks::dir), so in a team of 1 or of D workers each
@@ -157,6 +173,11 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       const T* prev_operand = operand(d, s);
       T* next_operand = operand(d, s + 1);
       const int64_t bound = g.active_bound(t);
+      if (s + 1 < g.T) {
+        const int64_t t_next = g.step(d, s + 1);
+        prefetch_rows(G + t_next * g.st * DKH + d * KH + j0, g.active_bound(t_next), g.sb * DKH,
+                      Cell::kInPlace ? 1 : K, H, w);
+      }
       // h_{t-1} W_hh^T for the block's K * w gate rows: added onto the projection in the
       // output row (in place), else into the block's rows of hid.
       T* product = Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0 : hid + d * B * KH + K * j0;
@@ -263,6 +284,15 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
       T* carry = carry_of(d);
       T* tmp = carry + B * H;
       T* dc = tmp + B * H;
+      if (s >= 0) {  // what the cell reads and writes after the product below
+        const int64_t t = g.step(d, s), rows = g.active_bound(t), first = t * g.st * DH + d * H + j0;
+        prefetch_rows(G + t * g.st * DKH + d * KH + j0, rows, ldg, K, H, w);
+        prefetch_rows</*write=*/true>(dG + t * g.st * DKH + d * KH + j0, rows, ldg, K, H, w);
+        if (dGh != dG)
+          prefetch_rows</*write=*/true>(dGh + t * g.st * DKH + d * KH + j0, rows, ldg, K, H, w);
+        if (S) prefetch_rows(S + first, rows, g.sb * DH, 1, 0, w);
+        if (dOut) prefetch_rows(dOut + first, rows, g.sb * DH, 1, 0, w);
+      }
       if (s + 1 < g.T) {
         // Rows active at the previous step get dGh W_hh added to the part the cell left
         // (GRU) or in place of it; the others keep their carry.
