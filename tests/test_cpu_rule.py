@@ -163,7 +163,8 @@ def test_cached_module_pickles_and_deep_copies():
 def test_lstm_taggers_both_directions_are_fused_up_to_the_measured_limit(training):
     """Issue 23's grid (cpu-grid-tagger-lstm): a bidirectional tagger step up to 640 k
     multiply-adds per worker runs the kernel in both modes (a 16-step batch-1 one too: 5.31x
-    nn.LSTM in inference in 0495a1a's grid); above 1 M per worker inference and one direction
+    nn.LSTM in inference in 0495a1a's grid); above 1 M per worker the inference of long
+    sequences (test_lstm_inference_of_short_sequences_is_fused_up_to_4_m) and one direction
     keep nn.LSTM."""
     lstm = dict(cell="lstm", training=training)
     assert cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, **lstm))  # 640 k
@@ -171,10 +172,10 @@ def test_lstm_taggers_both_directions_are_fused_up_to_the_measured_limit(trainin
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=30, hidden=256, layers=2, **lstm))
     assert not cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, bidirectional=False,
                                          **lstm))
-    # 2.1 M: the training step only (test_lstm_training_steps_of_taggers_are_fused)
-    assert cpu_rule.prefer_cpp(shape(batch=32, seq=40, hidden=128, **lstm)) == training
+    # 2.1 M over 128 steps: the training step only (test_lstm_training_steps_of_taggers_are_fused)
+    assert cpu_rule.prefer_cpp(shape(batch=32, seq=128, hidden=128, **lstm)) == training
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=256, **lstm))
-    assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=512, **lstm)) == training  # 1 M
+    assert cpu_rule.prefer_cpp(shape(batch=1, seq=128, hidden=512, **lstm)) == training  # 1 M
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -302,6 +303,26 @@ def test_avx2_limits():
     assert cpu_rule.prefer_cpp(shape(batch=8, seq=128, hidden=64, cell="lstm", isa="avx2"))
 
 
+def test_lstm_inference_of_short_sequences_is_fused_up_to_4_m():
+    """Both directions' inference over fewer than 64 steps runs the kernel below 4.2 M
+    multiply-adds per worker and step (every such grid and tagger point of the last three
+    engines won: 1.06-3.25x nn.LSTM, the tagger's (32, 40, 100, 128) 1.08-1.12x); at 4.2 M,
+    over 64 steps or more, with one direction, on AVX2 and in fp64 or bf16 the rule is as
+    before."""
+    tagger = dict(batch=32, seq=40, hidden=128, cell="lstm", training=False)  # 2.1 M
+    assert cpu_rule.prefer_cpp(shape(**tagger))
+    assert cpu_rule.prefer_cpp(shape(**{**tagger, "seq": 16}))
+    assert cpu_rule.prefer_cpp(shape(**{**tagger, "seq": 63}))
+    assert not cpu_rule.prefer_cpp(shape(**{**tagger, "seq": 64}))
+    assert not cpu_rule.prefer_cpp(shape(**{**tagger, "seq": 15}))
+    assert cpu_rule.prefer_cpp(shape(**{**tagger, "batch": 63}))  # 4.13 M
+    assert not cpu_rule.prefer_cpp(shape(**{**tagger, "batch": 64}))  # 4.19 M
+    assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=512, cell="lstm", training=False))
+    assert not cpu_rule.prefer_cpp(shape(**{**tagger, "bidirectional": False}))
+    assert not cpu_rule.prefer_cpp(shape(**{**tagger, "isa": "avx2"}))
+    assert not cpu_rule.prefer_cpp(shape(**{**tagger, "dtype": torch.bfloat16}))
+
+
 def test_lstm_training_steps_of_taggers_are_fused():
     """Both directions' training steps over 16 steps or more run the kernel at every size (the
     tagger's (32, 40, 100, 128): 1.11-1.55x nn.LSTM in three runs timed per mode; above 8.4 M
@@ -310,7 +331,7 @@ def test_lstm_training_steps_of_taggers_are_fused():
     nn.LSTM."""
     tagger = dict(batch=32, seq=40, hidden=128, cell="lstm")
     assert cpu_rule.prefer_cpp(shape(training=True, **tagger))
-    assert not cpu_rule.prefer_cpp(shape(training=False, **tagger))
+    assert not cpu_rule.prefer_cpp(shape(training=False, **{**tagger, "seq": 128}))
     assert cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "seq": 16}))
     assert not cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "seq": 15}))
     assert not cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "bidirectional": False}))
