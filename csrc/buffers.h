@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -232,9 +233,13 @@ class ScratchCaches {
   };
 
   // Whether nothing but the slot holds a kept buffer: neither the slot's tensor (handed out
-  // as is) nor a view of its memory.
+  // as is) nor a view of its memory. The counts are relaxed loads; the acquire fence orders
+  // the last user's accesses (whichever thread dropped it, with its releasing decrement)
+  // before this thread writes the buffer again.
   static bool idle(const Tensor& kept) {
-    return kept.use_count() == 1 && kept.storage().use_count() == 1;
+    const bool unused = kept.use_count() == 1 && kept.storage().use_count() == 1;
+    if (unused) std::atomic_thread_fence(std::memory_order_acquire);
+    return unused;
   }
 
   static PerThread& this_thread() {
