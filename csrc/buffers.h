@@ -185,11 +185,10 @@ class ScratchCaches {
     std::lock_guard<std::mutex> lock(mutex_);
     self.last_use = self.used[slot] = ++clock_;
     Tensor& cached = self.slots[slot];
-    if (cached.defined() && idle(cached) && cached.dtype() == options.dtype() &&
-        cached.numel() >= numel)
-      return cached;
     if (cached.defined() && !idle(cached))  // still held by an earlier result
       return empty_buffer({numel}, options);
+    if (cached.defined() && cached.dtype() == options.dtype() && cached.numel() >= numel)
+      return cached;
     drop(self, cached);  // the smaller one first
     if (!fit_in_thread(bytes, self) || !make_room(bytes, &self))
       return empty_buffer({numel}, options);

@@ -402,16 +402,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   check_tensor(mid, "mid", kept_dtype, {num_layers - 1, rows, g.DH()});
   check_tensor(gates, "gates", kept_dtype, {kept, rows, a.gates * g.DH()});
   check_tensor(saved, "saved", kept_dtype, {kept, rows, g.DH()});
-  auto optional = [&](const std::optional<Tensor>& t, const char* name, at::IntArrayRef sizes) {
+  // A bf16 gradient is widened into `slot` where it is large (the output's).
+  auto optional = [&](const std::optional<Tensor>& t, const char* name, at::IntArrayRef sizes,
+                      std::optional<Scratch> slot = std::nullopt) {
     if (!t || !t->defined()) return Tensor();
     check_tensor(*t, name, dtype, sizes);
-    return engine_tensor(*t);
+    return slot ? engine_tensor(*t, *slot) : engine_tensor(*t);
   };
-  Tensor grad_out;
-  if (grad_out_ && grad_out_->defined()) {
-    check_tensor(*grad_out_, "grad_out", dtype, out_sizes);
-    grad_out = engine_tensor(*grad_out_, kScratchWideGradOutput);
-  }
+  const Tensor grad_out = optional(grad_out_, "grad_out", out_sizes, kScratchWideGradOutput);
   const Tensor grad_hn = optional(grad_hn_, "grad_hn", state_sizes);
   const Tensor grad_cn = optional(grad_cn_, "grad_cn", state_sizes);
   TORCH_CHECK(lstm || !grad_cn.defined(), "fastbirnn cpp backend: only the LSTM has a c_n");
