@@ -91,7 +91,7 @@ FP64_SMALL_HIDDEN_MAX_BATCH = 128
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 GATED_FP64_LIMIT = 1 << 24  # 16.8 M
 GATED_SMALL_LIMIT = 1 << 16  # 65 k
-LSTM_BATCH1_LONG_SEQ = 64  # between the grid's T = 16 and T = 128
+LSTM_LONG_SEQ = 64  # between the grid's T = 16 and T = 128, above the tagger shapes' 20-60
 LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inference)
 # Inference with both directions over short sequences (T < 64) is fused up to 4.2 M per worker.
 # Every such point won in the last two full LSTM grids (de7e3db, 58268a4): B 1 T 16 H 512 (1 M)
@@ -103,7 +103,6 @@ LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inf
 # range, kept out of the fit: B 32 T 40 I 300 H 128 1.06x / 1.06x / 1.01x, B 16 T 50 H 200
 # 2 layers 1.17x / 1.20x / 1.31x, at 1f1d9dd and twice at 58268a4.)
 LSTM_BI_SHORT_INFER_LIMIT = 1 << 22  # 4.2 M
-LSTM_SHORT_SEQ = 64  # between the grid's T = 16 and T = 128, above the tagger shapes' 20-60
 # Training steps with both directions are fused at every size, from the rule's shortest
 # sequence (T = 16). Up to 8.4 M per worker they won since the weight gradients moved onto the
 # register tiles (7073f32; 1.05-1.55x, the 2-layer and speech rows 1.02-1.11x). Above it some
@@ -176,14 +175,12 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     if s.cell == "gru":
         return s.dtype == torch.float32
     # LSTM
-    if s.dtype == torch.float32 and s.bidirectional and per_worker < LSTM_BI_LIMIT:
-        return True
-    if (s.dtype == torch.float32 and s.bidirectional and s.seq < LSTM_SHORT_SEQ
-            and per_worker < LSTM_BI_SHORT_INFER_LIMIT):
-        return True
-    if s.dtype == torch.float32 and s.bidirectional and s.training:  # from T = SHORT (above)
-        return True
-    return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_BATCH1_LONG_SEQ)
+    if s.dtype == torch.float32 and s.bidirectional:
+        if per_worker < LSTM_BI_LIMIT or s.training:  # training: from T = SHORT (above)
+            return True
+        if s.seq < LSTM_LONG_SEQ and per_worker < LSTM_BI_SHORT_INFER_LIMIT:
+            return True
+    return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_LONG_SEQ)
 
 
 # AVX2 without AVX-512 (benchmarks/results/cpu-grid-avx2/, cpu-grid-gru-avx2/ and
