@@ -92,13 +92,16 @@ class Load:
 
 
 def lscpu() -> dict:
-    """lscpu's model name and flags (empty where lscpu is missing)."""
+    """lscpu's model name, family, model and flags (empty where lscpu is missing)."""
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return {"model_name": fields.get("Model name", "").strip(),
+            **{key: fields[name].strip() for key, name in (("family", "CPU family"),
+                                                            ("model", "Model"))
+               if name in fields},
             "flags": fields.get("Flags", "").split()}
 
 

@@ -727,15 +727,32 @@ def run_case(
 # ------------------------------------------------------------------------ machine info
 
 
-def _cpu_model() -> str:
+def _first_cpu_fields() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first CPU (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cpu_model() -> str:
+    return _first_cpu_fields().get("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_id() -> dict:
+    """Vendor, family, model and stepping: what tells CPUs with one model name apart (a VM's
+    "AMD EPYC" is Zen 4 at family 25 and Zen 5 at family 26)."""
+    fields = _first_cpu_fields()
+    return {key: fields[name] for key, name in (("vendor", "vendor_id"), ("family", "cpu family"),
+                                                ("model", "model"), ("stepping", "stepping"))
+            if name in fields}
 
 
 def git_commit(path: Optional[str] = None) -> Optional[dict]:
@@ -807,6 +824,7 @@ def machine_info(device) -> dict:
     info: dict = {
         "device": device.type,
         "cpu": _cpu_model(),
+        "cpu_id": _cpu_id(),
         "cpu_flags": _cpu_vector_flags(),
         "engine_isa": cpp_backend.cpu_isa(),  # the cpp engine's level (FASTBIRNN_ISA lowers it)
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
