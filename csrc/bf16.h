@@ -46,6 +46,13 @@ namespace detail {
       dst[j] = to_bf16_bits(v[j]);                                                            \
       v[j] = bf16_value(dst[j]);                                                              \
     }                                                                                         \
+  }                                                                                           \
+  attributes inline void to_bits_adding_##suffix(const float* src, int64_t n, bf16_bits* dst, \
+                                                 float* sums) {                               \
+    for (int64_t j = 0; j < n; ++j) {                                                         \
+      dst[j] = to_bf16_bits(src[j]);                                                          \
+      sums[j] += bf16_value(dst[j]);                                                          \
+    }                                                                                         \
   }
 FASTBIRNN_BF16_LOOPS(baseline, )
 #ifdef FASTBIRNN_X86
@@ -89,6 +96,20 @@ inline void to_bf16_row(const float* src, int64_t n, bf16_bits* dst) {
 }
 inline void to_bf16_row(const double* src, int64_t n, bf16_bits* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = to_bf16_bits(float(src[j]));
+}
+
+// n values rounded to bf16 bits into dst, and the rounded values added to sums[0, n).
+inline void to_bf16_row_adding(const float* src, int64_t n, bf16_bits* dst, float* sums) {
+#ifdef FASTBIRNN_X86
+  if (kIsa == Isa::kAvx512) return detail::to_bits_adding_avx512(src, n, dst, sums);
+#endif
+  detail::to_bits_adding_baseline(src, n, dst, sums);
+}
+inline void to_bf16_row_adding(const double* src, int64_t n, bf16_bits* dst, double* sums) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = to_bf16_bits(float(src[j]));
+    sums[j] += bf16_value(dst[j]);
+  }
 }
 
 }  // namespace fastbirnn

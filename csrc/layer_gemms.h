@@ -181,7 +181,7 @@ void hidden_weight_grad_nonfinite(const Geometry& g, int d, int64_t m, int64_t n
 // split gate (GRU) has dGh != dG.
 template <typename T>
 struct GradOperands {
-  const T* dG;   // [rows, D*KH] input-side pre-activation gradients
+  const T* dG;   // [rows, D*KH] input-side pre-activation gradients (null on the bf16 tiles)
   const T* dGh;  // the hidden-side ones (GRU's n gate: dn_pre * r); may be dG
   int64_t KH;    // pre-activation rows per direction: kGates * H
   const T* X;    // the layer's input [rows, I]
@@ -367,12 +367,13 @@ constexpr int64_t kBf16PackRows = 512;
 // zeros where there is none (no h0, or a padded step, whose gate gradients are zero too: the
 // shifted sum, h0's term and padding are one form, and a NaN reaches dW_hh as in nn). Then the
 // same GradTasks as gemm_grads; a weight gradient sums over the rows in chunks of
-// kBf16GradChunk, added in order: the thread count cannot change a result.
+// kBf16GradChunk, added in order: the thread count cannot change a result. (BPTT sums the bias
+// gradients here: no fp32 gate gradient rows are kept, see GateGradients.)
 template <typename T>
 void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
                      const GradOperands<T>& p, const Bf16Backward& bf,
                      std::vector<Tensor>& dweights, T* dX, int64_t threads) {
-  const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, DKH = D * KH, I = p.I;
+  const int64_t D = a.D, H = g.H, DH = g.DH(), KH = p.KH, I = p.I;
   const int64_t rows = g.T * g.B, row_pairs = paired(rows) / 2;
   const GradTasks tasks(D, KH, H, I, rows, dX != nullptr);
   const bf16_bits* dG_bits = bf.dG;
@@ -443,7 +444,6 @@ void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weigh
       bf16_gemm_strided_into<T>(m, n, rc, A + (r0 / 2) * bf.ld * 2, 2, 2 * bf.ld,
                                 Bm + (r0 / 2) * ldb, ldb, r0 == 0 ? T(0) : T(1), dW, N);
     }
-    if (hh && n0 == 0 && a.has_biases) bias_grads<T>(p, dweights, base, d, j0, m, rows, DKH);
   });
 }
 

@@ -244,18 +244,43 @@ struct BackwardOperands {
   T* dc0[2] = {nullptr, nullptr};
 };
 
+// A gate gradient row's bf16 bits, its rounded values added to `sums` where not null.
+template <typename T>
+void keep_bf16_row(const T* row, int64_t n, bf16_bits* bits, T* sums) {
+  if (sums)
+    to_bf16_row_adding(row, n, bits, sums);
+  else
+    to_bf16_row(row, n, bits);
+}
+
+// Where BPTT puts the gate gradients. fp32 and fp64 calls keep every step's rows (dG, dGh) for
+// the gradient products after it. On the bf16 tiles those products read only the rows' bf16
+// copies (Bf16Backward), so no fp32 row is kept: the cell writes each into its block's
+// `block_rows`, and the bias gradients, the rows' one other reader, are summed as the steps go
+// (a block's owner adds its columns in step order: no thread count changes a sum). At a large
+// shape the kept rows were 400 MB of fresh pages per bf16 GRU training step.
+template <typename T>
+struct GateGradients {
+  T* dG = nullptr;           // [rows, D*K*H] (zero at padded steps); not on the bf16 tiles
+  T* dGh = nullptr;          // the same buffer unless the cell has a split gate
+  T* block_rows = nullptr;   // bf16 tiles only: 2 * K*H per column block (dG's row, dGh's)
+  T* bias = nullptr;         // bf16 tiles with biases: [D, K*H], the sums of dG's rows
+  T* bias_hidden = nullptr;  // and of dGh's where the cell has a split gate
+};
+
 // BPTT, time reversed. dOut (may be null) and Hs share the row layout; G holds the activated
 // gates (Hs itself for an in-place cell) and S the cell's saved values (null in place). What
-// else flows back in time (LSTM's dc, GRU's dh * z) stays in the block. Writes dG and dGh (zero
-// at padded steps; the same buffer unless the cell has a split gate) and dh0/dc0.
+// else flows back in time (LSTM's dc, GRU's dh * z) stays in the block. Writes the gate
+// gradients (see GateGradients) and dh0/dc0.
 // scratch: D * 3 * B * H (carry, tmp and dc per direction). Carry columns are only ever
 // touched by their block's owner, so one barrier per step suffices, and none where no worker
 // shares a direction (steps_share_directions).
 template <typename T, typename Cell>
 void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
                               const Cell& cell, const T* dOut, const T* Hs, const T* G,
-                              const T* S, T* dG, T* dGh, const BackwardOperands<T>& p,
-                              T* scratch, const Bf16Backward* bf16 = nullptr) {
+                              const T* S, const GateGradients<T>& out,
+                              const BackwardOperands<T>& p, T* scratch,
+                              const Bf16Backward* bf16 = nullptr) {
   constexpr int64_t K = Cell::kGates;
   const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
   const int64_t ldg = g.sb * DKH;  // between batch rows of one step in dG
@@ -263,6 +288,9 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
   // On the bf16 tiles (tiles_bf16.h): the gate gradients' bf16 copies and W_hh's packed columns.
   bf16_bits* const dG_bits = bf16 ? bf16->dG : nullptr;
   bf16_bits* const dGh_bits = !bf16 ? nullptr : bf16->dGh ? bf16->dGh : bf16->dG;
+  T* const dG = out.dG;
+  T* const dGh = out.dGh;
+  const bool rows_kept = out.block_rows == nullptr;
   auto columns_bf16 = [&](int64_t k) { return bf16->w_hh + k * bf16->block_stride; };
   for (int64_t k = 0; k < nb; ++k) {
     if (!m.owns(k)) continue;
@@ -287,8 +315,9 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
       if (s >= 0) {  // what the cell reads and writes after the product below
         const int64_t t = g.step(d, s), rows = g.active_bound(t), first = t * g.st * DH + d * H + j0;
         prefetch_rows(G + t * g.st * DKH + d * KH + j0, rows, ldg, K, H, w);
-        prefetch_rows</*write=*/true>(dG + t * g.st * DKH + d * KH + j0, rows, ldg, K, H, w);
-        if (dGh != dG)
+        if (rows_kept)
+          prefetch_rows</*write=*/true>(dG + t * g.st * DKH + d * KH + j0, rows, ldg, K, H, w);
+        if (rows_kept && dGh != dG)
           prefetch_rows</*write=*/true>(dGh + t * g.st * DKH + d * KH + j0, rows, ldg, K, H, w);
         if (S) prefetch_rows(S + first, rows, g.sb * DH, 1, 0, w);
         if (dOut) prefetch_rows(dOut + first, rows, g.sb * DH, 1, 0, w);
@@ -301,15 +330,16 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
         const bool all_active = g.all_active_below(tp, bound);
         T* target = all_active ? carry : tmp;
         const T beta = all_active && Cell::kHiddenCarry ? T(1) : T(0);
-        const T* dgp = dGh + tp * g.st * DKH + d * KH;
         if (bf16)
           bf16_gemm_into<T>(bound, w, KH, dGh_bits + tp * g.st * bf16->ld + d * bf16->direction_ld,
                             g.sb * bf16->ld, columns_bf16(k), 2 * packed_columns(w), beta,
                             target + j0, H);
         else if (H <= kSmallHidden)  // W_hh's columns [j0, j0 + w) are a [K*H, w] panel as they are
-          small_gemm<T>(bound, w, KH, dgp, ldg, p.w_hh[d] + j0, H, beta, target + j0, H);
+          small_gemm<T>(bound, w, KH, dGh + tp * g.st * DKH + d * KH, ldg, p.w_hh[d] + j0, H,
+                        beta, target + j0, H);
         else
-          gemm<T>(false, false, bound, w, KH, dgp, ldg, p.w_hh[d] + j0, H, beta, target + j0, H);
+          gemm<T>(false, false, bound, w, KH, dGh + tp * g.st * DKH + d * KH, ldg, p.w_hh[d] + j0,
+                  H, beta, target + j0, H);
         if (!all_active) {
           for (int64_t b = 0; b < bound; ++b) {
             if (!g.active(tp, b)) continue;
@@ -321,17 +351,21 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
       }
       if (s >= 0) {
         const int64_t t = g.step(d, s);
+        T* const block_rows = rows_kept ? nullptr : out.block_rows + k * 2 * KH + j0;
+        T* const bias = out.bias ? out.bias + d * KH + j0 : nullptr;
+        T* const bias_hidden = out.bias_hidden ? out.bias_hidden + d * KH + j0 : nullptr;
         for (int64_t b = 0; b < B; ++b) {
           const int64_t row = t * g.st + b * g.sb;
-          T* dgx = dG + row * DKH + d * KH + j0;
-          T* dgh = dGh + row * DKH + d * KH + j0;
+          T* dgx = rows_kept ? dG + row * DKH + d * KH + j0 : block_rows;
+          T* dgh = rows_kept ? dGh + row * DKH + d * KH + j0
+                      : Cell::kSplitGate >= 0 ? block_rows + KH : block_rows;
           bf16_bits* bits = bf16 ? dG_bits + row * bf16->ld + d * bf16->direction_ld + j0 : nullptr;
           bf16_bits* bits_h =
               bf16 && bf16->dGh ? bf16->dGh + row * bf16->ld + d * bf16->direction_ld + j0 : nullptr;
           if (!g.active(t, b)) {
             for (int64_t q = 0; q < K; ++q) {
-              std::memset(dgx + q * H, 0, sizeof(T) * w);
-              if (dgh != dgx) std::memset(dgh + q * H, 0, sizeof(T) * w);
+              if (rows_kept) std::memset(dgx + q * H, 0, sizeof(T) * w);
+              if (rows_kept && dgh != dgx) std::memset(dgh + q * H, 0, sizeof(T) * w);
               if (bits) std::memset(bits + q * H, 0, sizeof(bf16_bits) * w);
               if (bits_h) std::memset(bits_h + q * H, 0, sizeof(bf16_bits) * w);
             }
@@ -348,16 +382,17 @@ void recurrence_backward_team(Team::Member& m, const Geometry& g, const Blocks& 
           cell.backward(G + row * DKH + d * KH + j0, H, S ? S + at : nullptr, h_prev, c_prev,
                         dOut ? dOut + at : nullptr, carry + b * H + j0, dc + b * H + j0, dgx,
                         dgh, w);
-          if (g.round_bf16) {  // every product reading them takes them as bf16
+          if (!rows_kept) {  // the bf16 tiles: the bits, and the bias sums of the rounded values
             for (int64_t q = 0; q < K; ++q) {
-              if (bits)
-                round_to_bf16(dgx + q * H, w, bits + q * H);
-              else
-                round_to_bf16(dgx + q * H, w);
+              keep_bf16_row(dgx + q * H, w, bits + q * H, bias ? bias + q * H : nullptr);
               if (bits_h)
-                round_to_bf16(dgh + q * H, w, bits_h + q * H);
-              else if (dgh != dgx)
-                round_to_bf16(dgh + q * H, w);
+                keep_bf16_row(dgh + q * H, w, bits_h + q * H,
+                              bias_hidden ? bias_hidden + q * H : nullptr);
+            }
+          } else if (g.round_bf16) {  // every product reading them takes them as bf16
+            for (int64_t q = 0; q < K; ++q) {
+              round_to_bf16(dgx + q * H, w);
+              if (dgh != dgx) round_to_bf16(dgh + q * H, w);
             }
           }
         }

@@ -236,11 +236,19 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
   const Blocks blk = column_blocks(D, H);
   const int64_t workers = team_size(g, blk, K);
   std::vector<T> bptt(size_t(D) * 3 * B * H);  // carry, tmp and dc per direction
-  const Tensor dGh = Cell::kSplitGate >= 0
-                         ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
   // A bf16 call on a CPU with AVX512-BF16: every product on the bf16 tiles (tiles_bf16.h), with
-  // the gate gradients' bf16 copies and W_hh's packed columns.
+  // the gate gradients' bf16 copies and W_hh's packed columns; no fp32 gate gradient rows are
+  // kept (GateGradients: dG is undefined).
   const bool on_bf16 = on_bf16_tiles<T>(g);
+  constexpr bool split = Cell::kSplitGate >= 0;
+  const Tensor dGh = split && !on_bf16
+                         ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
+  std::vector<T> block_rows(on_bf16 ? blk.count() * 2 * KH : 0);
+  std::vector<T> bias_sums(on_bf16 && a.has_biases ? (split ? 2 : 1) * DKH : 0);
+  const GateGradients<T> gate_grads{
+      dG.defined() ? dG.data_ptr<T>() : nullptr, dGh.defined() ? dGh.data_ptr<T>() : nullptr,
+      on_bf16 ? block_rows.data() : nullptr, bias_sums.empty() ? nullptr : bias_sums.data(),
+      bias_sums.empty() || !split ? nullptr : bias_sums.data() + DKH};
   Bf16Backward bf16;
   Bf16Buffer dG_bits, dGh_bits;
   std::vector<bf16_bits> w_hh_columns;
@@ -277,19 +285,25 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
       ops.dh0[d] = layer_state<T>(dh0, l, d, D, B * H);
       ops.dc0[d] = layer_state<T>(dc0, l, d, D, B * H);
     }
+    std::fill(bias_sums.begin(), bias_sums.end(), T(0));
     Team team(workers);
     team.run([&](Team::Member& m) {
-      recurrence_backward_team<T>(m, g, blk, cell, dOut, Hs, G, S, dG.data_ptr<T>(),
-                                  dGh.data_ptr<T>(), ops, bptt.data(),
+      recurrence_backward_team<T>(m, g, blk, cell, dOut, Hs, G, S, gate_grads, ops, bptt.data(),
                                   on_bf16 ? &bf16 : nullptr);
     });
+    for (int64_t d = 0; d < D && !bias_sums.empty(); ++d) {  // summed by BPTT (bf16 tiles)
+      const int64_t base = (l * D + d) * a.per_dir();
+      std::memcpy(dweights[base + 2].data_ptr<T>(), gate_grads.bias + d * KH, sizeof(T) * KH);
+      std::memcpy(dweights[base + 3].data_ptr<T>(),
+                  (split ? gate_grads.bias_hidden : gate_grads.bias) + d * KH, sizeof(T) * KH);
+    }
 
     // 2. Weight and input gradients: fixed GEMM tasks over all steps.
     const bool want_dx = l > 0 || need_dx;
     Tensor dX_buf = !want_dx ? Tensor() : l == 0 ? dx
                     : scratch_buffer(l % 2 ? kScratchGradInput1 : kScratchGradInput0, rows * DH,
                                      x.options());
-    const GradOperands<T> operands{dG.data_ptr<T>(), dGh.data_ptr<T>(), KH, X, I, Hs,
+    const GradOperands<T> operands{gate_grads.dG, gate_grads.dGh, KH, X, I, Hs,
                                    layer_state<T>(h0, l, 0, D, B * H)};
     T* const dX = want_dx ? dX_buf.data_ptr<T>() : nullptr;
     if (on_bf16)
@@ -425,14 +439,16 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   shapes.push_back(need_dx ? x.sizes().vec() : std::vector<int64_t>{0});
   shapes.push_back(state_sizes);
   shapes.push_back(lstm ? state_sizes : std::vector<int64_t>{0});
-  // The gate gradients are scratch: carved out with the results while small, else kept per
-  // thread.
-  const int64_t dG_numel = rows * a.gates * g.DH();
+  // The gate gradients' fp32 rows (none on the bf16 tiles: GateGradients) are scratch: carved
+  // out with the results while small, else kept per thread.
+  const int64_t dG_numel = on_bf16_tiles<float>(g) ? 0 : rows * a.gates * g.DH();
   const bool dG_kept = dG_numel * int64_t(x.element_size()) >= kScratchMinBytes;
-  if (!dG_kept) shapes.push_back({dG_numel});
+  const bool dG_carved = dG_numel > 0 && !dG_kept;
+  if (dG_carved) shapes.push_back({dG_numel});
   std::vector<Tensor> results = empty_tensors(shapes, x.options());
-  Tensor dG = dG_kept ? scratch_buffer(kScratchGradGates, dG_numel, x.options()) : results.back();
-  if (!dG_kept) results.pop_back();
+  Tensor dG = dG_kept ? scratch_buffer(kScratchGradGates, dG_numel, x.options())
+              : dG_carved ? results.back() : Tensor();
+  if (dG_carved) results.pop_back();
   Tensor dc0 = results.back();
   results.pop_back();
   Tensor dh0 = results.back();
