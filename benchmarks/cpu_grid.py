@@ -90,6 +90,7 @@ HELDOUT = [  # (B, T, I, H, layers, bidirectional, dtype)
     (1, 35, 300, 256, 2, True, "fp32"),
     (8, 60, 300, 100, 1, True, "fp32"),
     (64, 20, 100, 200, 1, True, "fp64"),
+    (12, 48, 100, 96, 1, False, "fp32"),  # added with the LSTM's one-direction training limit
 ]
 # The tagger preset (--preset tagger, LSTM, issue 23): the rows of the issue's table (a tagger,
 # 2-layer and long-sequence taggers, speech, a long unidirectional layer, batch-1 serving), then

@@ -344,3 +344,20 @@ def test_lstm_training_steps_of_taggers_are_fused():
     assert not cpu_rule.prefer_cpp(shape(training=False, **big))
     assert not cpu_rule.prefer_cpp(shape(training=True, **{**big, "seq": 15}))
     assert not cpu_rule.prefer_cpp(shape(training=True, dtype=torch.float64, **big))
+
+
+def test_lstm_training_steps_with_one_direction_are_fused_up_to_262_k():
+    """One direction's training steps run the kernel up to 262 k multiply-adds per worker and
+    step (B 8 at H 64 and 128: 1.11-1.99x nn.LSTM in the last five Zen 4 grids and on Zen 5);
+    at 524 k (B 32 H 64, T 128: 0.88-0.92x) and in inference they stay with nn.LSTM, as on
+    AVX2, in fp64 and below T = 16."""
+    uni = dict(cell="lstm", bidirectional=False, training=True, seq=128)
+    assert cpu_rule.prefer_cpp(shape(batch=8, hidden=64, **uni))  # 131 k on one worker
+    assert cpu_rule.prefer_cpp(shape(batch=8, hidden=128, **uni))  # 262 k on each of two
+    assert cpu_rule.prefer_cpp(shape(batch=1, hidden=256, **uni))
+    assert not cpu_rule.prefer_cpp(shape(batch=9, hidden=128, **uni))
+    assert not cpu_rule.prefer_cpp(shape(batch=32, hidden=64, **uni))  # 524 k
+    assert not cpu_rule.prefer_cpp(shape(batch=8, hidden=128, **{**uni, "training": False}))
+    assert not cpu_rule.prefer_cpp(shape(batch=8, hidden=128, **{**uni, "seq": 15}))
+    assert not cpu_rule.prefer_cpp(shape(batch=8, hidden=128, isa="avx2", **uni))
+    assert cpu_rule.prefer_cpp(shape(batch=8, hidden=128, dtype=torch.float64, **uni))  # fp64 rule

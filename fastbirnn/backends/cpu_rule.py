@@ -103,6 +103,12 @@ LSTM_BI_LIMIT = 1 << 20  # 1 M: between the grids' 640 k (won) and 1 M (lost inf
 # range, kept out of the fit: B 32 T 40 I 300 H 128 1.06x / 1.06x / 1.01x, B 16 T 50 H 200
 # 2 layers 1.17x / 1.20x / 1.31x, at 1f1d9dd and twice at 58268a4.)
 LSTM_BI_SHORT_INFER_LIMIT = 1 << 22  # 4.2 M
+# Training steps with one direction are fused up to 262 k per worker, from T = 16: B 8 at H 64
+# (131 k) and H 128 (262 k) won in the last five Zen 4 grids (d68e213 to 58268a4: T 16
+# 1.65-1.99x and 1.11-1.23x, T 128 1.28-1.51x and 1.15-1.21x) and in the Zen 5 grid (c8f3e28:
+# 1.96x, 1.31x, 1.37x, 1.31x), as did B 1 H 256 (131 k) at T 128 (1.13-1.36x, Zen 5 1.03x);
+# at 524 k (B 32 H 64, T 128) they lost in four of those five grids and on Zen 5 (0.88-0.92x).
+LSTM_UNI_TRAIN_LIMIT = 1 << 18  # 262 k
 # Training steps with both directions are fused at every size, from the rule's shortest
 # sequence (T = 16). Up to 8.4 M per worker they won since the weight gradients moved onto the
 # register tiles (7073f32; 1.05-1.55x, the 2-layer and speech rows 1.02-1.11x). Above it some
@@ -180,6 +186,8 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
             return True
         if s.seq < LSTM_LONG_SEQ and per_worker < LSTM_BI_SHORT_INFER_LIMIT:
             return True
+    if s.dtype == torch.float32 and s.training and per_worker <= LSTM_UNI_TRAIN_LIMIT:
+        return True
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_LONG_SEQ)
 
 
