@@ -91,6 +91,10 @@ HELDOUT = [  # (B, T, I, H, layers, bidirectional, dtype)
     (8, 60, 300, 100, 1, True, "fp32"),
     (64, 20, 100, 200, 1, True, "fp64"),
     (12, 48, 100, 96, 1, False, "fp32"),  # added with the LSTM's one-direction training limit
+    # added with the Elman rule's short-sequence change (T < 16, large steps):
+    (32, 6, 512, 768, 1, True, "fp32"),
+    (48, 5, 256, 640, 2, False, "fp32"),
+    (16, 12, 300, 1024, 1, False, "fp32"),
 ]
 # The tagger preset (--preset tagger, LSTM, issue 23): the rows of the issue's table (a tagger,
 # 2-layer and long-sequence taggers, speech, a long unidirectional layer, batch-1 serving), then

@@ -47,18 +47,25 @@ class CallShape:
 
 
 # The rule's thresholds, in multiply-adds per worker per recurrence step (see workers()).
-# fp32: the fused kernel won wherever the sequence is long enough to amortise it. nn.RNN
-# gets: short sequences (T < SHORT) with large steps (a few large GEMMs either way; on a
-# team, a unidirectional layer lost from 8.4 M per worker), and inference where the kernel
-# runs on one worker (one direction of H <= 64 is one block) on a machine with more threads,
-# with a step big enough for nn.RNN's GEMM to use them.
+# fp32: the fused kernel won almost everywhere. nn.RNN gets: inference where the kernel runs on
+# one worker (one direction of H <= 64 is one block) on a machine with more threads, with a
+# step big enough for nn.RNN's GEMM to use them; and one direction's inference over fewer than
+# VERY_SHORT steps on a team from 8.4 M per worker (Zen 4 grid at 122932b: B 64 T 4 H 512 and
+# 1024, 2-3 layers, 0.90-0.97x). Other short sequences with large steps, which went to nn.RNN
+# until 856e028 (an earlier engine lost them), won in both machines' grids: B 8-256, T 4-8,
+# H 512-1024, 8.4-537 M per worker, 1.00-1.60x on Zen 4 (122932b) and 1.02-2.46x on Zen 5
+# (c8f3e28); the AVX2 grids agree (benchmarks/cpu_grid.py --check).
 # fp64: inference at H = 1024 was mixed (0.91-1.56x); the other fp64 limits come from the
 # previous engine's grid (per-block dgemm calls) and are kept because the re-measured grid
 # shows no loss under them, though they now give up wins (1.65x at B256 T4 H32 training).
 UNDERUSED_LIMIT = 1 << 18  # 262 k
-SHORT = 16
-SHORT_LIMIT = 1 << 24  # 16.8 M
-SHORT_LIMIT_TEAM = 1 << 23  # 8.4 M: the same, split over several workers
+SHORT = 16  # the gated cells' shortest measured sequence (below: the nn class at large steps)
+VERY_SHORT = 8  # between the Elman grid's T = 4 and T = 8
+SHORT_UNI_INFER_LIMIT = 1 << 23  # 8.4 M
+# AVX2 keeps the earlier short-sequence limits (T < SHORT: nn.RNN from 16.8 M per worker on one
+# worker, 8.4 M on a team): B 64 T 4 H 1024 lost there on both machines (0.68-0.84x).
+AVX2_SHORT_LIMIT = 1 << 24  # 16.8 M
+AVX2_SHORT_LIMIT_TEAM = 1 << 23  # 8.4 M
 TRAIN_LIMIT_FP64 = 1 << 23  # 8.4 M
 FP64_INFER_MAX_HIDDEN = 512
 FP64_SMALL_HIDDEN_MAX_BATCH = 128
@@ -166,8 +173,8 @@ def prefer_cpp(s: CallShape) -> bool:
         return per_worker < TRAIN_LIMIT_FP64
     if not s.training and team == 1 < s.threads and per_worker >= UNDERUSED_LIMIT:
         return False
-    if s.seq < SHORT:
-        return per_worker < (SHORT_LIMIT if team == 1 else SHORT_LIMIT_TEAM)
+    if s.seq < VERY_SHORT and not (s.training or s.bidirectional) and team > 1:
+        return per_worker < SHORT_UNI_INFER_LIMIT
     return True
 
 
@@ -223,7 +230,8 @@ def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
                 s.batch >= AVX2_GRU_LARGE_BATCH and per_worker >= AVX2_GRU_LARGE_BATCH_LIMIT)
     if s.cell == "lstm":
         return per_worker > (AVX2_LSTM_BI_LIMIT if s.bidirectional else GATED_SMALL_LIMIT)
-    return False
+    return (s.dtype == torch.float32 and s.seq < SHORT and
+            per_worker >= (AVX2_SHORT_LIMIT if team == 1 else AVX2_SHORT_LIMIT_TEAM))
 
 
 # bfloat16 (under CPU autocast, or bf16 modules and inputs): the engine's products run on bf16
