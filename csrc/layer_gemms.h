@@ -367,8 +367,9 @@ constexpr int64_t kBf16PackRows = 512;
 // zeros where there is none (no h0, or a padded step, whose gate gradients are zero too: the
 // shifted sum, h0's term and padding are one form, and a NaN reaches dW_hh as in nn). Then the
 // same GradTasks as gemm_grads; a weight gradient sums over the rows in chunks of
-// kBf16GradChunk, added in order: the thread count cannot change a result. (BPTT sums the bias
-// gradients here: no fp32 gate gradient rows are kept, see GateGradients.)
+// kBf16GradChunk, added in order: the thread count cannot change a result. (The bias gradients
+// come from BPTT, which sums them as it goes: no fp32 gate gradient rows are kept here, see
+// GateGradients.)
 template <typename T>
 void gemm_grads_bf16(const Geometry& g, const StackArgs& a, at::TensorList weights, int64_t l,
                      const GradOperands<T>& p, const Bf16Backward& bf,

@@ -52,9 +52,9 @@ class CallShape:
 # step big enough for nn.RNN's GEMM to use them; and one direction's inference over fewer than
 # VERY_SHORT steps on a team from 8.4 M per worker (Zen 4 grid at 122932b: B 64 T 4 H 512 and
 # 1024, 2-3 layers, 0.90-0.97x). Other short sequences with large steps, which went to nn.RNN
-# until 856e028 (an earlier engine lost them), won in both machines' grids: B 8-256, T 4-8,
+# until ac4003c (an earlier engine lost them), won in both machines' grids: B 8-256, T 4-8,
 # H 512-1024, 8.4-537 M per worker, 1.00-1.60x on Zen 4 (122932b) and 1.02-2.46x on Zen 5
-# (c8f3e28); the AVX2 grids agree (benchmarks/cpu_grid.py --check).
+# (c8f3e28). The AVX2 grids do not agree: AVX2 keeps the earlier limits (_avx2_declines).
 # fp64: inference at H = 1024 was mixed (0.91-1.56x); the other fp64 limits come from the
 # previous engine's grid (per-block dgemm calls) and are kept because the re-measured grid
 # shows no loss under them, though they now give up wins (1.65x at B256 T4 H32 training).
