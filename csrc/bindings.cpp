@@ -119,6 +119,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [] { return fastbirnn::Team::barriers_met().load(std::memory_order_relaxed); },
         "Barriers the engine's team workers have met since the extension loaded (counted per "
         "thread; tests)");
+  m.def("step_projected_layers",
+        [] { return fastbirnn::step_projected_layers().load(std::memory_order_relaxed); },
+        "Layers whose forward projected its input step by step inside the recurrence since the "
+        "extension loaded (tests)");
   m.def("team_mode", &fastbirnn::team_mode,
         "'openmp' (teams run on ATen's OpenMP threads) or 'inline' (on the calling thread)");
 }

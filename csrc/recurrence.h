@@ -51,21 +51,48 @@ inline bool forward_packs(const Geometry& g, int64_t gates, int64_t element_size
   return forward_block_tiles(g, gates, element_size) || gates > 1;
 }
 
-// Packs block [j0, j0 + w) of W_hh [K*H, H] (its K*w gate rows, nn's gate order) for the
-// forward's per-step product h_{t-1} W_block^T: as the [H, K*w] panel small_gemm's register
-// tiles read where `tiles`, else as those rows, contiguous, for one BLAS call. The blocks of a
-// direction tile its [K*H*H] buffer in order.
+// Packs block [j0, j0 + w) of a weight [K*H, C] (its K*w gate rows, nn's gate order; W_hh with
+// C = H, or W_ih with C = I) for a per-step product v W_block^T: as the [C, K*w] panel
+// small_gemm's register tiles read where `tiles`, else as those rows, contiguous, for one BLAS
+// call. The blocks of a direction tile its [K*H*C] buffer in order.
 template <typename T>
-void pack_block(const T* w_hh, int64_t K, int64_t H, int64_t j0, int64_t w, bool tiles,
-                T* packed) {
-  T* block = packed + K * j0 * H;
+void pack_block(const T* weight, int64_t K, int64_t H, int64_t C, int64_t j0, int64_t w,
+                bool tiles, T* packed) {
+  T* block = packed + K * j0 * C;
   const int64_t n_all = K * w;
   for (int64_t q = 0; q < K; ++q) {
-    const T* rows = w_hh + (q * H + j0) * H;  // the gate's w rows of the block
+    const T* rows = weight + (q * H + j0) * C;  // the gate's w rows of the block
     if (tiles)  // into columns q * w.. of the panel: a blocked transpose, not a strided scatter
-      transpose_strided(rows, H, w, H, block + q * w, n_all);
+      transpose_strided(rows, C, w, C, block + q * w, n_all);
     else
-      std::memcpy(block + q * w * H, rows, sizeof(T) * w * H);
+      std::memcpy(block + q * w * C, rows, sizeof(T) * w * C);
+  }
+}
+
+// The input projection step by step, for inference with a gated cell: each block computes its
+// own gate rows of x_t W_ih^T just before its cell reads them, into a buffer every step reuses,
+// instead of the whole layer's before the first step (whose rows, megabytes apart from the
+// cell's reads, came back from memory: the LSTM cell's loads of them stalled). The products
+// are the projection's own (the register tiles, each element summed in the same order), so the
+// results are the same bits either way.
+template <typename T>
+struct StepProjection {
+  const T* X = nullptr;  // the layer's input [rows, I], in the geometry's row layout
+  int64_t I = 0;
+  const T* w_ih[2] = {nullptr, nullptr};  // [K*H, I] as nn stores it
+  T* w_packed[2] = {nullptr, nullptr};    // [K*H*I] each: W_ih's blocks for pack_block's tiles
+  const T* bias[2] = {nullptr, nullptr};  // [K*H] input-side biases laid out as `gates`, or null
+  T* gates = nullptr;  // [D, B, K*H]: each block's K*w gate rows of the step, laid out as hid
+};
+
+// A direction's [K*H] vector (gate q at q * H) laid out as the step projection's gate rows:
+// block [j0, j0 + w) at K * j0, its gate q at q * w.
+template <typename T>
+void to_block_layout(const T* v, int64_t K, const Blocks& blk, T* out) {
+  for (int64_t j0 = 0; j0 < blk.H; j0 += blk.width) {
+    const int64_t w = std::min(blk.width, blk.H - j0);
+    for (int64_t q = 0; q < K; ++q)
+      std::memcpy(out + K * j0 + q * w, v + q * blk.H + j0, sizeof(T) * w);
   }
 }
 
@@ -105,7 +132,8 @@ inline bool steps_share_directions(const Team::Member& m, const Blocks& blk) {
   return blk.D % m.team_size() != 0;
 }
 
-// In: G holds x W_ih^T (K*H columns per direction). Out: Hs holds h_t (zero past each row's
+// In: G holds x W_ih^T (K*H columns per direction), or is null where `step` projects each step
+// instead (inference with a gated cell: StepProjection). Out: Hs holds h_t (zero past each row's
 // length), hn/cn the final states; in training (S not null) G the activated gates and S the
 // cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
 // direction's h_{t-1} and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local:
@@ -121,7 +149,7 @@ template <typename T, typename Cell>
 void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& blk,
                              const Cell& cell, T* G, T* Hs, T* S, const ForwardOperands<T>& p,
                              T* state, T* rounded, const Bf16Forward* bf16, T* cstate,
-                             T* hid) {
+                             T* hid, const StepProjection<T>* step = nullptr) {
   constexpr int64_t K = Cell::kGates;
   const int64_t H = g.H, B = g.B, KH = K * H, DH = g.DH(), DKH = g.D * KH, nb = blk.count();
   const bool tiles = forward_block_tiles(g, K, sizeof(T));
@@ -158,8 +186,9 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
           std::memset(dst, 0, sizeof(bf16_bits) * w);
       }
     } else if (p.w_packed[d]) {
-      pack_block(p.w_hh[d], K, H, j0, w, tiles, p.w_packed[d]);
+      pack_block(p.w_hh[d], K, H, H, j0, w, tiles, p.w_packed[d]);
     }
+    if (step) pack_block(step->w_ih[d], K, H, step->I, j0, w, /*tiles=*/true, step->w_packed[d]);
   }
   m.sync();  // also orders the input projection before its first use
   const bool steps_meet = steps_share_directions(m, blk);
@@ -175,9 +204,19 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       const int64_t bound = g.active_bound(t);
       if (s + 1 < g.T) {
         const int64_t t_next = g.step(d, s + 1);
-        prefetch_rows(G + t_next * g.st * DKH + d * KH + j0, g.active_bound(t_next), g.sb * DKH,
-                      Cell::kInPlace ? 1 : K, H, w);
+        if (step)  // the rows of x the next step's projection reads
+          prefetch_rows(step->X + t_next * g.st * step->I, g.active_bound(t_next),
+                        g.sb * step->I, 1, 0, step->I);
+        else
+          prefetch_rows(G + t_next * g.st * DKH + d * KH + j0, g.active_bound(t_next),
+                        g.sb * DKH, Cell::kInPlace ? 1 : K, H, w);
       }
+      // The block's gate rows of the step: G's, or (step projection) x_t W_ih^T for its K * w
+      // gate rows, computed now, with gate stride w.
+      T* const step_gates = step ? step->gates + d * B * KH + K * j0 : nullptr;
+      if (step)
+        tiled_gemm<T>(bound, K * w, step->I, step->X + t * g.st * step->I, g.sb * step->I,
+                      step->w_packed[d] + K * j0 * step->I, K * w, T(0), step_gates, KH);
       // h_{t-1} W_hh^T for the block's K * w gate rows: added onto the projection in the
       // output row (in place), else into the block's rows of hid.
       T* product = Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0 : hid + d * B * KH + K * j0;
@@ -193,13 +232,18 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
         small_gemm<T>(bound, K * w, H, prev_operand, H, block, K * w, beta, product, ldp);
       else
         tiled_gemm<T>(bound, K * w, H, prev_operand, H, block, K * w, beta, product, ldp);
-      const T* bias = p.bias[d] ? p.bias[d] + j0 : nullptr;
+      const T* bias = step          ? (step->bias[d] ? step->bias[d] + K * j0 : nullptr)
+                      : p.bias[d] ? p.bias[d] + j0
+                                  : nullptr;
       const T* bias_h = p.bias_h[d] ? p.bias_h[d] + j0 : nullptr;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t row = t * g.st + b * g.sb;
         T* h = Hs + row * DH + d * H + j0;
         if (b < bound && g.active(t, b)) {
-          cell.forward(Cell::kInPlace ? h : G + row * DKH + d * KH + j0, H,
+          cell.forward(Cell::kInPlace ? h
+                       : step         ? step_gates + b * KH
+                                      : G + row * DKH + d * KH + j0,
+                       step ? w : H,
                        Cell::kInPlace ? nullptr : product + b * KH, bias, bias_h,
                        prev + b * H + j0,
                        Cell::kCellState ? cstate + (d * B + b) * H + j0 : nullptr, h,

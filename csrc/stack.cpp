@@ -26,6 +26,12 @@
 #include "recurrence.h"
 
 namespace fastbirnn {
+
+std::atomic<int64_t>& step_projected_layers() {
+  static std::atomic<int64_t> layers{0};
+  return layers;
+}
+
 namespace {
 
 // Runs fn with the cell the op's `cell` argument names.
@@ -118,9 +124,9 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   const Blocks blk = column_blocks(D, H);
   const int64_t workers = team_size(g, blk, K);
   LayerOutputs<T> layer_output(out, mid, L, rows, g.DH());
-  // A gated cell's gates: kept per layer in training, else one buffer the layers share.
-  const Tensor gate_buf = Cell::kInPlace || keep
-                              ? Tensor() : scratch_buffer(kScratchGates, rows * DKH, x.options());
+  // A gated cell's gates: kept per layer in training, else one buffer the layers share
+  // (allocated for the first layer that projects before its steps).
+  Tensor gate_buf;
   const T* layer_in = x.data_ptr<T>();
   int64_t in_size = x.size(2);
   std::vector<T> bias(a.has_biases ? DKH : 0);
@@ -144,6 +150,9 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   Tensor w_ih_packed;
   std::vector<T> state(size_t(D) * 2 * B * H), cstate(Cell::kCellState ? D * B * H : 0);
   std::vector<T> hid(Cell::kInPlace ? 0 : size_t(D) * B * KH);
+  // The step projection's operands (recurrence.h, StepProjection) where a layer has one.
+  StepProjection<T> step;
+  std::vector<T> step_gates, step_bias;
   const int64_t Hp = paired(H), block_stride = paired(H) * packed_columns(K * blk.width);
   std::vector<bf16_bits> w_hh_bf16(bf16_recurrence ? blk.count() * block_stride : 0);
   std::vector<bf16_bits> state_bf16(bf16_recurrence ? D * 2 * B * Hp : 0);  // zeros: the pads
@@ -152,13 +161,29 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   std::vector<T> rounded(g.round_bf16 && !bf16_recurrence ? state.size() : 0);
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
-    T* G = Cell::kInPlace ? layer_out
-           : keep         ? gates.data_ptr<T>() + l * rows * DKH
-                          : gate_buf.data_ptr<T>();
     T* S = !Cell::kInPlace && keep ? saved.data_ptr<T>() + l * rows * g.DH() : nullptr;
     const Projection<T> proj = layer_projection<T>(layer_in, in_size, rows, KH, D,
                                                    input_weights<T>(weights, a, l).data(),
                                                    w_ih_t, w_ih_packed, x.options(), on_bf16);
+    // The projection on more threads than the recurrence's team where that is smaller (which
+    // worker runs a task changes no result); else on that team, before its first step, or
+    // step by step inside the recurrence (recurrence.h, StepProjection).
+    const int64_t proj_workers = projection_workers(proj, D, workers);
+    const bool per_step = !Cell::kInPlace && !keep && projects_per_step(g, proj, H, workers);
+    if (!Cell::kInPlace && !keep && !per_step && !gate_buf.defined())
+      gate_buf = scratch_buffer(kScratchGates, rows * DKH, x.options());
+    T* G = Cell::kInPlace ? layer_out
+           : keep         ? gates.data_ptr<T>() + l * rows * DKH
+           : per_step     ? nullptr
+                          : gate_buf.data_ptr<T>();
+    if (per_step) {
+      step_projected_layers().fetch_add(1, std::memory_order_relaxed);
+      step_gates.resize(hid.size());
+      step_bias.resize(a.has_biases ? DKH : 0);
+      step.X = proj.X;
+      step.I = proj.I;
+      step.gates = step_gates.data();
+    }
     ForwardOperands<T> ops;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir();
@@ -174,6 +199,12 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
                 q == Cell::kSplitGate ? b_ih[q * H + j] : b_ih[q * H + j] + b_hh[q * H + j];
         ops.bias[d] = bias.data() + d * KH;
         if (Cell::kSplitGate >= 0) ops.bias_h[d] = b_hh + Cell::kSplitGate * H;
+        if (per_step) to_block_layout(ops.bias[d], K, blk, step_bias.data() + d * KH);
+      }
+      if (per_step) {
+        step.w_ih[d] = proj.w_ih[d];
+        step.w_packed[d] = proj.w_ih_t[d];  // W_ih^T's buffer, for W_ih's blocks instead
+        step.bias[d] = a.has_biases ? step_bias.data() + d * KH : nullptr;
       }
       ops.h0[d] = layer_state<T>(h0, l, d, D, B * H);
       ops.c0[d] = layer_state<T>(c0, l, d, D, B * H);
@@ -202,20 +233,19 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         bf16.state = state_bf16.data();
       }
     }
-    // The projection on more threads than the recurrence's team where that is smaller (which
-    // worker runs a task changes no result); else on that team, before its first step.
     const Bf16Forward* const proj_bf16 = on_bf16 ? &bf16 : nullptr;
-    const int64_t proj_workers = projection_workers(proj, D, workers);
     std::atomic<int64_t> projection_tasks{0};
     if (proj_workers > workers)
       Team(proj_workers).run(
           [&](Team::Member& m) { project<T>(m, g, proj, G, projection_tasks, proj_bf16); });
     Team team(workers);
     team.run([&](Team::Member& m) {
-      if (proj_workers <= workers) project<T>(m, g, proj, G, projection_tasks, proj_bf16);
+      if (proj_workers <= workers && !per_step)
+        project<T>(m, g, proj, G, projection_tasks, proj_bf16);
       recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
                                  rounded.empty() ? nullptr : rounded.data(),
-                                 on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data());
+                                 on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data(),
+                                 per_step ? &step : nullptr);
     });
     layer_in = layer_out;
     in_size = g.DH();

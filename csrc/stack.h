@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include <atomic>
 #include <functional>
 #include <optional>
 #include <tuple>
@@ -72,5 +73,9 @@ using DifferentiableBackward = std::function<std::vector<Tensor>(
     const std::string& cell, const std::vector<Tensor>& inputs, const std::vector<Tensor>& grads,
     int64_t num_layers, bool bidirectional, bool has_biases, bool batch_first)>;
 void set_differentiable_backward(DifferentiableBackward fn);
+
+// Layers whose forward projected its input step by step inside the recurrence (recurrence.h,
+// StepProjection) since the extension loaded (tests).
+std::atomic<int64_t>& step_projected_layers();
 
 }  // namespace fastbirnn

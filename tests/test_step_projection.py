@@ -1,0 +1,156 @@
+"""The step projection (csrc/recurrence.h, StepProjection): an inference with a gated cell
+projects its input one step at a time inside the recurrence where csrc/layer_gemms.h's
+projects_per_step says so (batch >= 16, I <= 2H, W_ih and W_hh within 8 MiB per direction,
+the projection on the register tiles and on the recurrence's team; never for the Elman cell,
+in training or for bf16). It runs the projection's own products, so an inference equals the
+grad-mode forward (which keeps the gates and projects before the steps) bit for bit: checked
+on both sides of every condition, in every inference mode, and over hypothesis's draws.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from fastbirnn import FastBiGRU, FastBiLSTM, FastBiRNN
+from parity import with_threads
+from test_properties import PROFILE, property_settings
+
+_C = pytest.importorskip("fastbirnn._C")
+# The step projection runs on the register tiles: none at the scalar level (FASTBIRNN_ISA).
+TILES = _C.cpu_isa() != "scalar"
+
+MODULES = {"lstm": FastBiLSTM, "gru": FastBiGRU, "rnn": FastBiRNN}
+INFERENCE_MODES = ["no_grad", "inference_mode", "frozen"]
+
+
+def _forwards(cell, B, T, I, H, layers=1, bi=True, batch_first=False, lengths=None, bias=True,
+              h0=False, dtype=torch.float32, mode="no_grad", threads=2):
+    """The outputs and final states of an inference in `mode` and of the grad-mode forward
+    (same module, same input), and how many layers the inference projected step by step."""
+    torch.manual_seed(0)
+    model = MODULES[cell](I, H, layers, bias=bias, batch_first=batch_first, bidirectional=bi,
+                          dtype=dtype, backend="cpp")
+    x = torch.randn(*((B, T, I) if batch_first else (T, B, I)), dtype=dtype)
+    states = [torch.randn(layers * (2 if bi else 1), B, H, dtype=dtype)
+              for _ in range(2 if cell == "lstm" else 1)] if h0 else []
+
+    def run(inp):
+        if lengths is not None:
+            inp = nn.utils.rnn.pack_padded_sequence(inp, lengths, batch_first=batch_first,
+                                                    enforce_sorted=False)
+        hx = (tuple(states) if cell == "lstm" else states[0]) if states else None
+        out, final = model(inp, hx)
+        if lengths is not None:
+            out = nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first)[0]
+        return [out, *(final if isinstance(final, tuple) else [final])]
+
+    def inference():
+        if mode == "no_grad":
+            with torch.no_grad():
+                return run(x)
+        if mode == "inference_mode":
+            with torch.inference_mode():
+                return run(x)
+        model.requires_grad_(False)  # frozen: nothing the forward reads requires grad
+        try:
+            return run(x)
+        finally:
+            model.requires_grad_(True)
+
+    before = _C.step_projected_layers()
+    inferred = with_threads(threads, inference)
+    stepped = _C.step_projected_layers() - before
+    trained = with_threads(threads, lambda: run(x.clone().requires_grad_(True)))
+    return inferred, [t.detach() for t in trained], stepped
+
+
+def _assert_same_bits(inferred, trained):
+    for i, (a, b) in enumerate(zip(inferred, trained)):
+        assert torch.equal(a, b), f"result {i} differs between the inference and the forward"
+
+
+# (cell, B, T, I, H, layers, bidirectional, dtype, layers projected step by step at 2 threads)
+THRESHOLDS = [
+    ("lstm", 16, 8, 64, 96, 1, True, torch.float32, 1),
+    ("lstm", 15, 9, 64, 96, 1, True, torch.float32, 0),  # batch below 16
+    ("lstm", 16, 7, 64, 96, 1, True, torch.float32, 0),  # 112 rows: the projection on BLAS
+    ("gru", 16, 8, 80, 40, 1, True, torch.float32, 1),  # I = 2H
+    ("gru", 16, 8, 81, 40, 1, True, torch.float32, 0),  # I = 2H + 1
+    ("lstm", 16, 8, 512, 512, 1, False, torch.float32, 1),  # W_ih + W_hh: 8 MiB
+    ("lstm", 16, 8, 513, 512, 1, False, torch.float32, 0),  # 8 MiB + 8 KiB
+    ("lstm", 16, 32, 499, 320, 1, False, torch.float64, 1),  # 8 MiB - 2 KiB in fp64
+    ("lstm", 16, 32, 500, 320, 1, False, torch.float64, 0),  # 8 MiB + 8 KiB
+    ("lstm", 17, 8, 100, 50, 2, True, torch.float32, 2),  # the second layer's I = 2H
+    ("gru", 20, 8, 30, 70, 2, False, torch.float32, 2),
+    ("rnn", 16, 8, 64, 96, 1, True, torch.float32, 0),  # the Elman cell projects in place
+]
+
+
+@pytest.mark.parametrize("mode", INFERENCE_MODES)
+@pytest.mark.parametrize(
+    "case", THRESHOLDS,
+    ids=lambda c: f"{c[0]}-B{c[1]}T{c[2]}I{c[3]}H{c[4]}L{c[5]}{'bi' if c[6] else 'uni'}-"
+                  f"{str(c[7])[6:]}")
+def test_inference_equals_the_forward_on_both_sides_of_every_condition(case, mode):
+    cell, B, T, I, H, layers, bi, dtype, expected = case
+    inferred, trained, stepped = _forwards(cell, B, T, I, H, layers, bi, dtype=dtype, mode=mode)
+    assert stepped == (expected if TILES else 0)
+    _assert_same_bits(inferred, trained)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_padded_packed_and_initial_states_project_step_by_step_too(cell):
+    lengths = [max(1, 12 - (5 * b) % 12) for b in range(24)]
+    for batch_first in (False, True):
+        inferred, trained, stepped = _forwards(cell, 24, 12, 48, 80, 2, True, batch_first,
+                                               lengths, bias=False, h0=True)
+        assert stepped == (2 if TILES else 0)
+        _assert_same_bits(inferred, trained)
+
+
+def test_bf16_calls_project_before_the_steps():
+    model = FastBiLSTM(64, 96, backend="cpp").bfloat16()
+    before = _C.step_projected_layers()
+    with torch.no_grad():
+        model(torch.randn(8, 16, 64, dtype=torch.bfloat16))
+    assert _C.step_projected_layers() == before
+
+
+def test_same_bits_at_1_to_4_threads_with_and_without_the_step_projection():
+    # At 3-4 threads the projection takes more workers than the recurrence's team (2 blocks),
+    # so it runs before the steps: both paths are compared.
+    results, stepped = {}, {}
+    for threads in (1, 2, 3, 4):
+        results[threads], _, stepped[threads] = _forwards("lstm", 16, 64, 64, 40,
+                                                          threads=threads)
+    assert set(stepped.values()) == ({0, 1} if TILES else {0})
+    for threads in (2, 3, 4):
+        _assert_same_bits(results[1], results[threads])
+
+
+@st.composite
+def _configs(draw):
+    H = draw(st.integers(1, 140))
+    return dict(
+        cell=draw(st.sampled_from(["lstm", "gru"])),
+        B=draw(st.sampled_from([1, 8, 15, 16, 17, 33])),
+        T=draw(st.integers(1, 12)),
+        I=draw(st.sampled_from([max(1, 2 * H - 1), 2 * H, 2 * H + 1]) | st.integers(1, 200)),
+        H=H, layers=draw(st.integers(1, 2)), bi=draw(st.booleans()),
+        batch_first=draw(st.booleans()), bias=draw(st.booleans()), h0=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        mode=draw(st.sampled_from(INFERENCE_MODES)),
+        packed=draw(st.booleans()),
+    )
+
+
+@property_settings(60 if PROFILE != "ci" else 25)
+@given(config=_configs())
+def test_inference_equals_the_forward_bit_for_bit(config):
+    packed = config.pop("packed")
+    B, T = config["B"], config["T"]
+    lengths = [max(1, T - (3 * b) % T) for b in range(B)] if packed else None
+    inferred, trained, _ = _forwards(lengths=lengths, **config)
+    _assert_same_bits(inferred, trained)
