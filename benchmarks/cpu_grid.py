@@ -170,7 +170,8 @@ class Point:
     def call(self, training: bool) -> cpu_rule.CallShape:
         """The rule's view of this point; the cell goes in when ``CallShape`` has the field."""
         kwargs = dict(
-            batch=self.batch, seq=self.seq, hidden=self.hidden, layers=self.layers,
+            batch=self.batch, seq=self.seq, hidden=self.hidden, input=self.input,
+            layers=self.layers,
             bidirectional=self.bidirectional, dtype=DTYPES[self.dtype], training=training,
             threads=self.threads, cell=self.cell, isa=self.isa,
         )

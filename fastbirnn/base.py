@@ -144,7 +144,8 @@ class FusedRNNMixin:
             # decide without branching on it (as for one row and one step).
             batch_size, seq_len = 1, 1
         call = CallShape(
-            batch=batch_size, seq=seq_len, hidden=self.hidden_size, layers=self.num_layers,
+            batch=batch_size, seq=seq_len, hidden=self.hidden_size, input=self.input_size,
+            layers=self.num_layers,
             bidirectional=self.bidirectional, dtype=run_dtype, training=training,
             threads=threads, cell=self.cell, proj_size=self.proj_size,
             isa=cpp_backend.cpu_isa() or "scalar", bf16_tiles=cpp_backend.has_bf16_tiles(),

@@ -323,6 +323,32 @@ def test_lstm_inference_of_short_sequences_is_fused_up_to_4_m():
     assert not cpu_rule.prefer_cpp(shape(**{**tagger, "dtype": torch.bfloat16}))
 
 
+def test_lstm_inference_is_fused_where_every_layer_projects_step_by_step():
+    """Both directions' fp32 inference runs the kernel where every layer projects its input
+    step by step (csrc/layer_gemms.h, projects_per_step: batch >= 16, I <= 2H) with at most
+    4 MiB of W_ih and W_hh per direction (bidirectional grid points up to H 256: 1.00-2.11x
+    nn.LSTM at 2d1a135; at H 512 0.84-1.02x); one direction, AVX2, fp64, sequences under 16
+    steps and a call whose input size is unknown are as before."""
+    mid = dict(batch=32, seq=128, hidden=256, input=256, cell="lstm", training=False)  # 8.4 M
+    assert cpu_rule.prefer_cpp(shape(**mid))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "input": None}))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "batch": 15}))
+    assert cpu_rule.prefer_cpp(shape(**{**mid, "batch": 16}))
+    assert cpu_rule.prefer_cpp(shape(**{**mid, "input": 512}))  # I = 2H: 3 MiB
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "input": 513}))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "seq": 15}))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "bidirectional": False}))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "isa": "avx2"}))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "dtype": torch.float64, "batch": 256}))
+    # Within 4 MiB per direction: H 300 with I 300 (2.7 MiB) but not H 512 with I 512 (8 MiB).
+    assert cpu_rule.prefer_cpp(shape(**{**mid, "hidden": 300, "input": 300}))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "hidden": 512, "input": 512}))
+    # Stacked layers read 2H inputs: two layers of H 256 (3 MiB) are fused, of H 300 (4.1 MiB)
+    # not.
+    assert cpu_rule.prefer_cpp(shape(**{**mid, "layers": 2}))
+    assert not cpu_rule.prefer_cpp(shape(**{**mid, "layers": 2, "hidden": 300, "input": 300}))
+
+
 def test_lstm_training_steps_of_taggers_are_fused():
     """Both directions' training steps over 16 steps or more run the kernel at every size (the
     tagger's (32, 40, 100, 128): 1.11-1.55x nn.LSTM in three runs timed per mode; above 8.4 M

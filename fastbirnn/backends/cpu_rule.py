@@ -37,6 +37,7 @@ class CallShape:
     proj_size: int = 0  # LSTM projections, which the engine does not have
     isa: str = "avx512"  # the engine's vector paths here: 'avx512', 'avx2' or 'scalar'
     bf16_tiles: bool = True  # whether bf16 calls run on the engine's AVX512-BF16 tiles
+    input: int | None = None  # the first layer's input size, where the caller knows it
 
     @property
     def step_macs(self) -> int:
@@ -116,6 +117,16 @@ LSTM_BI_SHORT_INFER_LIMIT = 1 << 22  # 4.2 M
 # 1.96x, 1.31x, 1.37x, 1.31x), as did B 1 H 256 (131 k) at T 128 (1.13-1.36x, Zen 5 1.03x);
 # at 524 k (B 32 H 64, T 128) they lost in four of those five grids and on Zen 5 (0.88-0.92x).
 LSTM_UNI_TRAIN_LIMIT = 1 << 18  # 262 k
+# Inference with both directions is also fused where every layer projects its input step by
+# step inside the recurrence (csrc/layer_gemms.h, projects_per_step: batch >= 16, I <= 2H)
+# with at most 4 MiB of W_ih and W_hh per direction (the engine steps up to
+# 8 MiB). Measured at 2d1a135 on 2-core Zen 5, which put the step projection in: the LSTM grid's
+# bidirectional points up to H 256 (B 32 and 128, T 16 and 128) 1.00-2.11x (at H 512, 8 MiB,
+# 0.84-1.02x: left to nn.LSTM), where its previous grid (c8f3e28) had 0.82-1.25x; the tagger
+# preset's rows in this range 1.00-1.16x but B 32 T 20 I 300 H 256, 0.97x (the issue-23 rows:
+# 2 layers 1.04x, (32, 128, 128, 128) 1.07x).
+LSTM_STEP_INFER_WEIGHT_LIMIT = 4 << 20  # bytes of W_ih and W_hh per direction, fp32
+STEP_PROJECTION_BATCH = 16  # csrc/layer_gemms.h, kStepProjectionBatch
 # Training steps with both directions are fused at every size, from the rule's shortest
 # sequence (T = 16). Up to 8.4 M per worker they won since the weight gradients moved onto the
 # register tiles (7073f32; 1.05-1.55x, the 2-layer and speech rows 1.02-1.11x). Above it some
@@ -178,6 +189,17 @@ def prefer_cpp(s: CallShape) -> bool:
     return True
 
 
+def _lstm_layers_step(s: CallShape) -> bool:
+    """Whether every layer of this fp32 LSTM inference projects its input step by step
+    (csrc/layer_gemms.h, projects_per_step) within LSTM_STEP_INFER_WEIGHT_LIMIT."""
+    if s.input is None or s.batch < STEP_PROJECTION_BATCH:
+        return False  # (from T = SHORT its batch >= 16 has the 128 rows the engine needs)
+    directions = 2 if s.bidirectional else 1
+    inputs = [s.input] + [directions * s.hidden] * (s.layers - 1)
+    return all(i <= 2 * s.hidden and GATES["lstm"] * s.hidden * (i + s.hidden) * 4
+               <= LSTM_STEP_INFER_WEIGHT_LIMIT for i in inputs)
+
+
 def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     if per_worker <= GATED_SMALL_LIMIT:
         return True
@@ -192,6 +214,8 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
         if per_worker < LSTM_BI_LIMIT or s.training:  # training: from T = SHORT (above)
             return True
         if s.seq < LSTM_LONG_SEQ and per_worker < LSTM_BI_SHORT_INFER_LIMIT:
+            return True
+        if _lstm_layers_step(s):
             return True
     if s.dtype == torch.float32 and s.training and per_worker <= LSTM_UNI_TRAIN_LIMIT:
         return True
