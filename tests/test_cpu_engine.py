@@ -273,6 +273,39 @@ def test_nonfinite_hidden_weight_gradients_in_blocks_match_nn(cell, poisoned):
                                    expected, equal_nan=True, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+@pytest.mark.parametrize("direction", [0, 1])
+def test_a_nan_in_any_chunk_of_the_gate_gradients_takes_the_exact_hidden_weight_path(
+        cell, direction):
+    # A NaN in the output gradient at a direction's first step only (t = 0 forward, T - 1
+    # reverse), no h0: nn's dW_hh multiplies that step's gate gradients by the zero h0 (NaN);
+    # the fast path, which skips the zero h0 term, would stay finite there. The scan that
+    # finds the NaN runs in chunks on every thread (layer_gemms.h, all_finite_on_threads);
+    # the two directions put it in the first and in the last chunk.
+    fused_class, nn_class = (FastBiRNN, nn.RNN) if cell == "rnn" else (FastBiGRU, nn.GRU)
+    T, B, H = 64, 32, 64
+    torch.manual_seed(0)
+    ref = nn_class(16, H, bidirectional=True)
+    fast = fused_class(16, H, bidirectional=True, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, 16)
+    grad = torch.randn(T, B, 2 * H)
+    grad[0 if direction == 0 else T - 1, B - 1, direction * H + 5] = float("nan")
+
+    def grads(model):
+        model.zero_grad(set_to_none=True)
+        model(x)[0].backward(grad)
+        return [p.grad for p in model.parameters()]
+
+    expected = grads(ref)
+    name = "weight_hh_l0" + ("_reverse" if direction else "")
+    dW_hh = expected[[n for n, _ in ref.named_parameters()].index(name)]
+    assert not torch.isfinite(dW_hh).all() and torch.isfinite(dW_hh).any()
+    for threads in THREADS:
+        torch.testing.assert_close(with_threads(threads, lambda: grads(fast)), expected,
+                                   equal_nan=True, rtol=2e-4, atol=2e-5)
+
+
 def _fused_and_nn(cell, hidden, layers, dtype, seed):
     import fastbirnn
 
