@@ -113,6 +113,7 @@ int64_t projection_workers(const Projection<T>& p, int64_t D, int64_t team) {
 // leave the register tiles load-bound), where each step re-reads weights the caches do not
 // hold (0.73x at LSTM H 512 I 1024, 0.89x at GRU H 1024: 12-15 MB per direction), and at
 // inputs wider than 2H (0.96-0.99x at I 300, H 100).
+// (fastbirnn/backends/cpu_rule.py mirrors the batch limit: STEP_PROJECTION_BATCH.)
 constexpr int64_t kStepProjectionBatch = 16;
 constexpr int64_t kStepProjectionWeightBytes = int64_t(8) << 20;
 
