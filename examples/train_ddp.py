@@ -114,6 +114,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if rank == 0:
         print(f"held-out tag accuracy: {(predicted == tags).float().mean().item():.1%} "
               f"(chance {1 / N_TAGS:.1%})", flush=True)
+    # Every rank arrives before gloo is torn down: a rank that tore it down while another
+    # still evaluated aborted the other now and then ('terminate called without an active
+    # exception'; tests/test_ddp.py's workers met the same way, 5535875).
+    dist.barrier()
     dist.destroy_process_group()
 
 
