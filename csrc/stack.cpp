@@ -169,21 +169,14 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     // worker runs a task changes no result); else on that team, before its first step, or
     // step by step inside the recurrence (recurrence.h, StepProjection).
     const int64_t proj_workers = projection_workers(proj, D, workers);
-    const bool per_step = !Cell::kInPlace && !keep && projects_per_step(g, proj, H, workers);
-    if (!Cell::kInPlace && !keep && !per_step && !gate_buf.defined())
+    const bool gated_inference = !Cell::kInPlace && !keep;  // its gates are scratch
+    const bool per_step = gated_inference && projects_per_step(g, proj, H, workers);
+    if (gated_inference && !per_step && !gate_buf.defined())
       gate_buf = scratch_buffer(kScratchGates, rows * DKH, x.options());
     T* G = Cell::kInPlace ? layer_out
            : keep         ? gates.data_ptr<T>() + l * rows * DKH
            : per_step     ? nullptr
                           : gate_buf.data_ptr<T>();
-    if (per_step) {
-      step_projected_layers().fetch_add(1, std::memory_order_relaxed);
-      step_gates.resize(hid.size());
-      step_bias.resize(a.has_biases ? DKH : 0);
-      step.X = proj.X;
-      step.I = proj.I;
-      step.gates = step_gates.data();
-    }
     ForwardOperands<T> ops;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t base = (l * D + d) * a.per_dir();
@@ -199,12 +192,6 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
                 q == Cell::kSplitGate ? b_ih[q * H + j] : b_ih[q * H + j] + b_hh[q * H + j];
         ops.bias[d] = bias.data() + d * KH;
         if (Cell::kSplitGate >= 0) ops.bias_h[d] = b_hh + Cell::kSplitGate * H;
-        if (per_step) to_block_layout(ops.bias[d], K, blk, step_bias.data() + d * KH);
-      }
-      if (per_step) {
-        step.w_ih[d] = proj.w_ih[d];
-        step.w_packed[d] = proj.w_ih_t[d];  // W_ih^T's buffer, for W_ih's blocks instead
-        step.bias[d] = a.has_biases ? step_bias.data() + d * KH : nullptr;
       }
       ops.h0[d] = layer_state<T>(h0, l, d, D, B * H);
       ops.c0[d] = layer_state<T>(c0, l, d, D, B * H);
@@ -231,6 +218,23 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         bf16.w_hh = w_hh_bf16.data();
         bf16.block_stride = block_stride;
         bf16.state = state_bf16.data();
+      }
+    }
+    if (per_step) {
+      step_projected_layers().fetch_add(1, std::memory_order_relaxed);
+      step_gates.resize(hid.size());
+      step_bias.resize(a.has_biases ? DKH : 0);
+      step.X = proj.X;
+      step.I = proj.I;
+      step.gates = step_gates.data();
+      for (int64_t d = 0; d < D; ++d) {
+        step.w_ih[d] = proj.w_ih[d];
+        step.w_packed[d] = proj.w_ih_t[d];  // W_ih^T's buffer, for W_ih's blocks instead
+        step.bias[d] = nullptr;
+        if (ops.bias[d]) {
+          step.bias[d] = step_bias.data() + d * KH;
+          to_block_layout(ops.bias[d], K, blk, step_bias.data() + d * KH);
+        }
       }
     }
     const Bf16Forward* const proj_bf16 = on_bf16 ? &bf16 : nullptr;
