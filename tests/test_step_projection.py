@@ -110,6 +110,33 @@ def test_padded_packed_and_initial_states_project_step_by_step_too(cell):
         _assert_same_bits(inferred, trained)
 
 
+@pytest.mark.parametrize("mode", INFERENCE_MODES)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_three_stepped_layers_match_nn_on_repeated_calls(cell, mode):
+    # Every layer projects step by step (batch 16, I <= 2H); two calls on the same module,
+    # against the nn class with the same weights, in each inference mode.
+    nn_class = nn.LSTM if cell == "lstm" else nn.GRU
+    torch.manual_seed(0)
+    ref = nn_class(40, 72, 3, bidirectional=True)
+    fast = MODULES[cell](40, 72, 3, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(12, 16, 40)
+    with torch.no_grad():
+        expected = ref(x)
+    before = _C.step_projected_layers()
+    for _ in range(2):
+        if mode == "frozen":
+            fast.requires_grad_(False)
+            got = with_threads(2, lambda: fast(x))
+            fast.requires_grad_(True)
+        else:
+            context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+            with context:
+                got = with_threads(2, lambda: fast(x))
+        torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-5)
+    assert _C.step_projected_layers() - before == (6 if TILES else 0)
+
+
 def test_bf16_calls_project_before_the_steps():
     model = FastBiLSTM(64, 96, backend="cpp").bfloat16()
     before = _C.step_projected_layers()
