@@ -237,7 +237,16 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
 #   4.2 M (B 128 T 16-128 H 256-512: 0.79-1.03x in training at 2e2e190, with the huge-page
 #   advice off as on AVX-512, where the kernel won there);
 # - LSTM above 65 k per worker, or 131 k with both directions at once (B 1 T 128 H 256
-#   0.61-1.05x, H 512 0.67-0.86x, B 32 T 128 H 64 0.84-1.47x; 1.02-9.3x at or below it).
+#   0.61-1.05x, H 512 0.67-0.86x, B 32 T 128 H 64 0.84-1.47x; 1.02-9.3x at or below it),
+#   except a bidirectional fp32 inference whose every layer projects its input step by step
+#   (_lstm_layers_step, the AVX-512 rule's clause). On AVX2 the step projection (2d1a135) took
+#   such points from 0.89-1.26x (results/zen5/cpu-grid-lstm-avx2/, 0407384) to 1.05-1.63x
+#   (cpu-grid-lstm-avx2-step/, Zen 5 at db4521c: B 32 and 128, T 16 and 128, H 64-256, one
+#   and two layers); the tagger preset's such rows 1.07-1.73x (cpu-grid-tagger-lstm-avx2-step/:
+#   B 32 T 20 I 300 H 256 1.07x, (32, 40, 100, 128) 1.13x). The held-out set, kept out of this
+#   fit (cpu-grid-heldout-lstm-avx2-step/): its four such points 1.06-1.19x. Its training
+#   steps stay with nn.LSTM: 0.82-1.33x over the same points. (The Zen 4 AVX2 grids predate
+#   the step projection: their kernel read 0.80-0.96x at 11 such points; not re-measured.)
 AVX2_LARGE_STEP = 1 << 23  # 8.4 M
 AVX2_LSTM_BI_LIMIT = 1 << 17  # 131 k
 AVX2_GRU_LARGE_BATCH = 128
@@ -254,6 +263,9 @@ def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
         return (per_worker >= AVX2_LARGE_STEP or
                 s.batch >= AVX2_GRU_LARGE_BATCH and per_worker >= AVX2_GRU_LARGE_BATCH_LIMIT)
     if s.cell == "lstm":
+        if (s.dtype == torch.float32 and s.bidirectional and not s.training
+                and _lstm_layers_step(s)):
+            return False
         return per_worker > (AVX2_LSTM_BI_LIMIT if s.bidirectional else GATED_SMALL_LIMIT)
     return (s.dtype == torch.float32 and s.seq < SHORT and
             per_worker >= (AVX2_SHORT_LIMIT if team == 1 else AVX2_SHORT_LIMIT_TEAM))
