@@ -113,16 +113,34 @@ int64_t projection_workers(const Projection<T>& p, int64_t D, int64_t team) {
 // leave the register tiles load-bound), where each step re-reads weights the caches do not
 // hold (0.73x at LSTM H 512 I 1024, 0.89x at GRU H 1024: 12-15 MB per direction), and at
 // inputs wider than 2H (0.96-0.99x at I 300, H 100).
+// A bf16 call on the bf16 tiles (on_bf16) steps the same way, its products on those tiles
+// (whose sums run over all of I in one order, so again the same bits), with its weights'
+// bf16 bytes against the limit; a bf16 call without them (fp32 products on rounded operands)
+// projects before the steps.
 // (fastbirnn/backends/cpu_rule.py mirrors the batch limit: STEP_PROJECTION_BATCH.)
 constexpr int64_t kStepProjectionBatch = 16;
 constexpr int64_t kStepProjectionWeightBytes = int64_t(8) << 20;
 
 template <typename T>
-bool projects_per_step(const Geometry& g, const Projection<T>& p, int64_t H, int64_t team) {
-  const int64_t weight_bytes = p.cols * (p.I + H) * int64_t(sizeof(T));  // W_ih and W_hh
-  return !g.round_bf16 && p.team_transposes() && projection_workers(p, g.D, team) <= team &&
+bool projects_per_step(const Geometry& g, const Projection<T>& p, int64_t H, int64_t team,
+                       bool on_bf16) {
+  const int64_t operand_bytes = on_bf16 ? int64_t(sizeof(bf16_bits)) : int64_t(sizeof(T));
+  const int64_t weight_bytes = p.cols * (p.I + H) * operand_bytes;  // W_ih and W_hh
+  const bool on_tiles = on_bf16 || (!g.round_bf16 && p.team_transposes());
+  return on_tiles && projection_workers(p, g.D, team) <= team &&
          g.B >= kStepProjectionBatch && p.I <= 2 * H &&
          weight_bytes <= kStepProjectionWeightBytes;
+}
+
+// A bf16 call's layer input as bf16 rows (bf16->x, x_ld apart), each worker converting the
+// rows of the projection's row blocks it owns (the caller orders them before their use).
+template <typename T>
+void input_rows_to_bf16(Team::Member& m, const Projection<T>& p, const Bf16Forward& bf16) {
+  for (int64_t blk = 0; blk < p.blocks; ++blk) {
+    if (!m.owns(blk)) continue;
+    for (int64_t r = p.rows * blk / p.blocks; r < p.rows * (blk + 1) / p.blocks; ++r)
+      to_bf16_row(p.X + r * p.I, p.I, bf16.x + r * bf16.x_ld);
+  }
 }
 
 // The projection's tasks; with bf16 (a bf16 call on the bf16 tiles) each worker first converts
@@ -147,11 +165,7 @@ void project(Team::Member& m, const Geometry& g, const Projection<T>& p, T* out,
     m.sync();
   }
   if (on_bf16) {
-    for (int64_t blk = 0; blk < p.blocks; ++blk) {
-      if (!m.owns(blk)) continue;
-      for (int64_t r = p.rows * blk / p.blocks; r < p.rows * (blk + 1) / p.blocks; ++r)
-        to_bf16_row(p.X + r * p.I, p.I, bf16->x + r * bf16->x_ld);
-    }
+    input_rows_to_bf16(m, p, *bf16);
     m.sync();
   }
   for (int64_t task = queue.fetch_add(1); task < n; task = queue.fetch_add(1)) {

@@ -75,6 +75,8 @@ void pack_block(const T* weight, int64_t K, int64_t H, int64_t C, int64_t j0, in
 // cell's reads, came back from memory: the LSTM cell's loads of them stalled). The products
 // are the projection's own (the register tiles, each element summed in the same order), so the
 // results are the same bits either way.
+// A bf16 call on the bf16 tiles reads x_t as bf16 (x_bf16) and each block's gate rows of W_ih
+// packed in pairs by its owner (w_pairs) instead.
 template <typename T>
 struct StepProjection {
   const T* X = nullptr;  // the layer's input [rows, I], in the geometry's row layout
@@ -83,6 +85,10 @@ struct StepProjection {
   T* w_packed[2] = {nullptr, nullptr};    // [K*H*I] each: W_ih's blocks for pack_block's tiles
   const T* bias[2] = {nullptr, nullptr};  // [K*H] input-side biases laid out as `gates`, or null
   T* gates = nullptr;  // [D, B, K*H]: each block's K*w gate rows of the step, laid out as hid
+  const bf16_bits* x_bf16 = nullptr;  // the bf16 tiles: X's rows as bf16, x_ld apart; else null
+  int64_t x_ld = 0;
+  bf16_bits* w_pairs = nullptr;  // the bf16 tiles: block k's K*w rows of W_ih in pairs at
+  int64_t pairs_stride = 0;      // k * pairs_stride
 };
 
 // A direction's [K*H] vector (gate q at q * H) laid out as the step projection's gate rows:
@@ -188,7 +194,14 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
     } else if (p.w_packed[d]) {
       pack_block(p.w_hh[d], K, H, H, j0, w, tiles, p.w_packed[d]);
     }
-    if (step) pack_block(step->w_ih[d], K, H, step->I, j0, w, /*tiles=*/true, step->w_packed[d]);
+    if (step && step->x_bf16) {
+      const T* w_ih = step->w_ih[d];
+      pack_rows_in_pairs(
+          step->I, K * w, [&](int64_t n) { return w_ih + ((n / w) * H + j0 + n % w) * step->I; },
+          step->w_pairs + k * step->pairs_stride);
+    } else if (step) {
+      pack_block(step->w_ih[d], K, H, step->I, j0, w, /*tiles=*/true, step->w_packed[d]);
+    }
   }
   m.sync();  // also orders the input projection before its first use
   const bool steps_meet = steps_share_directions(m, blk);
@@ -204,7 +217,10 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       const int64_t bound = g.active_bound(t);
       if (s + 1 < g.T) {
         const int64_t t_next = g.step(d, s + 1);
-        if (step)  // the rows of x the next step's projection reads
+        if (step && step->x_bf16)  // the rows of x the next step's projection reads
+          prefetch_rows(step->x_bf16 + t_next * g.st * step->x_ld, g.active_bound(t_next),
+                        g.sb * step->x_ld, 1, 0, step->I);
+        else if (step)
           prefetch_rows(step->X + t_next * g.st * step->I, g.active_bound(t_next),
                         g.sb * step->I, 1, 0, step->I);
         else
@@ -214,7 +230,11 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       // The block's gate rows of the step: G's, or (step projection) x_t W_ih^T for its K * w
       // gate rows, computed now, with gate stride w.
       T* const step_gates = step ? step->gates + d * B * KH + K * j0 : nullptr;
-      if (step)
+      if (step && step->x_bf16)
+        bf16_gemm_into<T>(bound, K * w, step->I, step->x_bf16 + t * g.st * step->x_ld,
+                          g.sb * step->x_ld, step->w_pairs + k * step->pairs_stride,
+                          2 * packed_columns(K * w), T(0), step_gates, KH);
+      else if (step)
         tiled_gemm<T>(bound, K * w, step->I, step->X + t * g.st * step->I, g.sb * step->I,
                       step->w_packed[d] + K * j0 * step->I, K * w, T(0), step_gates, KH);
       // h_{t-1} W_hh^T for the block's K * w gate rows: added onto the projection in the

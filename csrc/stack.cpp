@@ -153,6 +153,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   // The step projection's operands (recurrence.h, StepProjection) where a layer has one.
   StepProjection<T> step;
   std::vector<T> step_gates, step_bias;
+  std::vector<bf16_bits> step_w_pairs;
   const int64_t Hp = paired(H), block_stride = paired(H) * packed_columns(K * blk.width);
   std::vector<bf16_bits> w_hh_bf16(bf16_recurrence ? blk.count() * block_stride : 0);
   std::vector<bf16_bits> state_bf16(bf16_recurrence ? D * 2 * B * Hp : 0);  // zeros: the pads
@@ -170,7 +171,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     // step by step inside the recurrence (recurrence.h, StepProjection).
     const int64_t proj_workers = projection_workers(proj, D, workers);
     const bool gated_inference = !Cell::kInPlace && !keep;  // its gates are scratch
-    const bool per_step = gated_inference && projects_per_step(g, proj, H, workers);
+    const bool per_step = gated_inference && projects_per_step(g, proj, H, workers, on_bf16);
     if (gated_inference && !per_step && !gate_buf.defined())
       gate_buf = scratch_buffer(kScratchGates, rows * DKH, x.options());
     T* G = Cell::kInPlace ? layer_out
@@ -204,8 +205,8 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
       // Uninitialised, but for an odd input size's pad column, which must be zero.
       x_bf16 = Bf16Buffer();  // the layer below's: frees the slot
       x_bf16 = Bf16Buffer(kScratchBf16Input, rows * Ip, Ip != in_size);
-      w_ih_bf16.resize(D * w_ih_size);
-      for (int64_t d = 0; d < D; ++d) {
+      w_ih_bf16.resize(per_step ? 0 : D * w_ih_size);  // (a stepped layer packs per block)
+      for (int64_t d = 0; d < D && !per_step; ++d) {
         const T* w_ih = proj.w_ih[d];
         pack_rows_in_pairs(in_size, KH, [&](int64_t n) { return w_ih + n * in_size; },
                            w_ih_bf16.data() + d * w_ih_size);
@@ -227,6 +228,13 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
       step.X = proj.X;
       step.I = proj.I;
       step.gates = step_gates.data();
+      if (on_bf16) {  // each block's gate rows of W_ih in pairs, packed by its owner
+        step.x_bf16 = bf16.x;
+        step.x_ld = bf16.x_ld;
+        step.pairs_stride = paired(proj.I) * packed_columns(K * blk.width);
+        step_w_pairs.resize(blk.count() * step.pairs_stride);
+        step.w_pairs = step_w_pairs.data();
+      }
       for (int64_t d = 0; d < D; ++d) {
         step.w_ih[d] = proj.w_ih[d];
         step.w_packed[d] = proj.w_ih_t[d];  // W_ih^T's buffer, for W_ih's blocks instead
@@ -246,6 +254,8 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     team.run([&](Team::Member& m) {
       if (proj_workers <= workers && !per_step)
         project<T>(m, g, proj, G, projection_tasks, proj_bf16);
+      else if (per_step && on_bf16)  // (ordered before the steps by the recurrence's first sync)
+        input_rows_to_bf16(m, proj, bf16);
       recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
                                  rounded.empty() ? nullptr : rounded.data(),
                                  on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data(),

@@ -1,10 +1,11 @@
 """The step projection (csrc/recurrence.h, StepProjection): an inference with a gated cell
 projects its input one step at a time inside the recurrence where csrc/layer_gemms.h's
 projects_per_step says so (batch >= 16, I <= 2H, W_ih and W_hh within 8 MiB per direction,
-the projection on the register tiles and on the recurrence's team; never for the Elman cell,
-in training or for bf16). It runs the projection's own products, so an inference equals the
-grad-mode forward (which keeps the gates and projects before the steps) bit for bit: checked
-on both sides of every condition, in every inference mode, and over hypothesis's draws.
+the projection on the register tiles, or on the bf16 tiles for a bf16 call, and on the
+recurrence's team; never for the Elman cell or in training). It runs the projection's own
+products, so an inference equals the grad-mode forward (which keeps the gates and projects
+before the steps) bit for bit: checked on both sides of every condition, in every inference
+mode, for bf16 modules and under autocast, and over hypothesis's draws.
 """
 
 import pytest
@@ -18,8 +19,16 @@ from parity import with_threads
 from test_properties import PROFILE, property_settings
 
 _C = pytest.importorskip("fastbirnn._C")
-# The step projection runs on the register tiles: none at the scalar level (FASTBIRNN_ISA).
+from fastbirnn.backends import cpp_backend  # noqa: E402
+
+# The step projection runs on the register tiles: none at the scalar level (FASTBIRNN_ISA);
+# a bf16 call's on the bf16 tiles (AVX512-BF16, and not lowered by FASTBIRNN_ISA).
 TILES = _C.cpu_isa() != "scalar"
+BF16_TILES = cpp_backend.has_bf16_tiles()
+
+
+def _expected(stepped_layers, dtype):
+    return stepped_layers if (BF16_TILES if dtype == torch.bfloat16 else TILES) else 0
 
 MODULES = {"lstm": FastBiLSTM, "gru": FastBiGRU, "rnn": FastBiRNN}
 INFERENCE_MODES = ["no_grad", "inference_mode", "frozen"]
@@ -85,6 +94,14 @@ THRESHOLDS = [
     ("lstm", 17, 8, 100, 50, 2, True, torch.float32, 2),  # the second layer's I = 2H
     ("gru", 20, 8, 30, 70, 2, False, torch.float32, 2),
     ("rnn", 16, 8, 64, 96, 1, True, torch.float32, 0),  # the Elman cell projects in place
+    # bf16 on the bf16 tiles: the same limits, its weights' bf16 bytes against 8 MiB.
+    ("lstm", 16, 7, 64, 96, 1, True, torch.bfloat16, 1),  # 112 rows: on the bf16 tiles still
+    ("lstm", 15, 9, 64, 96, 1, True, torch.bfloat16, 0),  # batch below 16
+    ("gru", 16, 8, 80, 40, 2, True, torch.bfloat16, 2),
+    ("gru", 16, 8, 81, 40, 1, True, torch.bfloat16, 0),  # I = 2H + 1
+    ("lstm", 16, 8, 998, 640, 1, False, torch.bfloat16, 1),  # 8 MiB - 2.5 KiB in bf16
+    ("lstm", 16, 8, 999, 640, 1, False, torch.bfloat16, 0),  # 8 MiB + 2.5 KiB
+    ("rnn", 16, 8, 64, 96, 1, True, torch.bfloat16, 0),
 ]
 
 
@@ -96,7 +113,7 @@ THRESHOLDS = [
 def test_inference_equals_the_forward_on_both_sides_of_every_condition(case, mode):
     cell, B, T, I, H, layers, bi, dtype, expected = case
     inferred, trained, stepped = _forwards(cell, B, T, I, H, layers, bi, dtype=dtype, mode=mode)
-    assert stepped == (expected if TILES else 0)
+    assert stepped == _expected(expected, dtype)
     _assert_same_bits(inferred, trained)
 
 
@@ -137,22 +154,44 @@ def test_three_stepped_layers_match_nn_on_repeated_calls(cell, mode):
     assert _C.step_projected_layers() - before == (6 if TILES else 0)
 
 
-def test_bf16_calls_project_before_the_steps():
-    model = FastBiLSTM(64, 96, backend="cpp").bfloat16()
-    before = _C.step_projected_layers()
-    with torch.no_grad():
-        model(torch.randn(8, 16, 64, dtype=torch.bfloat16))
-    assert _C.step_projected_layers() == before
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_autocast_inference_projects_step_by_step_on_the_bf16_tiles(cell):
+    # An fp32 module under bf16 autocast: the bf16 call steps where the bf16 tiles run it,
+    # with the bits of the same call in grad mode, and within bf16's error of the nn class
+    # under the same autocast.
+    nn_class = nn.LSTM if cell == "lstm" else nn.GRU
+    torch.manual_seed(0)
+    ref = nn_class(48, 64, 2, bidirectional=True)
+    fast = MODULES[cell](48, 64, 2, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(10, 16, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = _C.step_projected_layers()
+        with torch.no_grad():
+            inferred = with_threads(2, lambda: fast(x))
+        stepped = _C.step_projected_layers() - before
+        trained = with_threads(2, lambda: fast(x))
+        with torch.no_grad():
+            expected = ref(x)
+    def flat(result):
+        out, final = result
+        return [out, *(final if isinstance(final, tuple) else [final])]
+
+    assert stepped == (2 if BF16_TILES else 0)
+    _assert_same_bits(flat(inferred), [t.detach() for t in flat(trained)])
+    # bf16 outputs: a few units of bf16's roundoff (2^-8) over two layers.
+    torch.testing.assert_close(inferred[0].float(), expected[0].float(), rtol=0, atol=3e-2)
 
 
-def test_same_bits_at_1_to_4_threads_with_and_without_the_step_projection():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_bits_at_1_to_4_threads_with_and_without_the_step_projection(dtype):
     # At 3-4 threads the projection takes more workers than the recurrence's team (2 blocks),
     # so it runs before the steps: both paths are compared.
     results, stepped = {}, {}
     for threads in (1, 2, 3, 4):
-        results[threads], _, stepped[threads] = _forwards("lstm", 16, 64, 64, 40,
+        results[threads], _, stepped[threads] = _forwards("lstm", 16, 64, 64, 40, dtype=dtype,
                                                           threads=threads)
-    assert set(stepped.values()) == ({0, 1} if TILES else {0})
+    assert set(stepped.values()) == ({0, 1} if _expected(1, dtype) else {0})
     for threads in (2, 3, 4):
         _assert_same_bits(results[1], results[threads])
 
@@ -167,7 +206,7 @@ def _configs(draw):
         I=draw(st.sampled_from([max(1, 2 * H - 1), 2 * H, 2 * H + 1]) | st.integers(1, 200)),
         H=H, layers=draw(st.integers(1, 2)), bi=draw(st.booleans()),
         batch_first=draw(st.booleans()), bias=draw(st.booleans()), h0=draw(st.booleans()),
-        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
         mode=draw(st.sampled_from(INFERENCE_MODES)),
         packed=draw(st.booleans()),
     )
