@@ -96,6 +96,8 @@ THRESHOLDS = [
     ("rnn", 16, 8, 64, 96, 1, True, torch.float32, 0),  # the Elman cell projects in place
     # bf16 on the bf16 tiles: the same limits, its weights' bf16 bytes against 8 MiB.
     ("lstm", 16, 7, 64, 96, 1, True, torch.bfloat16, 1),  # 112 rows: on the bf16 tiles still
+    # 32 rows: the recurrence's products in fp32 on rounded operands, the projection's stepped
+    ("gru", 16, 2, 640, 640, 1, True, torch.bfloat16, 1),
     ("lstm", 15, 9, 64, 96, 1, True, torch.bfloat16, 0),  # batch below 16
     ("gru", 16, 8, 80, 40, 2, True, torch.bfloat16, 2),
     ("gru", 16, 8, 81, 40, 1, True, torch.bfloat16, 0),  # I = 2H + 1
