@@ -129,16 +129,21 @@ def test_padded_packed_and_initial_states_project_step_by_step_too(cell):
         _assert_same_bits(inferred, trained)
 
 
+def _nn_twin(cell, I, H, layers):
+    """The nn class (bidirectional) and the module with its weights, backend 'cpp'."""
+    torch.manual_seed(0)
+    ref = (nn.LSTM if cell == "lstm" else nn.GRU)(I, H, layers, bidirectional=True)
+    fast = MODULES[cell](I, H, layers, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
 @pytest.mark.parametrize("mode", INFERENCE_MODES)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_three_stepped_layers_match_nn_on_repeated_calls(cell, mode):
     # Every layer projects step by step (batch 16, I <= 2H); two calls on the same module,
     # against the nn class with the same weights, in each inference mode.
-    nn_class = nn.LSTM if cell == "lstm" else nn.GRU
-    torch.manual_seed(0)
-    ref = nn_class(40, 72, 3, bidirectional=True)
-    fast = MODULES[cell](40, 72, 3, backend="cpp")
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = _nn_twin(cell, 40, 72, 3)
     x = torch.randn(12, 16, 40)
     with torch.no_grad():
         expected = ref(x)
@@ -161,11 +166,7 @@ def test_autocast_inference_projects_step_by_step_on_the_bf16_tiles(cell):
     # An fp32 module under bf16 autocast: the bf16 call steps where the bf16 tiles run it,
     # with the bits of the same call in grad mode, and within bf16's error of the nn class
     # under the same autocast.
-    nn_class = nn.LSTM if cell == "lstm" else nn.GRU
-    torch.manual_seed(0)
-    ref = nn_class(48, 64, 2, bidirectional=True)
-    fast = MODULES[cell](48, 64, 2, backend="cpp")
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = _nn_twin(cell, 48, 64, 2)
     x = torch.randn(10, 16, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         before = _C.step_projected_layers()
