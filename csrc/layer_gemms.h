@@ -305,9 +305,10 @@ struct WeightBlocks {
 };
 
 // The fixed tasks of one layer's gradient products, shared by gemm_grads and gemm_grads_bf16,
-// biggest first: per direction, the blocks of dW_hh (the bias gradients with each row block's
+// in this order: per direction, the blocks of dW_hh (the bias gradients with each row block's
 // first), the blocks of dW_ih, then fixed row blocks of dX. Their shapes depend only on the
-// problem.
+// problem. (Not always biggest first: at the tagger's B 32 T 40 I 100 H 128 a dX block has
+// 26 M multiply-adds, a dW_hh block 21 M.)
 struct GradTasks {
   enum Kind { kHiddenWeights, kInputWeights, kInputGrad };
   struct Task {
