@@ -103,9 +103,9 @@ int64_t projection_workers(const Projection<T>& p, int64_t D, int64_t team) {
   return std::max(team, std::min<int64_t>(at::get_num_threads(), D * p.blocks));
 }
 
-// Whether an inference layer of a gated cell runs projection p step by step inside the
-// recurrence (recurrence.h, StepProjection; `H` hidden units, `team` workers) instead of before
-// it. The same products, so the same bits, on the same workers (only where the projection
+// Whether an inference layer of a gated cell (or any layer of the in-place Elman cell, below)
+// runs projection p step by step inside the recurrence (recurrence.h, StepProjection; `H`
+// hidden units, `team` workers) instead of before it. The same products, so the same bits, on the same workers (only where the projection
 // would run on the recurrence's team). Measured on 2-core Zen 5 against the projection before
 // the steps (inference, alternating in one process): 1.07-1.36x at batch 16-256 where the gate
 // rows of all steps outgrow the caches (LSTM 32,128,128,128: 1.17x; 16,200,80,320 3 layers:
@@ -117,19 +117,27 @@ int64_t projection_workers(const Projection<T>& p, int64_t D, int64_t team) {
 // (whose sums run over all of I in one order, so again the same bits), with its weights'
 // bf16 bytes against the limit; a bf16 call without them (fp32 products on rounded operands)
 // projects before the steps.
-// (fastbirnn/backends/cpu_rule.py mirrors the batch limit: STEP_PROJECTION_BATCH.)
+// The in-place Elman cell (in_place) steps from batch 32, inference and training alike: each
+// step's x_t W_ih^T goes to its output rows, where the projection would have put it, and the
+// step's product adds h_{t-1} W_hh^T there as before. Its rows are a quarter of an LSTM's, so
+// it gains less (in-process A/B on 2-core Zen 5, fp32, off/on: inference 1.01-1.06x at batch
+// 24-32, 1.04x at (64, 32, 512, 512) one direction, 1.135x at (64, 256, 256, 512); training
+// 1.02-1.06x at batch 32, 1.10x at (64, 256, 256, 512); forced AVX2 0.99-1.09x; bf16
+// autocast inference 1.03-1.06x) and lost at batch 16 (0.95-1.01x).
+// (fastbirnn/backends/cpu_rule.py mirrors the gated cells' batch limit: STEP_PROJECTION_BATCH.)
 constexpr int64_t kStepProjectionBatch = 16;
+constexpr int64_t kStepProjectionBatchInPlace = 32;
 constexpr int64_t kStepProjectionWeightBytes = int64_t(8) << 20;
 
 template <typename T>
 bool projects_per_step(const Geometry& g, const Projection<T>& p, int64_t H, int64_t team,
-                       bool on_bf16) {
+                       bool on_bf16, bool in_place) {
   const int64_t operand_bytes = on_bf16 ? int64_t(sizeof(bf16_bits)) : int64_t(sizeof(T));
   const int64_t weight_bytes = p.cols * (p.I + H) * operand_bytes;  // W_ih and W_hh
   const bool on_tiles = on_bf16 || (!g.round_bf16 && p.team_transposes());
   return on_tiles && projection_workers(p, g.D, team) <= team &&
-         g.B >= kStepProjectionBatch && p.I <= 2 * H &&
-         weight_bytes <= kStepProjectionWeightBytes;
+         g.B >= (in_place ? kStepProjectionBatchInPlace : kStepProjectionBatch) &&
+         p.I <= 2 * H && weight_bytes <= kStepProjectionWeightBytes;
 }
 
 // A bf16 call's layer input as bf16 rows (bf16->x, x_ld apart), each worker converting the

@@ -69,8 +69,9 @@ void pack_block(const T* weight, int64_t K, int64_t H, int64_t C, int64_t j0, in
   }
 }
 
-// The input projection step by step, for inference with a gated cell: each block computes its
-// own gate rows of x_t W_ih^T just before its cell reads them, into a buffer every step reuses,
+// The input projection step by step, for inference with a gated cell (and for the in-place
+// Elman cell, whose rows are its output's): each block computes its own gate rows of x_t W_ih^T
+// just before its cell reads them, into a buffer every step reuses (in place: the output rows),
 // instead of the whole layer's before the first step (whose rows, megabytes apart from the
 // cell's reads, came back from memory: the LSTM cell's loads of them stalled). The products
 // are the projection's own (the register tiles, each element summed in the same order), so the
@@ -139,7 +140,8 @@ inline bool steps_share_directions(const Team::Member& m, const Blocks& blk) {
 }
 
 // In: G holds x W_ih^T (K*H columns per direction), or is null where `step` projects each step
-// instead (inference with a gated cell: StepProjection). Out: Hs holds h_t (zero past each row's
+// instead (inference with a gated cell: StepProjection; in place, G is Hs and each step writes
+// its rows' projection there first). Out: Hs holds h_t (zero past each row's
 // length), hn/cn the final states; in training (S not null) G the activated gates and S the
 // cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
 // direction's h_{t-1} and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local:
@@ -229,14 +231,18 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       }
       // The block's gate rows of the step: G's, or (step projection) x_t W_ih^T for its K * w
       // gate rows, computed now, with gate stride w.
-      T* const step_gates = step ? step->gates + d * B * KH + K * j0 : nullptr;
+      // (An in-place cell's are its output rows: the product goes there, as the projection's.)
+      T* const step_gates = !step            ? nullptr
+                            : Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0
+                                             : step->gates + d * B * KH + K * j0;
+      const int64_t step_ld = Cell::kInPlace ? g.sb * DKH : KH;
       if (step && step->x_bf16)
         bf16_gemm_into<T>(bound, K * w, step->I, step->x_bf16 + t * g.st * step->x_ld,
                           g.sb * step->x_ld, step->w_pairs + k * step->pairs_stride,
-                          2 * packed_columns(K * w), T(0), step_gates, KH);
+                          2 * packed_columns(K * w), T(0), step_gates, step_ld);
       else if (step)
         tiled_gemm<T>(bound, K * w, step->I, step->X + t * g.st * step->I, g.sb * step->I,
-                      step->w_packed[d] + K * j0 * step->I, K * w, T(0), step_gates, KH);
+                      step->w_packed[d] + K * j0 * step->I, K * w, T(0), step_gates, step_ld);
       // h_{t-1} W_hh^T for the block's K * w gate rows: added onto the projection in the
       // output row (in place), else into the block's rows of hid.
       T* product = Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0 : hid + d * B * KH + K * j0;

@@ -171,7 +171,11 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
     // step by step inside the recurrence (recurrence.h, StepProjection).
     const int64_t proj_workers = projection_workers(proj, D, workers);
     const bool gated_inference = !Cell::kInPlace && !keep;  // its gates are scratch
-    const bool per_step = gated_inference && projects_per_step(g, proj, H, workers, on_bf16);
+    // The in-place Elman cell steps in training too (its projection goes to the output rows,
+    // kept either way); a gated cell's training keeps every step's gates, which go to memory
+    // whichever way they are projected (stepping them there measured 0.94-1.02x).
+    const bool per_step = (gated_inference || Cell::kInPlace) &&
+                          projects_per_step(g, proj, H, workers, on_bf16, Cell::kInPlace);
     if (gated_inference && !per_step && !gate_buf.defined())
       gate_buf = scratch_buffer(kScratchGates, rows * DKH, x.options());
     T* G = Cell::kInPlace ? layer_out

@@ -2,10 +2,13 @@
 projects its input one step at a time inside the recurrence where csrc/layer_gemms.h's
 projects_per_step says so (batch >= 16, I <= 2H, W_ih and W_hh within 8 MiB per direction,
 the projection on the register tiles, or on the bf16 tiles for a bf16 call, and on the
-recurrence's team; never for the Elman cell or in training). It runs the projection's own
-products, so an inference equals the grad-mode forward (which keeps the gates and projects
-before the steps) bit for bit: checked on both sides of every condition, in every inference
-mode, for bf16 modules and under autocast, and over hypothesis's draws.
+recurrence's team; never in a gated cell's training). The in-place Elman cell steps from
+batch 32, in training too: each step's projection goes to its output rows. It runs the
+projection's own products, so an inference equals the grad-mode forward (which keeps a gated
+cell's gates and projects before the steps) bit for bit, and an Elman layer's results and
+gradients are the same at 1-2 threads (stepped) as at 3-4 (the projection on more threads,
+before the steps): checked on both sides of every condition, in every inference mode, for
+bf16 modules and under autocast, and over hypothesis's draws.
 """
 
 import pytest
@@ -93,7 +96,10 @@ THRESHOLDS = [
     ("lstm", 16, 32, 500, 320, 1, False, torch.float64, 0),  # 8 MiB + 8 KiB
     ("lstm", 17, 8, 100, 50, 2, True, torch.float32, 2),  # the second layer's I = 2H
     ("gru", 20, 8, 30, 70, 2, False, torch.float32, 2),
-    ("rnn", 16, 8, 64, 96, 1, True, torch.float32, 0),  # the Elman cell projects in place
+    # The in-place Elman cell from batch 32.
+    ("rnn", 32, 8, 64, 96, 1, True, torch.float32, 1),
+    ("rnn", 31, 8, 64, 96, 1, True, torch.float32, 0),
+    ("rnn", 32, 9, 129, 64, 2, False, torch.float32, 1),  # the first layer's I = 2H + 1
     # bf16 on the bf16 tiles: the same limits, its weights' bf16 bytes against 8 MiB.
     ("lstm", 16, 7, 64, 96, 1, True, torch.bfloat16, 1),  # 112 rows: on the bf16 tiles still
     # 32 rows: the recurrence's products in fp32 on rounded operands, the projection's stepped
@@ -103,7 +109,8 @@ THRESHOLDS = [
     ("gru", 16, 8, 81, 40, 1, True, torch.bfloat16, 0),  # I = 2H + 1
     ("lstm", 16, 8, 998, 640, 1, False, torch.bfloat16, 1),  # 8 MiB - 2.5 KiB in bf16
     ("lstm", 16, 8, 999, 640, 1, False, torch.bfloat16, 0),  # 8 MiB + 2.5 KiB
-    ("rnn", 16, 8, 64, 96, 1, True, torch.bfloat16, 0),
+    ("rnn", 32, 8, 64, 96, 1, True, torch.bfloat16, 1),
+    ("rnn", 31, 8, 64, 96, 1, True, torch.bfloat16, 0),
 ]
 
 
@@ -199,11 +206,35 @@ def test_same_bits_at_1_to_4_threads_with_and_without_the_step_projection(dtype)
         _assert_same_bits(results[1], results[threads])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_elman_training_steps_with_the_bits_of_projecting_first(nonlinearity, dtype):
+    # Training: at 1-2 threads each Elman layer projects step by step into its output rows;
+    # at 3-4 the projection takes more workers than the team (2 blocks) and runs first. The
+    # outputs, final states and every gradient are the same bits either way.
+    def train():
+        torch.manual_seed(0)
+        model = FastBiRNN(64, 40, 2, nonlinearity=nonlinearity, dtype=dtype, backend="cpp")
+        x = torch.randn(64, 32, 64, dtype=dtype, requires_grad=True)
+        before = _C.step_projected_layers()
+        out, hn = model(x)
+        (out.float().square().sum() + hn.float().sum()).backward()
+        stepped = _C.step_projected_layers() - before
+        return [out.detach(), hn.detach(), x.grad, *(p.grad for p in model.parameters())], stepped
+
+    results, stepped = {}, {}
+    for threads in (1, 2, 3, 4):
+        results[threads], stepped[threads] = with_threads(threads, train)
+    assert [stepped[t] for t in (1, 2, 3, 4)] == [_expected(2, dtype)] * 2 + [0, 0]
+    for threads in (2, 3, 4):
+        _assert_same_bits(results[1], results[threads])
+
+
 @st.composite
 def _configs(draw):
     H = draw(st.integers(1, 140))
     return dict(
-        cell=draw(st.sampled_from(["lstm", "gru"])),
+        cell=draw(st.sampled_from(["lstm", "gru", "rnn"])),
         B=draw(st.sampled_from([1, 8, 15, 16, 17, 33])),
         T=draw(st.integers(1, 12)),
         I=draw(st.sampled_from([max(1, 2 * H - 1), 2 * H, 2 * H + 1]) | st.integers(1, 200)),
