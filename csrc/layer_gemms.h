@@ -103,15 +103,15 @@ int64_t projection_workers(const Projection<T>& p, int64_t D, int64_t team) {
   return std::max(team, std::min<int64_t>(at::get_num_threads(), D * p.blocks));
 }
 
-// Whether an inference layer of a gated cell (or any layer of the in-place Elman cell, below)
-// runs projection p step by step inside the recurrence (recurrence.h, StepProjection; `H`
-// hidden units, `team` workers) instead of before it. The same products, so the same bits, on the same workers (only where the projection
-// would run on the recurrence's team). Measured on 2-core Zen 5 against the projection before
-// the steps (inference, alternating in one process): 1.07-1.36x at batch 16-256 where the gate
-// rows of all steps outgrow the caches (LSTM 32,128,128,128: 1.17x; 16,200,80,320 3 layers:
-// 1.22x; GRU 64,256,256,512: 1.04x); slower at batch 2-8 (0.87-0.96x: a step's few rows
-// leave the register tiles load-bound), where each step re-reads weights the caches do not
-// hold (0.73x at LSTM H 512 I 1024, 0.89x at GRU H 1024: 12-15 MB per direction), and at
+// Whether an inference layer of a gated cell (or any layer of the in-place Elman cell, below) runs
+// projection p step by step inside the recurrence (recurrence.h, StepProjection; `H` hidden units,
+// `team` workers) instead of before it. The same products, so the same bits, on the same workers
+// (only where the projection would run on the recurrence's team). Measured on 2-core Zen 5 against
+// the projection before the steps (inference, alternating in one process): 1.07-1.36x at batch
+// 16-256 where the gate rows of all steps outgrow the caches (LSTM 32,128,128,128: 1.17x;
+// 16,200,80,320 3 layers: 1.22x; GRU 64,256,256,512: 1.04x); slower at batch 2-8 (0.87-0.96x: a
+// step's few rows leave the register tiles load-bound), where each step re-reads weights the caches
+// do not hold (0.73x at LSTM H 512 I 1024, 0.89x at GRU H 1024: 12-15 MB per direction), and at
 // inputs wider than 2H (0.96-0.99x at I 300, H 100).
 // A bf16 call on the bf16 tiles (on_bf16) steps the same way, its products on those tiles
 // (whose sums run over all of I in one order, so again the same bits), with its weights'

@@ -141,13 +141,13 @@ inline bool steps_share_directions(const Team::Member& m, const Blocks& blk) {
 
 // In: G holds x W_ih^T (K*H columns per direction), or is null where `step` projects each step
 // instead (inference with a gated cell: StepProjection; in place, G is Hs and each step writes
-// its rows' projection there first). Out: Hs holds h_t (zero past each row's
-// length), hn/cn the final states; in training (S not null) G the activated gates and S the
-// cell's saved values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each
-// direction's h_{t-1} and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local:
-// updated in place); hid: D * B * K*H (each block's h_{t-1} W_hh^T; unused in place). At step
-// s every block reads all of h_{s-1} and writes its own columns of h_s into the other buffer:
-// one barrier per step where workers share a direction (steps_share_directions).
+// its rows' projection there first). Out: Hs holds h_t (zero past each row's length), hn/cn
+// the final states; in training (S not null) G the activated gates and S the cell's saved
+// values. An in-place cell (Elman) has G == Hs. state: D * 2 * B * H (each direction's h_{t-1}
+// and h_t, swapped every step); cstate: D * B * H (LSTM's c, block-local: updated in place);
+// hid: D * B * K*H (each block's h_{t-1} W_hh^T; unused in place). At step s every block reads
+// all of h_{s-1} and writes its own columns of h_s into the other buffer: one barrier per step
+// where workers share a direction (steps_share_directions).
 //
 // A bf16 call (g.round_bf16): the products read h_{t-1} rounded to bf16, and the outputs Hs
 // are rounded too (the state and the final states are not). rounded: that copy of state in
