@@ -69,6 +69,15 @@ void pack_block(const T* weight, int64_t K, int64_t H, int64_t C, int64_t j0, in
   }
 }
 
+// pack_block for the bf16 tiles: block [j0, j0 + w)'s K*w gate rows of a weight [K*H, C],
+// packed in pairs along C (tiles_bf16.h, pack_rows_in_pairs).
+template <typename T>
+void pack_block_in_pairs(const T* weight, int64_t K, int64_t H, int64_t C, int64_t j0, int64_t w,
+                         bf16_bits* packed) {
+  pack_rows_in_pairs(
+      C, K * w, [&](int64_t n) { return weight + ((n / w) * H + j0 + n % w) * C; }, packed);
+}
+
 // The input projection step by step, for inference with a gated cell (and for the in-place
 // Elman cell, whose rows are its output's): each block computes its own gate rows of x_t W_ih^T
 // just before its cell reads them, into a buffer every step reuses (in place: the output rows),
@@ -182,10 +191,7 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
     if (Cell::kCellState) copy_block(p.c0[d], cstate + d * B * H, B, H, j0, w);
     // Each worker packs its own blocks: they stay in its core's cache for every step.
     if (on_bf16) {  // the block's gate rows packed in pairs, and h0 as bf16
-      const T* w_hh = p.w_hh[d];
-      pack_rows_in_pairs(
-          H, K * w, [&](int64_t n) { return w_hh + ((n / w) * H + j0 + n % w) * H; },
-          block_bf16(k));
+      pack_block_in_pairs(p.w_hh[d], K, H, H, j0, w, block_bf16(k));
       for (int64_t b = 0; b < B; ++b) {
         bf16_bits* dst = operand_bf16(d, 0) + b * Hp + j0;
         if (p.h0[d])
@@ -196,14 +202,11 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
     } else if (p.w_packed[d]) {
       pack_block(p.w_hh[d], K, H, H, j0, w, tiles, p.w_packed[d]);
     }
-    if (step && step->x_bf16) {
-      const T* w_ih = step->w_ih[d];
-      pack_rows_in_pairs(
-          step->I, K * w, [&](int64_t n) { return w_ih + ((n / w) * H + j0 + n % w) * step->I; },
-          step->w_pairs + k * step->pairs_stride);
-    } else if (step) {
+    if (step && step->x_bf16)
+      pack_block_in_pairs(step->w_ih[d], K, H, step->I, j0, w,
+                          step->w_pairs + k * step->pairs_stride);
+    else if (step)
       pack_block(step->w_ih[d], K, H, step->I, j0, w, /*tiles=*/true, step->w_packed[d]);
-    }
   }
   m.sync();  // also orders the input projection before its first use
   const bool steps_meet = steps_share_directions(m, blk);
