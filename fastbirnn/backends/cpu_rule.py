@@ -191,8 +191,10 @@ def prefer_cpp(s: CallShape) -> bool:
 
 
 def _lstm_layers_step(s: CallShape) -> bool:
-    """Whether every layer of this fp32 LSTM inference projects its input step by step
-    (csrc/layer_gemms.h, projects_per_step) within LSTM_STEP_INFER_WEIGHT_LIMIT."""
+    """Whether this is an fp32 LSTM inference whose every layer projects its input step by
+    step (csrc/layer_gemms.h, projects_per_step) within LSTM_STEP_INFER_WEIGHT_LIMIT."""
+    if s.training or s.dtype != torch.float32:
+        return False
     if s.input is None or s.batch < STEP_PROJECTION_BATCH:
         return False  # (from T = SHORT its batch >= 16 has the 128 rows the engine needs)
     directions = 2 if s.bidirectional else 1
@@ -263,8 +265,7 @@ def _avx2_declines(s: CallShape, team: int, per_worker: float) -> bool:
         return (per_worker >= AVX2_LARGE_STEP or
                 s.batch >= AVX2_GRU_LARGE_BATCH and per_worker >= AVX2_GRU_LARGE_BATCH_LIMIT)
     if s.cell == "lstm":
-        if (s.dtype == torch.float32 and s.bidirectional and not s.training
-                and _lstm_layers_step(s)):
+        if s.bidirectional and _lstm_layers_step(s):
             return False
         return per_worker > (AVX2_LSTM_BI_LIMIT if s.bidirectional else GATED_SMALL_LIMIT)
     return (s.dtype == torch.float32 and s.seq < SHORT and
