@@ -230,6 +230,51 @@ def test_elman_training_steps_with_the_bits_of_projecting_first(nonlinearity, dt
         _assert_same_bits(results[1], results[threads])
 
 
+@pytest.mark.parametrize("mode", ["train", *INFERENCE_MODES])
+def test_stepped_elman_layers_match_nn_rnn_packed_with_nan(mode):
+    # Three stepped Elman layers (batch 32) on a packed batch, two calls on one module, against
+    # nn.RNN with the same weights: outputs, h_n and (training) every gradient; then a NaN in
+    # one sequence's input, which reaches that sequence's outputs as in nn.RNN and no other's.
+    torch.manual_seed(0)
+    ref = nn.RNN(40, 72, 3, bidirectional=True)
+    fast = FastBiRNN(40, 72, 3, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    lengths = [12 - b % 5 for b in range(32)]
+    x = torch.randn(12, 32, 40)
+    x_nan = x.clone()
+    x_nan[3, 5, 7] = float("nan")
+
+    def run(module, inp):
+        packed = nn.utils.rnn.pack_padded_sequence(inp, lengths, enforce_sorted=False)
+        if mode == "train":
+            module.zero_grad()
+            out, hn = module(packed)
+            padded = nn.utils.rnn.pad_packed_sequence(out)[0]
+            (padded.square().sum() + hn.sum()).backward()
+            return [padded.detach(), hn.detach(), *(p.grad.clone() for p in module.parameters())]
+        if mode == "frozen":
+            module.requires_grad_(False)
+            try:
+                out, hn = module(packed)
+            finally:
+                module.requires_grad_(True)
+        else:
+            with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+                out, hn = module(packed)
+        return [nn.utils.rnn.pad_packed_sequence(out)[0], hn]
+
+    expected = run(ref, x)
+    before = _C.step_projected_layers()
+    for _ in range(2):
+        got = with_threads(2, lambda: run(fast, x))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=2e-4, atol=2e-5)
+    assert _C.step_projected_layers() - before == (6 if TILES else 0)
+    got, expected = with_threads(2, lambda: run(fast, x_nan)), run(ref, x_nan)
+    torch.testing.assert_close(got[0].isnan(), expected[0].isnan(), rtol=0, atol=0)
+    assert got[0][:, 5].isnan().any() and not got[0][:, 6].isnan().any()
+
+
 @st.composite
 def _configs(draw):
     H = draw(st.integers(1, 140))
