@@ -15,6 +15,8 @@
 //       output's gradient (or null), dc LSTM's c gradient from the next step (updated in place).
 //       Writes the input-side pre-activation gradients to dgx and, for a cell with a split
 //       gate, the hidden-side ones to dgh (gate stride gs). h_prev/c_prev null mean zeros.
+//       dgx may be gates itself (a backward that consumes the kept gates, stack.cpp): each
+//       unit's gates are all read before any of its gradients is written.
 //
 // Constants: kGates (pre-activation rows per unit), kCellState (LSTM's c travels beside h),
 // kSplitGate (the gate whose hidden-side term the cell gates itself, GRU's n; -1: none),

@@ -85,16 +85,17 @@ struct GruCell {
 #endif
     const T *r = gates, *z = gates + gs, *nn = gates + 2 * gs;
     for (int64_t j = 0; j < n; ++j) {
+      const T rj = r[j], zj = z[j], nj = nn[j];  // before dgx (maybe gates) is written
       const T dh = dout ? dout[j] + carry[j] : carry[j];
       const T hp = h_prev ? h_prev[j] : T(0);
-      const T dn = dh * (T(1) - z[j]) * (T(1) - nn[j] * nn[j]);
-      const T dr = dn * saved[j] * r[j] * (T(1) - r[j]);
-      const T dz = dh * (hp - nn[j]) * z[j] * (T(1) - z[j]);
+      const T dn = dh * (T(1) - zj) * (T(1) - nj * nj);
+      const T dr = dn * saved[j] * rj * (T(1) - rj);
+      const T dz = dh * (hp - nj) * zj * (T(1) - zj);
       dgx[j] = dgh[j] = dr;
       dgx[gs + j] = dgh[gs + j] = dz;
       dgx[2 * gs + j] = dn;
-      dgh[2 * gs + j] = dn * r[j];
-      carry[j] = dh * z[j];
+      dgh[2 * gs + j] = dn * rj;
+      carry[j] = dh * zj;
     }
   }
 };

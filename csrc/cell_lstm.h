@@ -117,14 +117,15 @@ struct LstmCell {
     tanh_inplace(tc, n);
     T *di = dgx, *df = dgx + gs, *dg = dgx + 2 * gs, *dout_gate = dgx + 3 * gs;
     for (int64_t j = 0; j < n; ++j) {
+      const T ij = i[j], fj = f[j], gj = g[j], oj = o[j];  // before dgx (maybe gates) is written
       const T dh = dout ? dout[j] + carry[j] : carry[j];
-      const T dct = dc[j] + dh * o[j] * (T(1) - tc[j] * tc[j]);
+      const T dct = dc[j] + dh * oj * (T(1) - tc[j] * tc[j]);
       const T cp = c_prev ? c_prev[j] : T(0);
-      di[j] = dct * g[j] * i[j] * (T(1) - i[j]);
-      df[j] = dct * cp * f[j] * (T(1) - f[j]);
-      dg[j] = dct * i[j] * (T(1) - g[j] * g[j]);
-      dout_gate[j] = dh * tc[j] * o[j] * (T(1) - o[j]);
-      dc[j] = dct * f[j];
+      di[j] = dct * gj * ij * (T(1) - ij);
+      df[j] = dct * cp * fj * (T(1) - fj);
+      dg[j] = dct * ij * (T(1) - gj * gj);
+      dout_gate[j] = dh * tc[j] * oj * (T(1) - oj);
+      dc[j] = dct * fj;
     }
   }
 };

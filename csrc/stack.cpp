@@ -11,6 +11,7 @@
 #include "stack.h"
 
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -276,7 +277,7 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
                      at::TensorList weights, const Geometry& g, const StackArgs& a,
                      const Tensor& out, const Tensor& mid, const Tensor& gates,
                      const Tensor& saved, bool need_dx, Tensor& dx, Tensor& dh0, Tensor& dc0,
-                     std::vector<Tensor>& dweights, const Tensor& dG) {
+                     std::vector<Tensor>& dweights, const Tensor& dG, bool gates_take_dG) {
   constexpr int64_t K = Cell::kGates;
   const int64_t L = a.num_layers, D = a.D, H = g.H, B = g.B, DH = g.DH(), rows = g.T * g.B;
   const int64_t KH = K * H, DKH = D * KH;
@@ -289,14 +290,11 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
   // kept (GateGradients: dG is undefined).
   const bool on_bf16 = on_bf16_tiles<T>(g);
   constexpr bool split = Cell::kSplitGate >= 0;
-  const Tensor dGh = split && !on_bf16
-                         ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options()) : dG;
+  const Tensor dGh_split =
+      split && !on_bf16 ? scratch_buffer(kScratchGradGatesHidden, rows * DKH, x.options())
+                        : Tensor();
   std::vector<T> block_rows(on_bf16 ? blk.count() * 2 * KH : 0);
   std::vector<T> bias_sums(on_bf16 && a.has_biases ? (split ? 2 : 1) * DKH : 0);
-  const GateGradients<T> gate_grads{
-      dG.defined() ? dG.data_ptr<T>() : nullptr, dGh.defined() ? dGh.data_ptr<T>() : nullptr,
-      on_bf16 ? block_rows.data() : nullptr, bias_sums.empty() ? nullptr : bias_sums.data(),
-      bias_sums.empty() || !split ? nullptr : bias_sums.data() + DKH};
   Bf16Backward bf16;
   Bf16Buffer dG_bits, dGh_bits;
   std::vector<bf16_bits> w_hh_columns;
@@ -321,6 +319,15 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
     const int64_t I = l == 0 ? x.size(2) : DH;
     const T* G = Cell::kInPlace ? Hs : gates.data_ptr<T>() + l * rows * DKH;
     const T* S = Cell::kInPlace ? nullptr : saved.data_ptr<T>() + l * rows * DH;
+    // The layer's gate gradients: over its gates (gates_take_dG, see stack_backward_impl), or
+    // in dG; a split gate's hidden-side ones apart.
+    T* const dG_rows = gates_take_dG  ? gates.data_ptr<T>() + l * rows * DKH
+                       : dG.defined() ? dG.data_ptr<T>()
+                                      : nullptr;
+    const GateGradients<T> gate_grads{
+        dG_rows, dGh_split.defined() ? dGh_split.data_ptr<T>() : dG_rows,
+        on_bf16 ? block_rows.data() : nullptr, bias_sums.empty() ? nullptr : bias_sums.data(),
+        bias_sums.empty() || !split ? nullptr : bias_sums.data() + DKH};
 
     // 1. BPTT on the team, column blocks of both directions, one barrier per step.
     BackwardOperands<T> ops;
@@ -487,9 +494,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
   shapes.push_back(need_dx ? x.sizes().vec() : std::vector<int64_t>{0});
   shapes.push_back(state_sizes);
   shapes.push_back(lstm ? state_sizes : std::vector<int64_t>{0});
-  // The gate gradients' fp32 rows (none on the bf16 tiles: GateGradients) are scratch: carved
-  // out with the results while small, else kept per thread.
-  const int64_t dG_numel = on_bf16_tiles<float>(g) ? 0 : rows * a.gates * g.DH();
+  // The gate gradients' fp32 (fp64) rows, none on the bf16 tiles (GateGradients). A gated
+  // cell's kept gates take them in place where the autograd engine frees the gates right after
+  // this backward (no retain_graph: what AOTAutograd calls saved tensors used once): BPTT reads
+  // each step's gates just before it writes that step's gradients over them (cell.h), and
+  // nothing reads the gates after. Elsewhere (a retained graph, a call outside the engine) the
+  // gates stay as they are and the rows are scratch: carved out with the results while small,
+  // else kept per thread. (At (64, 250, 64, 512) one direction those 131 MB could not be kept
+  // under the scratch cap beside the gates: 60 k page faults per training step.)
+  const bool rows_kept = !on_bf16_tiles<float>(g);
+  const bool gates_take_dG =
+      gated && rows_kept && !torch::autograd::get_current_graph_task_keep_graph();
+  const int64_t dG_numel = rows_kept && !gates_take_dG ? rows * a.gates * g.DH() : 0;
   const bool dG_kept = dG_numel * int64_t(x.element_size()) >= kScratchMinBytes;
   const bool dG_carved = dG_numel > 0 && !dG_kept;
   if (dG_carved) shapes.push_back({dG_numel});
@@ -507,7 +523,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
     with_cell(cell, [&](auto c) {
       backward_layers<scalar_t>(c, grad_out, grad_hn, grad_cn, x, h0, c0, weights, g,
                                 a, out_values, mid.contiguous(), gates.contiguous(),
-                                saved.contiguous(), need_dx, dx, dh0, dc0, results, dG);
+                                saved.contiguous(), need_dx, dx, dh0, dc0, results, dG,
+                                gates_take_dG);
     });
   });
   if (bf16) {  // gradients in the dtype of what they are gradients of

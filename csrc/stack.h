@@ -48,6 +48,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stack_forward_impl(
     int64_t num_layers, bool bidirectional, bool has_biases, bool batch_first, bool keep);
 
 // dx (empty unless need_dx), dh0, dc0 (empty but for the LSTM) and every weight's gradient.
+// Called by the autograd engine for a graph it frees right after (no retain_graph), a gated
+// cell's backward writes its gate gradients over `gates`, which no one reads again.
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward_impl(
     c10::string_view cell, const std::optional<Tensor>& grad_out,
     const std::optional<Tensor>& grad_hn, const std::optional<Tensor>& grad_cn, const Tensor& x,

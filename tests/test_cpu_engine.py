@@ -453,9 +453,11 @@ def test_sizes_past_32_bit_blas_raise_before_any_work_and_auto_declines_them():
 
 def test_a_buffer_that_does_not_fit_beside_idle_ones_frees_them():
     """A thread keeps no more scratch than the process cap (128 MiB here). After a training
-    step of one shape (its 50 MiB gate gradients kept), an inference of another needs a 100 MiB
-    gate buffer: the thread frees its idle buffers for it, so later calls of that shape reuse
-    it instead of faulting 100 MiB of fresh pages in on every call (before, it was not kept)."""
+    step of one shape (its 50 MiB of gates and 12.5 MiB of saved values kept, idle once the
+    backward is done), an inference of another needs a 100 MiB gate buffer (batch 8 projects
+    before its steps: layer_gemms.h, projects_per_step): the thread frees its idle buffers for
+    it, so later calls of that shape reuse it instead of faulting 100 MiB of fresh pages in on
+    every call (before, it was not kept)."""
     from fastbirnn.backends import cpp_backend
 
     cpp_backend.release_scratch()
@@ -464,11 +466,58 @@ def test_a_buffer_that_does_not_fit_beside_idle_ones_frees_them():
         torch.manual_seed(0)
         x = torch.randn(200, 64, 64)
         trained = FastBiLSTM(64, 128, backend="cpp")
-        trained(x.requires_grad_())[0].sum().backward()  # dG: 12,800 x 1,024 fp32
+        trained(x.requires_grad_())[0].sum().backward()  # gates: 12,800 x 1,024 fp32
         assert cpp_backend.kept_scratch_bytes() >= 50 << 20
         with torch.no_grad():
-            FastBiLSTM(64, 256, backend="cpp")(x)  # gates: 12,800 x 2,048 fp32
+            FastBiLSTM(64, 256, backend="cpp")(x.view(1600, 8, 64))  # gates: 12,800 x 2,048
         assert 100 << 20 <= cpp_backend.kept_scratch_bytes() <= 128 << 20
+    finally:
+        cpp_backend.release_scratch()
+        cpp_backend.set_scratch_limit(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_backward_that_frees_its_graph_writes_the_gate_gradients_over_the_gates(cell, dtype):
+    """Without retain_graph the autograd engine frees the graph right after the backward, so
+    a gated cell's kept gates take its gate gradients in place (stack.cpp, gates_take_dG): the
+    backward keeps no gate gradient buffer of its own. With retain_graph the gates stay for the
+    next backward and the gradients get that buffer (one layer's rows x D*K*H, kept as
+    scratch). Both give the same bits, packed too, and so does the retained graph's second
+    backward."""
+    from fastbirnn.backends import cpp_backend
+
+    torch.manual_seed(0)
+    fused = {"lstm": FastBiLSTM, "gru": FastBiGRU}[cell]
+    model = fused(16, 64, num_layers=2, backend="cpp").to(dtype)
+    T, B = 100, 48
+    x = torch.randn(T, B, 16, dtype=dtype)
+    lengths = torch.tensor([T - 7 * (b % 5) for b in range(B)])
+    out_grad = torch.randn(T, B, 128, dtype=dtype)
+    gate_grad_bytes = T * B * 2 * model.weight_hh_l0.shape[0] * x.element_size()
+
+    def step(retain, packed):
+        cpp_backend.release_scratch()
+        leaf = x.clone().requires_grad_()
+        inp = nn.utils.rnn.pack_padded_sequence(leaf, lengths, enforce_sorted=False) if packed \
+            else leaf
+        out = model(inp)[0]
+        if packed:
+            out = nn.utils.rnn.pad_packed_sequence(out, total_length=T)[0]
+        wrt = [leaf, *model.parameters()]
+        grads = torch.autograd.grad(out, wrt, out_grad, retain_graph=retain)
+        kept = cpp_backend.kept_scratch_bytes()
+        again = torch.autograd.grad(out, wrt, out_grad) if retain else None
+        return kept, grads, again
+
+    previous = cpp_backend.set_scratch_limit(1 << 30)
+    try:
+        for packed in (False, True):
+            kept_freed, freed, _ = step(retain=False, packed=packed)
+            kept_retained, retained, again = step(retain=True, packed=packed)
+            assert kept_retained - kept_freed == gate_grad_bytes, packed
+            for a, b, c in zip(freed, retained, again, strict=True):
+                assert torch.equal(a, b) and torch.equal(a, c), packed
     finally:
         cpp_backend.release_scratch()
         cpp_backend.set_scratch_limit(previous)
