@@ -523,6 +523,40 @@ def test_a_backward_that_frees_its_graph_writes_the_gate_gradients_over_the_gate
         cpp_backend.set_scratch_limit(previous)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_activation_checkpointing_gives_the_gradients_of_the_plain_step(cell, use_reentrant):
+    """torch.utils.checkpoint runs the forward again inside the backward, in a graph task of
+    its own (reentrant) or under the outer one (not), and BPTT may write the gate gradients
+    over those recomputed gates: the gradients are those of the plain step, bit for bit, and
+    so are a retained outer graph's two backwards (each recomputes its forward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    fused = {"lstm": FastBiLSTM, "gru": FastBiGRU}[cell]
+    model = fused(16, 64, num_layers=2, backend="cpp")
+    x = torch.randn(60, 24, 16)
+    out_grad = torch.randn(60, 24, 128)
+
+    def grads(checkpointed, retain=False):
+        leaf = x.clone().requires_grad_()
+        out = (checkpoint(lambda v: model(v)[0], leaf, use_reentrant=use_reentrant)
+               if checkpointed else model(leaf)[0])
+        wrt = [leaf, *model.parameters()]
+        results = []
+        for keep in ([True, False] if retain else [False]):
+            for t in wrt:
+                t.grad = None
+            out.backward(out_grad, retain_graph=keep)  # (reentrant checkpoints refuse .grad())
+            results.append([t.grad for t in wrt])
+        return results
+
+    plain = grads(checkpointed=False)[0]
+    for result in (*grads(checkpointed=True), *grads(checkpointed=True, retain=True)):
+        for a, b in zip(result, plain, strict=True):
+            assert torch.equal(a, b)
+
+
 def _scratch_user(seed):
     """An LSTM whose inference keeps one 8.2 MiB gate buffer as scratch: B15 T140 H128 bi
     (a batch below 16 projects before the steps, into that buffer: layer_gemms.h,
