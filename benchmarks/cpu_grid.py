@@ -95,6 +95,9 @@ HELDOUT = [  # (B, T, I, H, layers, bidirectional, dtype)
     (32, 6, 512, 768, 1, True, "fp32"),
     (48, 5, 256, 640, 2, False, "fp32"),
     (16, 12, 300, 1024, 1, False, "fp32"),
+    # added with the LSTM's one-direction training from batch 64 (uneven blocks at H 200, 320):
+    (64, 30, 100, 200, 1, False, "fp32"),
+    (96, 50, 300, 320, 1, False, "fp32"),
 ]
 # The tagger preset (--preset tagger, LSTM, issue 23): the rows of the issue's table (a tagger,
 # 2-layer and long-sequence taggers, speech, a long unidirectional layer, batch-1 serving), then
