@@ -398,25 +398,6 @@ def test_lstm_training_steps_with_one_direction_are_fused_up_to_262_k():
     assert cpu_rule.prefer_cpp(shape(batch=8, hidden=128, dtype=torch.float64, **uni))  # fp64 rule
 
 
-def test_one_layer_lstm_training_with_one_direction_is_fused_from_batch_64_on_a_team():
-    """Since BPTT writes the gate gradients over the kept gates (38e9be1) one direction's
-    training steps at batch 128 won in both Zen 5 grids (H 128-512: 1.01-1.39x), as did the
-    issue-23 row (64, 250, 64, 512) and B 64 at H 150-384: one layer from batch 64 on a team
-    (H > 64) runs the kernel at every size. Batch 32 (0.86-0.92x at H 200 and 320), a second
-    layer (0.87-0.89x), a team of one (H 64: 0.88x once), inference, AVX2 and T < 16 stay
-    with nn.LSTM."""
-    uni = dict(cell="lstm", bidirectional=False, training=True, seq=128, batch=64)
-    for hidden in (65, 128, 200, 512, 1024):
-        assert cpu_rule.prefer_cpp(shape(hidden=hidden, **uni)), hidden
-    assert cpu_rule.prefer_cpp(shape(hidden=512, **{**uni, "seq": 250, "batch": 1024}))
-    assert not cpu_rule.prefer_cpp(shape(hidden=64, **uni))  # a team of one
-    assert not cpu_rule.prefer_cpp(shape(hidden=200, **{**uni, "batch": 63}))
-    assert not cpu_rule.prefer_cpp(shape(hidden=256, layers=2, **uni))
-    assert not cpu_rule.prefer_cpp(shape(hidden=256, **{**uni, "training": False}))
-    assert not cpu_rule.prefer_cpp(shape(hidden=256, **{**uni, "seq": 15}))
-    assert not cpu_rule.prefer_cpp(shape(hidden=256, isa="avx2", **uni))
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_short_elman_sequences_are_fused_but_one_direction_s_inference_on_a_team(threads):
     """Fewer than 16 steps with large steps run the kernel (both machines' Elman grids:

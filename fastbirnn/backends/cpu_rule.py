@@ -117,16 +117,6 @@ LSTM_BI_SHORT_INFER_LIMIT = 1 << 22  # 4.2 M
 # 1.96x, 1.31x, 1.37x, 1.31x), as did B 1 H 256 (131 k) at T 128 (1.13-1.36x, Zen 5 1.03x);
 # at 524 k (B 32 H 64, T 128) they lost in four of those five grids and on Zen 5 (0.88-0.92x).
 LSTM_UNI_TRAIN_LIMIT = 1 << 18  # 262 k
-# And one layer's from batch 64 at every size, on a team (H > 64): since 38e9be1 (BPTT writes
-# the gate gradients over the kept gates) the one-direction training steps at batch 128 won in
-# both Zen 5 grids at that commit (cpu-grid-lstm-grads-in-place/ and its rerun: H 128-512, T 16
-# and 128, 1.01-1.39x; at H 64, a team of one, 0.88x once) and at the issue-23 row (64, 250,
-# 64, 512): 1.30x in the tagger preset, 1.35x in an interleaved run, as did B 64 at H 150,
-# 300 and 384 (1.16-1.28x). Batch 32 stays out: 1.00-1.38x at H 128-512 in the grids, but
-# 0.86-0.92x at H 200 and 320 over T 50-60 (one direction's blocks of 64 columns then split
-# unevenly over two workers: 128 / 72 and 192 / 128); so does a second layer (0.87x and 0.89x
-# at B 32 T 128 H 256 in the two grids).
-LSTM_UNI_TRAIN_BATCH = 64
 # Inference with both directions is also fused where every layer projects its input step by
 # step inside the recurrence (csrc/layer_gemms.h, projects_per_step: batch >= 16, I <= 2H)
 # with at most 4 MiB of W_ih and W_hh per direction (the engine steps up to 8 MiB). Measured
@@ -231,9 +221,6 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
         if _lstm_layers_step(s):
             return True
     if s.dtype == torch.float32 and s.training and per_worker <= LSTM_UNI_TRAIN_LIMIT:
-        return True
-    if (s.dtype == torch.float32 and s.training and s.layers == 1 and
-            s.batch >= LSTM_UNI_TRAIN_BATCH and s.hidden > _SMALL_HIDDEN):
         return True
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_LONG_SEQ)
 
