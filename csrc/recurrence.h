@@ -148,6 +148,49 @@ inline bool steps_share_directions(const Team::Member& m, const Blocks& blk) {
   return blk.D % m.team_size() != 0;
 }
 
+// Where a team of one direction would share it (steps_share_directions), an inference splits
+// the batch instead: part p of `workers` takes rows [r0, r1) of every step and runs the whole
+// recurrence on them alone, a team of one (stack.cpp). Rows never read each other's state, so
+// there is no barrier per step, and each part does every block's columns, so no worker waits
+// on an uneven share of the blocks (64-column blocks split H 200 as 128 / 72 over two
+// workers); each part packs its own copy of the weights' blocks. Each row's products and cell
+// are the same arithmetic whichever rows share a tile, so the split changes no result. Only
+// on the register tiles (a BLAS call's result may depend on its row count), for fp32/fp64
+// calls, with at least kBatchSplitRows rows per part (two row tiles: at 8 rows per part, a
+// 2-row tail tile, it read 0.81-0.88x across processes) and W_hh within
+// kBatchSplitWeightBytes (each part's copy in its core's L2; at 1 MiB, LSTM H 256, a tie).
+// In-process A/B on 2-core Zen 5, one direction, inference, column blocks / batch split:
+// LSTM (32, 60, 100, 160) 1.18x, H 192 1.22x, H 200 1.21x, (32, 128, 128, 128) 1.05x,
+// H 224 1.09x, H 256 1.00x, (24, 40, 300, 128) 1.11x, (64, 60, 300, 192) 1.24x; GRU
+// (32, 60, 100, 200) 1.19x, (64, 40, 300, 192) 1.04x, (32, 128, 128, 256) 1.01x; Elman
+// (32, 60, 100, 320) 1.55x, (256, 32, 128, 128) 1.19x, (64, 128, 256, 256) 1.02x,
+// (32, 128, 128, 512) 1.23x. Training steps keep the column blocks: measured only across
+// processes (where an unchanged path read 0.87x), they read 0.89-0.99x.
+constexpr int64_t kBatchSplitRows = 12;
+constexpr int64_t kBatchSplitWeightBytes = int64_t(1) << 20;
+
+struct BatchPart {
+  Geometry g;  // the part's rows as a call of their own (pointers offset by r0 * sb rows)
+  int64_t r0;
+};
+
+inline BatchPart batch_part(const Geometry& g, int64_t parts, int64_t part) {
+  const int64_t r0 = g.B * part / parts, r1 = g.B * (part + 1) / parts;
+  Geometry sub = g;
+  sub.B = r1 - r0;
+  sub.lengths = g.lengths ? g.lengths + r0 : nullptr;
+  return {sub, r0};
+}
+
+inline bool batch_splits(const Geometry& g, int64_t gates, int64_t workers,
+                         int64_t element_size) {
+  if (workers <= 1 || g.D != 1 || g.round_bf16 || !have_gemm_tiles()) return false;
+  const int64_t rows_per_part = g.B / workers;
+  // The parts' products must take the same path as the whole call's (forward_block_tiles).
+  return rows_per_part >= kBatchSplitRows && g.T * rows_per_part >= 64 &&
+         gates * g.H * g.H * element_size <= kBatchSplitWeightBytes;
+}
+
 // In: G holds x W_ih^T (K*H columns per direction), or is null where `step` projects each step
 // instead (inference with a gated cell: StepProjection; in place, G is Hs and each step writes
 // its rows' projection there first). Out: Hs holds h_t (zero past each row's length), hn/cn

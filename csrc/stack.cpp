@@ -161,6 +161,11 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   Bf16Buffer x_bf16;
   std::vector<bf16_bits> w_ih_bf16;
   std::vector<T> rounded(g.round_bf16 && !bf16_recurrence ? state.size() : 0);
+  // An inference whose team would share its one direction splits the batch instead
+  // (batch_splits): each worker packs its own copy of the weights' blocks.
+  const bool split = !keep && batch_splits(g, K, workers, sizeof(T));
+  std::vector<T> split_packed(split && packs ? workers * D * KH * H : 0);
+  std::vector<T> split_packed_input;
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
     T* S = !Cell::kInPlace && keep ? saved.data_ptr<T>() + l * rows * g.DH() : nullptr;
@@ -226,6 +231,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         bf16.state = state_bf16.data();
       }
     }
+    if (split && per_step) split_packed_input.resize(workers * D * KH * in_size);
     if (per_step) {
       step_projected_layers().fetch_add(1, std::memory_order_relaxed);
       step_gates.resize(hid.size());
@@ -261,10 +267,43 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         project<T>(m, g, proj, G, projection_tasks, proj_bf16);
       else if (per_step && on_bf16)  // (ordered before the steps by the recurrence's first sync)
         input_rows_to_bf16(m, proj, bf16);
-      recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
-                                 rounded.empty() ? nullptr : rounded.data(),
-                                 on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data(),
-                                 per_step ? &step : nullptr);
+      if (!split) {
+        recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
+                                   rounded.empty() ? nullptr : rounded.data(),
+                                   on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data(),
+                                   per_step ? &step : nullptr);
+        return;
+      }
+      m.sync();  // the projection before any part reads it
+      for (int64_t part = m.first(); part < m.last(); ++part) {
+        const BatchPart bp = batch_part(g, workers, part);
+        // A buffer's rows from the part's first (null stays null): `width` elements a row.
+        auto from = [&](auto* p, int64_t width) { return p ? p + bp.r0 * width : p; };
+        const int64_t sb = g.sb;  // rows of the layout per batch row
+        ForwardOperands<T> part_ops = ops;
+        for (int64_t d = 0; d < D; ++d) {
+          part_ops.h0[d] = from(ops.h0[d], H);
+          part_ops.c0[d] = from(ops.c0[d], H);
+          part_ops.hn[d] = from(ops.hn[d], H);
+          part_ops.cn[d] = from(ops.cn[d], H);
+          if (ops.w_packed[d])
+            part_ops.w_packed[d] = split_packed.data() + (part * D + d) * KH * H;
+        }
+        StepProjection<T> part_step = step;
+        if (per_step) {
+          part_step.X = from(step.X, sb * step.I);
+          part_step.gates = from(step.gates, D * KH);
+          for (int64_t d = 0; d < D; ++d)
+            part_step.w_packed[d] = split_packed_input.data() + (part * D + d) * KH * step.I;
+        }
+        Team(1).run([&](Team::Member& one) {
+          recurrence_forward_team<T>(
+              one, bp.g, blk, cell, from(G, sb * DKH), from(layer_out, sb * g.DH()),
+              from(S, sb * g.DH()), part_ops, from(state.data(), 2 * D * H), nullptr, nullptr,
+              from(cstate.data(), D * H), from(hid.data(), D * KH),
+              per_step ? &part_step : nullptr);
+        });
+      }
     });
     layer_in = layer_out;
     in_size = g.DH();

@@ -557,6 +557,50 @@ def test_activation_checkpointing_gives_the_gradients_of_the_plain_step(cell, us
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_one_direction_s_inference_on_a_team_splits_the_batch(cell, packed, batch_first):
+    """One direction's inference on a team of two splits the batch (recurrence.h,
+    batch_splits): each worker runs the whole recurrence on its own rows, so the team meets no
+    barrier per step. Two layers of H 100 (blocks of 64 and 36 columns) at batch 27 (parts of
+    13 and 14 rows; at the scalar level the team keeps its column blocks): the outputs and
+    final states at 2-4 threads equal one thread's (the column blocks on one worker) bit for
+    bit, padded and packed, time-major and batch_first, and match the nn class."""
+    from fastbirnn import _C
+
+    torch.manual_seed(0)
+    fused_class = {"rnn": FastBiRNN, "lstm": FastBiLSTM, "gru": FastBiGRU}[cell]
+    nn_class = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+    fused = fused_class(24, 100, num_layers=2, bidirectional=False, batch_first=batch_first,
+                        backend="cpp")
+    plain = nn_class(24, 100, num_layers=2, batch_first=batch_first)
+    plain.load_state_dict(fused.state_dict())
+    T, B = 40, 27
+    x = torch.randn(B, T, 24) if batch_first else torch.randn(T, B, 24)
+    lengths = [T - 3 * (b % 9) for b in range(B)]
+
+    def run(model):
+        inp = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                                enforce_sorted=False) if packed else x
+        with torch.no_grad():
+            out, final = model(inp)
+        if packed:
+            out = nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first)[0]
+        return [out, *(final if isinstance(final, tuple) else (final,))]
+
+    alone = with_threads(1, lambda: run(fused))
+    for threads in (2, 3, 4):
+        before = _C.team_barriers_met()
+        split = with_threads(threads, lambda: run(fused))
+        if _C.cpu_isa() != "scalar":  # (only on the register tiles)
+            assert _C.team_barriers_met() - before < T, threads  # not one per step and layer
+        for a, b in zip(split, alone, strict=True):
+            assert torch.equal(a, b), threads
+    for a, b in zip(alone, run(plain), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def _scratch_user(seed):
     """An LSTM whose inference keeps one 8.2 MiB gate buffer as scratch: B15 T140 H128 bi
     (a batch below 16 projects before the steps, into that buffer: layer_gemms.h,
