@@ -65,17 +65,19 @@ std::array<const T*, 2> input_weights(at::TensorList weights, const StackArgs& a
 // tiny_t for the tiny loops (written here), or to `packed` (allocated here, written by the
 // team in project()) for register tiles over long projections; otherwise BLAS reads W_ih as
 // stored. On_bf16: the products run on the bf16 tiles (project()), which read their own copy
-// of W_ih: no fp32 W_ih^T for long projections.
+// of W_ih: no fp32 W_ih^T for long projections. `copies`: packed holds that many D * I * cols
+// copies, the first W_ih^T's (a batch-split step projection packs one per part, stack.cpp).
 template <typename T>
 Projection<T> layer_projection(const T* X, int64_t I, int64_t rows, int64_t cols, int64_t D,
                                const T* const w_ih[2], T (&tiny_t)[2][kSmallHidden * kSmallHidden],
-                               Tensor& packed, const at::TensorOptions& options, bool on_bf16) {
+                               Tensor& packed, const at::TensorOptions& options, bool on_bf16,
+                               int64_t copies = 1) {
   const bool tiny = cols <= kSmallHidden && I <= kSmallHidden && rows <= kSmallRows;
   const bool tiles = !tiny && !on_bf16 && have_gemm_tiles() &&
                      rows >= (transposes_in_vectors(sizeof(T))
                                   ? kPackedProjectionRows : kPackedProjectionRowsScalarTranspose);
   packed = Tensor();  // the previous layer's: its scratch slot is free again
-  if (tiles) packed = scratch_buffer(kScratchPackedInput, D * I * cols, options);
+  if (tiles) packed = scratch_buffer(kScratchPackedInput, copies * D * I * cols, options);
   Projection<T> p{X, I, rows, cols, {nullptr, nullptr}, {nullptr, nullptr},
                   tiny ? 1 : row_blocks(rows), tiny};
   for (int64_t d = 0; d < D; ++d) {

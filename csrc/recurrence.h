@@ -275,13 +275,17 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
           prefetch_rows(G + t_next * g.st * DKH + d * KH + j0, g.active_bound(t_next),
                         g.sb * DKH, Cell::kInPlace ? 1 : K, H, w);
       }
+      // h_{t-1} W_hh^T for the block's K * w gate rows (below) goes onto the projection in
+      // the output row (in place), else into the block's rows of hid.
+      T* product = Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0 : hid + d * B * KH + K * j0;
+      const int64_t ldp = Cell::kInPlace ? g.sb * DKH : KH;
       // The block's gate rows of the step: G's, or (step projection) x_t W_ih^T for its K * w
-      // gate rows, computed now, with gate stride w.
-      // (An in-place cell's are its output rows: the product goes there, as the projection's.)
+      // gate rows, computed now, with gate stride w (an in-place cell's are its output rows,
+      // where the product then adds to them).
       T* const step_gates = !step            ? nullptr
-                            : Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0
+                            : Cell::kInPlace ? product
                                              : step->gates + d * B * KH + K * j0;
-      const int64_t step_ld = Cell::kInPlace ? g.sb * DKH : KH;
+      const int64_t step_ld = Cell::kInPlace ? ldp : KH;
       if (step && step->x_bf16)
         bf16_gemm_into<T>(bound, K * w, step->I, step->x_bf16 + t * g.st * step->x_ld,
                           g.sb * step->x_ld, step->w_pairs + k * step->pairs_stride,
@@ -289,10 +293,6 @@ void recurrence_forward_team(Team::Member& m, const Geometry& g, const Blocks& b
       else if (step)
         tiled_gemm<T>(bound, K * w, step->I, step->X + t * g.st * step->I, g.sb * step->I,
                       step->w_packed[d] + K * j0 * step->I, K * w, T(0), step_gates, step_ld);
-      // h_{t-1} W_hh^T for the block's K * w gate rows: added onto the projection in the
-      // output row (in place), else into the block's rows of hid.
-      T* product = Cell::kInPlace ? G + t * g.st * DKH + d * KH + j0 : hid + d * B * KH + K * j0;
-      const int64_t ldp = Cell::kInPlace ? g.sb * DKH : KH;
       const T beta = Cell::kInPlace ? T(1) : T(0);
       const T* block = p.w_packed[d] ? p.w_packed[d] + K * j0 * H : p.w_hh[d] + j0 * H;
       if (on_bf16)

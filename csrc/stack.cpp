@@ -143,8 +143,13 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   constexpr int64_t kStackPacked = 2 * kSmallHidden * kSmallHidden;
   alignas(64) T w_small[kStackPacked];
   const bool packs = forward_packs(g, K, sizeof(T)) && !bf16_recurrence;
-  const Tensor packed = packs && D * KH * H > kStackPacked
-                            ? scratch_buffer(kScratchPackedHidden, D * KH * H, x.options())
+  // An inference whose team would share its one direction splits the batch instead
+  // (batch_splits): each part packs its own copy of the weights' blocks, part p's at
+  // p * D * K*H * (H or I) in the packed buffers.
+  const bool batch_split = !keep && batch_splits(g, K, workers, sizeof(T));
+  const int64_t parts = batch_split ? workers : 1;
+  const Tensor packed = packs && parts * D * KH * H > kStackPacked
+                            ? scratch_buffer(kScratchPackedHidden, parts * D * KH * H, x.options())
                             : Tensor();
   T* const packed_data = !packs ? nullptr : packed.defined() ? packed.data_ptr<T>() : w_small;
   alignas(64) T w_ih_t[2][kSmallHidden * kSmallHidden];
@@ -161,17 +166,13 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   Bf16Buffer x_bf16;
   std::vector<bf16_bits> w_ih_bf16;
   std::vector<T> rounded(g.round_bf16 && !bf16_recurrence ? state.size() : 0);
-  // An inference whose team would share its one direction splits the batch instead
-  // (batch_splits): each worker packs its own copy of the weights' blocks.
-  const bool split = !keep && batch_splits(g, K, workers, sizeof(T));
-  std::vector<T> split_packed(split && packs ? workers * D * KH * H : 0);
-  std::vector<T> split_packed_input;
   for (int64_t l = 0; l < L; ++l) {
     T* layer_out = layer_output(l);
     T* S = !Cell::kInPlace && keep ? saved.data_ptr<T>() + l * rows * g.DH() : nullptr;
     const Projection<T> proj = layer_projection<T>(layer_in, in_size, rows, KH, D,
                                                    input_weights<T>(weights, a, l).data(),
-                                                   w_ih_t, w_ih_packed, x.options(), on_bf16);
+                                                   w_ih_t, w_ih_packed, x.options(), on_bf16,
+                                                   parts);
     // The projection on more threads than the recurrence's team where that is smaller (which
     // worker runs a task changes no result); else on that team, before its first step, or
     // step by step inside the recurrence (recurrence.h, StepProjection).
@@ -231,7 +232,6 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         bf16.state = state_bf16.data();
       }
     }
-    if (split && per_step) split_packed_input.resize(workers * D * KH * in_size);
     if (per_step) {
       step_projected_layers().fetch_add(1, std::memory_order_relaxed);
       step_gates.resize(hid.size());
@@ -267,7 +267,7 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         project<T>(m, g, proj, G, projection_tasks, proj_bf16);
       else if (per_step && on_bf16)  // (ordered before the steps by the recurrence's first sync)
         input_rows_to_bf16(m, proj, bf16);
-      if (!split) {
+      if (!batch_split) {
         recurrence_forward_team<T>(m, g, blk, cell, G, layer_out, S, ops, state.data(),
                                    rounded.empty() ? nullptr : rounded.data(),
                                    on_bf16 ? &bf16 : nullptr, cstate.data(), hid.data(),
@@ -286,15 +286,14 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
           part_ops.c0[d] = from(ops.c0[d], H);
           part_ops.hn[d] = from(ops.hn[d], H);
           part_ops.cn[d] = from(ops.cn[d], H);
-          if (ops.w_packed[d])
-            part_ops.w_packed[d] = split_packed.data() + (part * D + d) * KH * H;
+          if (ops.w_packed[d]) part_ops.w_packed[d] = ops.w_packed[d] + part * D * KH * H;
         }
         StepProjection<T> part_step = step;
         if (per_step) {
           part_step.X = from(step.X, sb * step.I);
           part_step.gates = from(step.gates, D * KH);
           for (int64_t d = 0; d < D; ++d)
-            part_step.w_packed[d] = split_packed_input.data() + (part * D + d) * KH * step.I;
+            part_step.w_packed[d] = step.w_packed[d] + part * D * KH * step.I;
         }
         Team(1).run([&](Team::Member& one) {
           recurrence_forward_team<T>(
