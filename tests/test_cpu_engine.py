@@ -557,14 +557,16 @@ def test_activation_checkpointing_gives_the_gradients_of_the_plain_step(cell, us
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("B", [27, 33])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_one_direction_s_inference_on_a_team_splits_the_batch(cell, packed, batch_first):
+def test_one_direction_s_inference_on_a_team_splits_the_batch(cell, packed, batch_first, B):
     """One direction's inference on a team of two splits the batch (recurrence.h,
     batch_splits): each worker runs the whole recurrence on its own rows, so the team meets no
     barrier per step. Two layers of H 100 (blocks of 64 and 36 columns) at batch 27 (parts of
-    13 and 14 rows; at the scalar level the team keeps its column blocks): the outputs and
+    13 and 14 rows) and 33 (where the Elman cell also projects step by step, into its output
+    rows; at the scalar level the team keeps its column blocks): the outputs and
     final states at 2-4 threads equal one thread's (the column blocks on one worker) bit for
     bit, padded and packed, time-major and batch_first, and match the nn class."""
     from fastbirnn import _C
@@ -576,7 +578,7 @@ def test_one_direction_s_inference_on_a_team_splits_the_batch(cell, packed, batc
                         backend="cpp")
     plain = nn_class(24, 100, num_layers=2, batch_first=batch_first)
     plain.load_state_dict(fused.state_dict())
-    T, B = 40, 27
+    T = 40
     x = torch.randn(B, T, 24) if batch_first else torch.randn(T, B, 24)
     lengths = [T - 3 * (b % 9) for b in range(B)]
 
