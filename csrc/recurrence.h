@@ -6,7 +6,8 @@
 // interleaved and dealt round-robin to a team of up to torch.get_num_threads() workers
 // (team.h). Each worker keeps its blocks for the whole sequence (so its slice of W_hh stays in
 // its core's cache) and the team meets at one barrier per step, unless each direction runs
-// whole on one worker (a team of one or of D workers: steps_share_directions).
+// whole on one worker (a team of one or of D workers: steps_share_directions) or the team
+// splits one direction's batch instead (batch_splits).
 //
 // Forward, each step: a block of w hidden units computes h_{t-1} W_hh^T for its K * w gate rows
 // (one small product on W_hh rows packed once per layer), then the cell combines it with the
@@ -148,30 +149,39 @@ inline bool steps_share_directions(const Team::Member& m, const Blocks& blk) {
   return blk.D % m.team_size() != 0;
 }
 
-// Where a team of one direction would share it (steps_share_directions), an inference splits
-// the batch instead: part p of `workers` takes rows [r0, r1) of every step and runs the whole
-// recurrence on them alone, a team of one (stack.cpp). Rows never read each other's state, so
-// there is no barrier per step, and each part does every block's columns, so no worker waits
-// on an uneven share of the blocks (64-column blocks split H 200 as 128 / 72 over two
-// workers); each part packs its own copy of the weights' blocks. Each row's products and cell
-// are the same arithmetic whichever rows share a tile, so the split changes no result. Only
-// on the register tiles (a BLAS call's result may depend on its row count), for fp32/fp64
-// calls, with at least kBatchSplitRows rows per part (two row tiles: at 8 rows per part, a
-// 2-row tail tile, it read 0.81-0.88x across processes) and W_hh within
-// kBatchSplitWeightBytes (each part's copy in its core's L2; at 1 MiB, LSTM H 256, a tie).
-// In-process A/B on 2-core Zen 5, one direction, inference, column blocks / batch split:
+// Where a team of one direction would share it (steps_share_directions), the forward and BPTT
+// split the batch instead: part p of `workers` takes rows [r0, r1) of every step and runs the
+// whole recurrence on them alone, a team of one, with its own state and carry (stack.cpp).
+// Rows never read each other's state, so there is no barrier per step, and each part does
+// every block's columns, so no worker waits on an uneven share of the blocks (64-column blocks
+// split H 200 as 128 / 72 over two workers); each part packs its own copy of the weights'
+// blocks. Each row's products and cell are the same arithmetic whichever rows share a tile,
+// so the split changes no result. Only on the register tiles (a BLAS call's result may depend
+// on its row count), for fp32/fp64 calls, with at least kBatchSplitRows rows per part (two
+// row tiles: at 8 rows per part, a 2-row tail tile, inference read 0.81-0.88x across
+// processes) and W_hh within kBatchSplitWeightBytes (each part's copy in its core's L2; at
+// 1 MiB, LSTM H 256, a tie).
+// In-process A/B on 2-core Zen 5, one direction, column blocks / batch split. Inference:
 // LSTM (32, 60, 100, 160) 1.18x, H 192 1.22x, H 200 1.21x, (32, 128, 128, 128) 1.05x,
 // H 224 1.09x, H 256 1.00x, (24, 40, 300, 128) 1.11x, (64, 60, 300, 192) 1.24x; GRU
 // (32, 60, 100, 200) 1.19x, (64, 40, 300, 192) 1.04x, (32, 128, 128, 256) 1.01x; Elman
 // (32, 60, 100, 320) 1.55x, (256, 32, 128, 128) 1.19x, (64, 128, 256, 256) 1.02x,
-// (32, 128, 128, 512) 1.23x. Training steps keep the column blocks: measured only across
-// processes (where an unchanged path read 0.87x), they read 0.89-0.99x.
+// (32, 128, 128, 512) 1.23x. Training step (forward and BPTT split): LSTM (32, 60, 100, 192)
+// 1.20x, (64, 30, 100, 200) 1.06x, (32, 128, 128, 128) 1.05x, (32, 40, 100, 256) 1.01x,
+// (24, 40, 100, 160) 1.10x, (128, 30, 100, 128) 1.00x, H 224 1.04x, (24, 40, 300, 128) two
+// layers 1.03x; GRU (32, 60, 100, 200) 1.08x, (64, 40, 300, 192) 1.09x, (32, 128, 128, 256)
+// 1.08x; Elman (32, 60, 100, 320) 1.26x, (256, 32, 128, 128) 1.01x, (64, 128, 256, 256) 0.99x.
 constexpr int64_t kBatchSplitRows = 12;
 constexpr int64_t kBatchSplitWeightBytes = int64_t(1) << 20;
 
 struct BatchPart {
   Geometry g;  // the part's rows as a call of their own (pointers offset by r0 * sb rows)
   int64_t r0;
+  // A buffer's rows from the part's first, `width` elements per batch row (null stays null).
+  template <typename P>
+  P* rows(P* p, int64_t width) const {
+    return p ? p + r0 * width : p;
+  }
 };
 
 inline BatchPart batch_part(const Geometry& g, int64_t parts, int64_t part) {
@@ -180,6 +190,15 @@ inline BatchPart batch_part(const Geometry& g, int64_t parts, int64_t part) {
   sub.B = r1 - r0;
   sub.lengths = g.lengths ? g.lengths + r0 : nullptr;
   return {sub, r0};
+}
+
+// Runs fn(one, part, bp) on each batch part member m owns, as a team of one.
+template <typename F>
+void run_batch_parts(Team::Member& m, const Geometry& g, int64_t parts, const F& fn) {
+  for (int64_t part = m.first(); part < m.last(); ++part) {
+    const BatchPart bp = batch_part(g, parts, part);
+    Team(1).run([&](Team::Member& one) { fn(one, part, bp); });
+  }
 }
 
 inline bool batch_splits(const Geometry& g, int64_t gates, int64_t workers,

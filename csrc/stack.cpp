@@ -143,10 +143,10 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
   constexpr int64_t kStackPacked = 2 * kSmallHidden * kSmallHidden;
   alignas(64) T w_small[kStackPacked];
   const bool packs = forward_packs(g, K, sizeof(T)) && !bf16_recurrence;
-  // An inference whose team would share its one direction splits the batch instead
-  // (batch_splits): each part packs its own copy of the weights' blocks, part p's at
-  // p * D * K*H * (H or I) in the packed buffers.
-  const bool batch_split = !keep && batch_splits(g, K, workers, sizeof(T));
+  // A team that would share its one direction splits the batch instead (batch_splits; the
+  // backward splits it the same way): each part packs its own copy of the weights' blocks,
+  // part p's at p * D * K*H * (H or I) in the packed buffers.
+  const bool batch_split = batch_splits(g, K, workers, sizeof(T));
   const int64_t parts = batch_split ? workers : 1;
   const Tensor packed = packs && parts * D * KH * H > kStackPacked
                             ? scratch_buffer(kScratchPackedHidden, parts * D * KH * H, x.options())
@@ -275,34 +275,29 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
         return;
       }
       m.sync();  // the projection before any part reads it
-      for (int64_t part = m.first(); part < m.last(); ++part) {
-        const BatchPart bp = batch_part(g, workers, part);
-        // A buffer's rows from the part's first (null stays null): `width` elements a row.
-        auto from = [&](auto* p, int64_t width) { return p ? p + bp.r0 * width : p; };
-        const int64_t sb = g.sb;  // rows of the layout per batch row
+      const int64_t sb = g.sb;  // rows of the layout per batch row
+      run_batch_parts(m, g, parts, [&](Team::Member& one, int64_t part, const BatchPart& bp) {
         ForwardOperands<T> part_ops = ops;
         for (int64_t d = 0; d < D; ++d) {
-          part_ops.h0[d] = from(ops.h0[d], H);
-          part_ops.c0[d] = from(ops.c0[d], H);
-          part_ops.hn[d] = from(ops.hn[d], H);
-          part_ops.cn[d] = from(ops.cn[d], H);
+          part_ops.h0[d] = bp.rows(ops.h0[d], H);
+          part_ops.c0[d] = bp.rows(ops.c0[d], H);
+          part_ops.hn[d] = bp.rows(ops.hn[d], H);
+          part_ops.cn[d] = bp.rows(ops.cn[d], H);
           if (ops.w_packed[d]) part_ops.w_packed[d] = ops.w_packed[d] + part * D * KH * H;
         }
         StepProjection<T> part_step = step;
         if (per_step) {
-          part_step.X = from(step.X, sb * step.I);
-          part_step.gates = from(step.gates, D * KH);
+          part_step.X = bp.rows(step.X, sb * step.I);
+          part_step.gates = bp.rows(step.gates, D * KH);
           for (int64_t d = 0; d < D; ++d)
             part_step.w_packed[d] = step.w_packed[d] + part * D * KH * step.I;
         }
-        Team(1).run([&](Team::Member& one) {
-          recurrence_forward_team<T>(
-              one, bp.g, blk, cell, from(G, sb * DKH), from(layer_out, sb * g.DH()),
-              from(S, sb * g.DH()), part_ops, from(state.data(), 2 * D * H), nullptr, nullptr,
-              from(cstate.data(), D * H), from(hid.data(), D * KH),
-              per_step ? &part_step : nullptr);
-        });
-      }
+        recurrence_forward_team<T>(one, bp.g, blk, cell, bp.rows(G, sb * DKH),
+                                   bp.rows(layer_out, sb * g.DH()), bp.rows(S, sb * g.DH()),
+                                   part_ops, bp.rows(state.data(), 2 * D * H), nullptr, nullptr,
+                                   bp.rows(cstate.data(), D * H), bp.rows(hid.data(), D * KH),
+                                   per_step ? &part_step : nullptr);
+      });
     });
     layer_in = layer_out;
     in_size = g.DH();
@@ -322,6 +317,8 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
   const int64_t threads = worth_threads(rows * KH * H) ? int64_t(at::get_num_threads()) : 1;
   const Blocks blk = column_blocks(D, H);
   const int64_t workers = team_size(g, blk, K);
+  // BPTT splits the batch where the forward did (recurrence.h, batch_splits).
+  const bool batch_split = batch_splits(g, K, workers, sizeof(T));
   std::vector<T> bptt(size_t(D) * 3 * B * H);  // carry, tmp and dc per direction
   // A bf16 call on a CPU with AVX512-BF16: every product on the bf16 tiles (tiles_bf16.h), with
   // the gate gradients' bf16 copies and W_hh's packed columns; no fp32 gate gradient rows are
@@ -367,7 +364,8 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
         on_bf16 ? block_rows.data() : nullptr, bias_sums.empty() ? nullptr : bias_sums.data(),
         bias_sums.empty() || !split ? nullptr : bias_sums.data() + DKH};
 
-    // 1. BPTT on the team, column blocks of both directions, one barrier per step.
+    // 1. BPTT on the team: column blocks of both directions, one barrier per step where
+    //    workers share a direction, or each worker's part of the batch.
     BackwardOperands<T> ops;
     for (int64_t d = 0; d < D; ++d) {
       ops.w_hh[d] = weights[(l * D + d) * a.per_dir() + 1].data_ptr<T>();
@@ -381,8 +379,28 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
     std::fill(bias_sums.begin(), bias_sums.end(), T(0));
     Team team(workers);
     team.run([&](Team::Member& m) {
-      recurrence_backward_team<T>(m, g, blk, cell, dOut, Hs, G, S, gate_grads, ops, bptt.data(),
-                                  on_bf16 ? &bf16 : nullptr);
+      if (!batch_split)
+        return recurrence_backward_team<T>(m, g, blk, cell, dOut, Hs, G, S, gate_grads, ops,
+                                           bptt.data(), on_bf16 ? &bf16 : nullptr);
+      // As the forward's batch split: each part's rows on their own, with their own carry.
+      const int64_t sb = g.sb;
+      run_batch_parts(m, g, workers, [&](Team::Member& one, int64_t, const BatchPart& bp) {
+        BackwardOperands<T> part_ops = ops;
+        for (int64_t d = 0; d < D; ++d) {
+          part_ops.h0[d] = bp.rows(ops.h0[d], H);
+          part_ops.c0[d] = bp.rows(ops.c0[d], H);
+          part_ops.dhn[d] = bp.rows(ops.dhn[d], H);
+          part_ops.dcn[d] = bp.rows(ops.dcn[d], H);
+          part_ops.dh0[d] = bp.rows(ops.dh0[d], H);
+          part_ops.dc0[d] = bp.rows(ops.dc0[d], H);
+        }
+        const GateGradients<T> part_grads{bp.rows(gate_grads.dG, sb * DKH),
+                                          bp.rows(gate_grads.dGh, sb * DKH)};
+        recurrence_backward_team<T>(one, bp.g, blk, cell, bp.rows(dOut, sb * DH),
+                                    bp.rows(Hs, sb * DH), bp.rows(G, sb * DKH),
+                                    bp.rows(S, sb * DH), part_grads, part_ops,
+                                    bp.rows(bptt.data(), 3 * D * H));
+      });
     });
     for (int64_t d = 0; d < D && !bias_sums.empty(); ++d) {  // summed by BPTT (bf16 tiles)
       const int64_t base = (l * D + d) * a.per_dir();
