@@ -99,6 +99,13 @@ HELDOUT = [  # (B, T, I, H, layers, bidirectional, dtype)
     # fusing one-direction LSTM training from batch 64, which the first point disproved (0.72x)
     (64, 30, 100, 200, 1, False, "fp32"),
     (96, 50, 300, 320, 1, False, "fp32"),
+    # added with the clause fusing one direction's LSTM training from batch 16 on a team
+    # (after the batch split in training, e3887d3): the batch-16 edge, uneven blocks, two
+    # layers past the split's weight limit, two blocks of 64 and 32
+    (16, 60, 100, 256, 1, False, "fp32"),
+    (40, 35, 200, 176, 1, False, "fp32"),
+    (32, 80, 300, 384, 2, False, "fp32"),
+    (128, 24, 64, 96, 1, False, "fp32"),
 ]
 # The tagger preset (--preset tagger, LSTM, issue 23): the rows of the issue's table (a tagger,
 # 2-layer and long-sequence taggers, speech, a long unidirectional layer, batch-1 serving), then

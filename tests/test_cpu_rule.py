@@ -165,13 +165,14 @@ def test_lstm_taggers_both_directions_are_fused_up_to_the_measured_limit(trainin
     multiply-adds per worker runs the kernel in both modes (a 16-step batch-1 one too: 5.31x
     nn.LSTM in inference in 0495a1a's grid); above 1 M per worker the inference of long
     sequences (test_lstm_inference_of_short_sequences_is_fused_up_to_4_m) and one direction
-    keep nn.LSTM."""
+    keep nn.LSTM (one direction's training from batch 16 on a team runs the kernel:
+    test_lstm_training_steps_with_one_direction_on_a_team_are_fused_from_batch_16)."""
     lstm = dict(cell="lstm", training=training)
     assert cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, **lstm))  # 640 k
     assert cpu_rule.prefer_cpp(shape(batch=8, seq=128, hidden=128, **lstm))  # 524 k
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=30, hidden=256, layers=2, **lstm))
-    assert not cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, bidirectional=False,
-                                         **lstm))
+    assert cpu_rule.prefer_cpp(shape(batch=16, seq=30, hidden=100, bidirectional=False,
+                                     **lstm)) == training
     # 2.1 M over 128 steps: the training step only (test_lstm_training_steps_of_taggers_are_fused)
     assert cpu_rule.prefer_cpp(shape(batch=32, seq=128, hidden=128, **lstm)) == training
     assert cpu_rule.prefer_cpp(shape(batch=1, seq=16, hidden=256, **lstm))
@@ -362,14 +363,15 @@ def test_lstm_training_steps_of_taggers_are_fused():
     """Both directions' training steps over 16 steps or more run the kernel at every size (the
     tagger's (32, 40, 100, 128): 1.11-1.55x nn.LSTM in three runs timed per mode; above 8.4 M
     multiply-adds per worker and step 0.99-1.20x in 2106332's grid and 1.01-1.17x at the tagger
-    preset's I != H rows); their inference, shorter sequences and one direction stay with
-    nn.LSTM."""
+    preset's I != H rows); their inference and shorter sequences stay with nn.LSTM, and so
+    does one direction's training at batch 8 (the team clause starts at batch 16)."""
     tagger = dict(batch=32, seq=40, hidden=128, cell="lstm")
     assert cpu_rule.prefer_cpp(shape(training=True, **tagger))
     assert not cpu_rule.prefer_cpp(shape(training=False, **{**tagger, "seq": 128}))
     assert cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "seq": 16}))
     assert not cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "seq": 15}))
-    assert not cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "bidirectional": False}))
+    assert not cpu_rule.prefer_cpp(
+        shape(training=True, **{**tagger, "batch": 8, "hidden": 256, "bidirectional": False}))
     assert cpu_rule.prefer_cpp(shape(training=True, **{**tagger, "batch": 64}))  # 4.2 M
     two_layers = dict(batch=32, seq=40, hidden=256, layers=2, cell="lstm", training=True)
     assert cpu_rule.prefer_cpp(shape(**two_layers))  # 8.4 M
@@ -396,6 +398,25 @@ def test_lstm_training_steps_with_one_direction_are_fused_up_to_262_k():
     assert not cpu_rule.prefer_cpp(shape(batch=8, hidden=128, **{**uni, "seq": 15}))
     assert not cpu_rule.prefer_cpp(shape(batch=8, hidden=128, isa="avx2", **uni))
     assert cpu_rule.prefer_cpp(shape(batch=8, hidden=128, dtype=torch.float64, **uni))  # fp64 rule
+
+
+def test_lstm_training_steps_with_one_direction_on_a_team_are_fused_from_batch_16():
+    """Where the forward and BPTT of one direction on a team split the batch (e3887d3), its
+    fp32 training steps run the kernel from batch 16 at every size, from T = 16 (Zen 5 grid at
+    e3887d3: B 32 and 128, H 128-512, 1.01-1.47x, one point 0.95x that read 1.39x interleaved);
+    at batch 8 and 9, on one worker (H <= 64) above 262 k, in inference, below T = 16 and on
+    AVX2 they stay with nn.LSTM."""
+    uni = dict(cell="lstm", bidirectional=False, training=True, seq=128)
+    assert cpu_rule.prefer_cpp(shape(batch=16, hidden=65, **uni))  # two blocks: a team
+    assert cpu_rule.prefer_cpp(shape(batch=64, hidden=512, **{**uni, "seq": 250}))  # issue 23
+    assert cpu_rule.prefer_cpp(shape(batch=128, hidden=1024, layers=3, **{**uni, "seq": 16}))
+    assert not cpu_rule.prefer_cpp(shape(batch=15, hidden=256, **uni))
+    assert not cpu_rule.prefer_cpp(shape(batch=9, hidden=512, **uni))
+    assert not cpu_rule.prefer_cpp(shape(batch=128, hidden=64, **uni))  # one block, one worker
+    assert not cpu_rule.prefer_cpp(shape(batch=64, hidden=256, threads=1, **uni))
+    assert not cpu_rule.prefer_cpp(shape(batch=64, hidden=256, **{**uni, "training": False}))
+    assert not cpu_rule.prefer_cpp(shape(batch=64, hidden=256, **{**uni, "seq": 15}))
+    assert not cpu_rule.prefer_cpp(shape(batch=64, hidden=256, isa="avx2", **uni))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -117,6 +117,16 @@ LSTM_BI_SHORT_INFER_LIMIT = 1 << 22  # 4.2 M
 # 1.96x, 1.31x, 1.37x, 1.31x), as did B 1 H 256 (131 k) at T 128 (1.13-1.36x, Zen 5 1.03x);
 # at 524 k (B 32 H 64, T 128) they lost in four of those five grids and on Zen 5 (0.88-0.92x).
 LSTM_UNI_TRAIN_LIMIT = 1 << 18  # 262 k
+# Above it, from batch 16, one direction's training steps on a team (H > 64) are fused since
+# e3887d3, where the forward and BPTT of such a team split the batch (csrc/recurrence.h,
+# batch_splits). Zen 5 grid at e3887d3 (cpu-grid-lstm-batch-split): B 32 and 128, H 128-512,
+# T 16 and 128, 1.01-1.47x but B 128 T 16 H 256 0.95x (1.39x interleaved in one process), and
+# two layers (B 32 T 128 H 256) 1.07x (1.26x interleaved; 0.87-0.89x before the split); in the
+# two grids before the split (38e9be1, ef2a0d9) these points read 1.01-1.39x. At batch 8 (H 256
+# and 512, no split: 4 rows per worker) they tied or lost (0.90-1.15x), and a team of one
+# (H 64) at B 128 T 16 lost (0.88-0.93x): both stay with nn.LSTM. (Held out of this fit: the
+# preset's one-direction points, see benchmarks/cpu_grid.py HELDOUT.)
+LSTM_UNI_TRAIN_TEAM_BATCH = 16
 # Inference with both directions is also fused where every layer projects its input step by
 # step inside the recurrence (csrc/layer_gemms.h, projects_per_step: batch >= 16, I <= 2H)
 # with at most 4 MiB of W_ih and W_hh per direction (the engine steps up to 8 MiB). Measured
@@ -221,6 +231,9 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
         if _lstm_layers_step(s):
             return True
     if s.dtype == torch.float32 and s.training and per_worker <= LSTM_UNI_TRAIN_LIMIT:
+        return True
+    if (s.dtype == torch.float32 and s.training and not s.bidirectional
+            and s.batch >= LSTM_UNI_TRAIN_TEAM_BATCH and workers(s) > 1):
         return True
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_LONG_SEQ)
 
