@@ -123,7 +123,7 @@ LSTM_UNI_TRAIN_LIMIT = 1 << 18  # 262 k
 # T 16 and 128, 1.01-1.47x but B 128 T 16 H 256 0.95x (1.39x interleaved in one process), and
 # two layers (B 32 T 128 H 256) 1.07x (1.26x interleaved; 0.87-0.89x before the split); in the
 # two grids before the split (38e9be1, ef2a0d9) these points read 1.01-1.39x. At batch 8 (H 256
-# and 512, no split: 4 rows per worker) they tied or lost (0.90-1.15x), and a team of one
+# and 512, no split: 4 rows per worker) they lost up to 0.90x (0.90-1.87x), and a team of one
 # (H 64) at B 128 T 16 lost (0.88-0.93x): both stay with nn.LSTM. (Held out of this fit: the
 # preset's one-direction points, see benchmarks/cpu_grid.py HELDOUT.)
 LSTM_UNI_TRAIN_TEAM_BATCH = 16
