@@ -84,12 +84,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_error", &fastbirnn::isa_request_error,
         "Why FASTBIRNN_ISA was not understood, or '' (the engine then uses the CPU's level)");
   m.def("release_scratch", &fastbirnn::release_scratch,
-        "Free the scratch buffers the engine keeps for this thread; returns the bytes freed");
+        "Free the scratch buffers the engine keeps for this thread, and the dropped results "
+        "kept for reuse; returns the bytes freed");
   m.def("kept_scratch_bytes", [] { return fastbirnn::ScratchCaches::instance().kept_bytes(); },
         "The bytes of scratch buffers all threads keep together");
+  m.def("idle_result_bytes", [] { return fastbirnn::RecycledResults::instance().idle_bytes(); },
+        "The bytes of dropped results kept for the next call's (RecycledResults)");
   m.def("set_scratch_limit",
         [](int64_t bytes) { return fastbirnn::ScratchCaches::instance().set_limit(bytes); },
-        "Cap the scratch all threads keep (bytes); returns the previous cap");
+        "Cap the scratch all threads keep (bytes), and the dropped results kept for reuse "
+        "(the same cap, apart); returns the previous cap");
   m.def("advises_huge_pages", [] { return fastbirnn::kAdviseHugePages; },
         "Whether large buffers are advised as transparent huge pages (FASTBIRNN_HUGE_PAGES; "
         "unset: unless the hypervisor reclaims free pages)");

@@ -4,12 +4,15 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -82,14 +85,131 @@ inline HugePageAdvice read_huge_page_advice() {
 inline const HugePageAdvice kHugePageAdvice = read_huge_page_advice();
 inline const bool kAdviseHugePages = kHugePageAdvice.on;
 
+constexpr int64_t kScratchProcessBytes = int64_t(256) << 20;  // kept by all threads: default
+
+// The scratch cap: FASTBIRNN_SCRATCH_MIB, read at load, or the default.
+inline int64_t scratch_limit_from_environment() {
+  const char* mib = std::getenv("FASTBIRNN_SCRATCH_MIB");
+  if (mib == nullptr || *mib == '\0') return kScratchProcessBytes;
+  char* end = nullptr;
+  const long long value = std::strtoll(mib, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 0,
+              "fastbirnn: FASTBIRNN_SCRATCH_MIB must be a whole number of MiB >= 0, got '",
+              mib, "'");
+  return int64_t(value) << 20;
+}
+
+// ---- results, recycled --------------------------------------------------------------------
+
+// A large result (an output, a gradient) goes back to this pool once its last user drops it,
+// instead of to glibc, and a later call's result of about its size takes it, its pages still
+// mapped. glibc hands such memory back to the kernel (its own mmap above the dynamic
+// threshold, or a trim of the heap's top) or not depending on the process's history: a
+// training step of the 2-layer (1, 30, 300, 256) BiLSTM faulted in 1,800-3,700 fresh pages
+// (its 10.5 MB of weight gradients, zeroed by the kernel, then written) in a process that
+// ran nothing else, and none where nn.LSTM had run before. Idle blocks are kept up to the
+// scratch limit (ScratchCaches::set_limit), the longest idle freed first; a block is taken for
+// a result of at most its size and more than four fifths of it.
+constexpr int64_t kRecycledMinBytes = int64_t(128) << 10;  // glibc's first mmap threshold
+
+class RecycledResults final : public c10::Allocator {
+ public:
+  // Leaked on purpose: results may be dropped after static destruction.
+  static RecycledResults& instance() {
+    static RecycledResults* pool = new RecycledResults;
+    return *pool;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+    Block* block = take(bytes);
+    if (block == nullptr) block = new Block{c10::alloc_cpu(bytes), bytes};
+    return {block->data, block, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // Frees the idle blocks; returns their bytes.
+  int64_t release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t freed = idle_bytes_;
+    trim(0);
+    return freed;
+  }
+  int64_t idle_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return idle_bytes_;
+  }
+  void set_limit(int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = bytes;
+    trim(limit_);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+
+  Block* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto best = idle_.end();
+    for (auto it = idle_.begin(); it != idle_.end(); ++it)
+      if ((*it)->bytes >= bytes && (*it)->bytes / 5 * 4 < bytes &&
+          (best == idle_.end() || (*it)->bytes < (*best)->bytes))
+        best = it;
+    if (best == idle_.end()) return nullptr;
+    Block* block = *best;
+    idle_.erase(best);
+    idle_bytes_ -= int64_t(block->bytes);
+    return block;
+  }
+
+  static void give_back(void* context) {
+    Block* block = static_cast<Block*>(context);
+    RecycledResults& pool = instance();
+    std::lock_guard<std::mutex> lock(pool.mutex_);
+    pool.idle_.push_back(block);
+    pool.idle_bytes_ += int64_t(block->bytes);
+    pool.trim(pool.limit_);
+  }
+
+  void trim(int64_t bytes) {  // (the mutex held)
+    while (idle_bytes_ > bytes) {
+      Block* oldest = idle_.front();
+      idle_.pop_front();
+      idle_bytes_ -= int64_t(oldest->bytes);
+      c10::free_cpu(oldest->data);
+      delete oldest;
+    }
+  }
+
+  std::mutex mutex_;
+  std::deque<Block*> idle_;  // longest idle first
+  int64_t idle_bytes_ = 0;
+  int64_t limit_ = scratch_limit_from_environment();
+};
+
+// An uninitialised CPU tensor whose memory comes from (and goes back to) RecycledResults.
+inline Tensor recycled_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return at::detail::empty_generic(shape, &RecycledResults::instance(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
+}
+
 // at::empty that asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
 // a large buffer before anything touches it (what PyTorch's THP_MEM_ALLOC_ENABLE does for
 // every allocation): one fault per 2 MiB instead of 512. Only advice: where THP is off or
-// unavailable the buffer is the same, just faulted in 4 KiB pages.
-inline Tensor empty_buffer(at::IntArrayRef shape, const at::TensorOptions& options) {
-  Tensor t = at::empty(shape, options);
+// unavailable the buffer is the same, just faulted in 4 KiB pages. A `result` (returned to the
+// caller) takes recycled memory from kRecycledMinBytes on (RecycledResults); the engine's own
+// buffers do not (the scratch caches keep theirs, and free them to meet their cap).
+inline Tensor empty_buffer(at::IntArrayRef shape, const at::TensorOptions& options,
+                           bool result = false) {
+  const int64_t bytes = c10::multiply_integers(shape) * int64_t(options.dtype().itemsize());
+  Tensor t = result && bytes >= kRecycledMinBytes ? recycled_empty(shape, options)
+                                                  : at::empty(shape, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = t.numel() * int64_t(t.element_size());
   if (kAdviseHugePages && bytes >= kHugePageAdviceBytes) {
     constexpr uintptr_t kHuge = uintptr_t(2) << 20;
     const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -121,7 +241,8 @@ inline std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>
   std::vector<Tensor> out;
   out.reserve(shapes.size());
   if (total > kShared) {
-    for (const auto& shape : shapes) out.push_back(empty_buffer(shape, options));
+    for (const auto& shape : shapes)
+      out.push_back(empty_buffer(shape, options, /*result=*/true));
     return out;
   }
   const Tensor flat = at::empty({total}, options);
@@ -167,7 +288,6 @@ enum Scratch : int {
   kScratchSlots
 };
 constexpr int64_t kScratchMinBytes = int64_t(1) << 20;          // below: allocating is cheap
-constexpr int64_t kScratchProcessBytes = int64_t(256) << 20;    // kept by all threads: default
 
 class ScratchCaches {
  public:
@@ -218,6 +338,7 @@ class ScratchCaches {
     const int64_t previous = limit_;
     limit_ = bytes;
     make_room(0, nullptr);
+    RecycledResults::instance().set_limit(bytes);
     return previous;
   }
 
@@ -297,21 +418,10 @@ class ScratchCaches {
     return true;
   }
 
-  static int64_t limit_from_environment() {
-    const char* mib = std::getenv("FASTBIRNN_SCRATCH_MIB");
-    if (mib == nullptr || *mib == '\0') return kScratchProcessBytes;
-    char* end = nullptr;
-    const long long value = std::strtoll(mib, &end, 10);
-    TORCH_CHECK(*end == '\0' && value >= 0,
-                "fastbirnn: FASTBIRNN_SCRATCH_MIB must be a whole number of MiB >= 0, got '",
-                mib, "'");
-    return int64_t(value) << 20;
-  }
-
   std::mutex mutex_;
   std::vector<PerThread*> threads_;
   int64_t kept_ = 0;
-  int64_t limit_ = limit_from_environment();
+  int64_t limit_ = scratch_limit_from_environment();
   uint64_t clock_ = 0;
 };
 
@@ -326,8 +436,11 @@ inline Tensor scratch_tensor(Scratch slot, at::IntArrayRef shape,
   return scratch_buffer(slot, numel, options).narrow(0, 0, numel).view(shape);
 }
 
-// Frees this thread's kept scratch buffers; returns the bytes freed. (The benchmarks' peak
-// memory calls it first, so a step's scratch counts as that step's allocation.)
-inline int64_t release_scratch() { return ScratchCaches::instance().release_this_thread(); }
+// Frees this thread's kept scratch buffers and every idle recycled block; returns the bytes
+// freed. (The benchmarks' peak memory calls it first, so a step's scratch and results count as
+// that step's allocation.)
+inline int64_t release_scratch() {
+  return ScratchCaches::instance().release_this_thread() + RecycledResults::instance().release();
+}
 
 }  // namespace fastbirnn

@@ -461,7 +461,7 @@ ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
   ForwardResults r;
   // A bf16 call's fp32 output is a working copy (the result is its bf16 conversion).
   r.out = g.round_bf16 ? scratch_tensor(kScratchWideOutput, out_shape(g, batch_first), options)
-                       : empty_buffer(out_shape(g, batch_first), options);
+                       : empty_buffer(out_shape(g, batch_first), options, /*result=*/true);
   r.hn = at::empty({num_layers * a.D, g.B, g.H}, options);
   r.cn = at::empty({lstm ? num_layers * a.D : 0, g.B, g.H}, options);
   if (keep) {

@@ -422,6 +422,30 @@ def test_roofline_script_pieces_run(monkeypatch):
     assert all(v > 0 for k, v in tiny.items() if k.endswith("_us"))
 
 
+def test_one_per_process_script_runs_each_contender_in_its_own_process(tmp_path):
+    """benchmarks/one_per_process.py at a tiny shape, one round: a process per contender,
+    whose steps and fault counts reach the JSON with the machine. No timing is asserted."""
+    pytest.importorskip("fastbirnn._C")
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "one_per_process.py")
+    out = tmp_path / "opp.json"
+    subprocess.run([sys.executable, script, "--rounds", "1", "--warmup", "1", "--steps", "2",
+                    "--shape", "lstm,4,6,8,16,2,bi", "--shape", "gru,3,5,8,16,1,uni",
+                    "--json", str(out)], check=True, capture_output=True, text=True,
+                   timeout=300)
+    record = json.loads(out.read_text())
+    assert record["machine"]["cpu"] and record["settings"]["contenders"] == ["nn", "cpp", "auto"]
+    assert [row["shape"] for row in record["rows"]] == ["lstm,4,6,8,16,2,bi", "gru,3,5,8,16,1,uni"]
+    for row in record["rows"]:
+        for contender in ("nn", "cpp", "auto"):
+            (run,) = row["runs"][contender]
+            assert len(run["train_s"]) == len(run["infer_s"]) == 2
+            assert run["train_faults_per_step"] >= 0
+        assert set(row["ratio_vs_nn"]) == {"cpp", "auto"}
+
+
 def test_auto_label_names_what_ran_in_each_timed_step(monkeypatch):
     """The forward is timed under no_grad, where 'auto' may pick another backend than for
     the training step: the row says what ran in each (issue 26). A rule that prefers cpp

@@ -36,7 +36,8 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 def release_scratch() -> int:
     """Free the scratch buffers the C++ engine keeps for the calling thread between calls
-    (those of 1 MiB and more, within the process-wide cap); returns the bytes freed."""
+    (those of 1 MiB and more, within the process-wide cap), and the memory of dropped results
+    kept for the next call's; returns the bytes freed."""
     return 0 if _C is None else int(_C.release_scratch())
 
 
@@ -45,10 +46,17 @@ def kept_scratch_bytes() -> int:
     return 0 if _C is None else int(_C.kept_scratch_bytes())
 
 
+def idle_result_bytes() -> int:
+    """The bytes of results (outputs, gradients; 128 KiB and more) that their users dropped,
+    kept for the next call's results so that their pages stay mapped."""
+    return 0 if _C is None else int(_C.idle_result_bytes())
+
+
 def set_scratch_limit(nbytes: int) -> int:
     """Cap the scratch buffers all threads keep together (default 256 MiB, or
     ``FASTBIRNN_SCRATCH_MIB`` read at load); the caches of the threads that called least
-    recently are freed to meet it. 0 keeps nothing. Returns the previous cap."""
+    recently are freed to meet it. The memory of dropped results kept for reuse has the same
+    cap, apart (the longest idle freed first). 0 keeps nothing. Returns the previous cap."""
     if _C is None:
         raise RuntimeError(f"fastbirnn: the cpp backend is not available: {_UNAVAILABLE}")
     return int(_C.set_scratch_limit(int(nbytes)))
