@@ -121,6 +121,7 @@ class RecycledResults final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t bytes) override {
+    if (bytes == 0) return {nullptr, c10::Device(c10::DeviceType::CPU)};  // (a resize_ to 0)
     Block* block = take(bytes);
     if (block == nullptr) block = new Block{c10::alloc_cpu(bytes), bytes};
     return {block->data, block, &give_back, c10::Device(c10::DeviceType::CPU)};

@@ -801,6 +801,10 @@ def test_recycled_results_behave_as_any_tensor():
     assert torch.equal(out[: expected.numel()].view_as(expected), expected)
     del fused
     assert torch.equal(out[: expected.numel()].view_as(expected), expected)
+    storage = out.untyped_storage()
+    storage.resize_(0)  # an allocation of no bytes, then of some again
+    storage.resize_(64)
+    assert storage.nbytes() == 64
     previous = cpp_backend.set_scratch_limit(0)
     try:
         assert cpp_backend.idle_result_bytes() == 0
