@@ -817,9 +817,10 @@ def test_recycled_results_behave_as_any_tensor():
 
 def test_a_training_loop_faults_in_no_fresh_pages():
     """In a process that runs nothing else, a training step of the 2-layer (1, 30, 300, 256)
-    BiLSTM, with SGD, faulted in 1,800-3,700 fresh 4 KiB pages before its results were
-    recycled (glibc handed their 10.5 MB back to the kernel between steps); now its steps
-    after the first few fault in almost none (minor faults counted by getrusage)."""
+    BiLSTM faulted in fresh 4 KiB pages before its results were recycled (glibc handed their
+    10.5 MB back to the kernel between steps): 1,800-3,700 per step with a given output
+    gradient, 383 in this loop with SGD; now 0-5 after the first few steps (minor faults
+    counted by getrusage)."""
     import subprocess
     import sys
 
