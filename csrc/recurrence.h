@@ -182,6 +182,11 @@ struct BatchPart {
   P* rows(P* p, int64_t width) const {
     return p ? p + r0 * width : p;
   }
+  // Points each of a layer's per-direction [B, H] states (two pointers each) at its rows.
+  template <typename... States>
+  void state_rows(int64_t H, States&... states) const {
+    for (int d = 0; d < 2; ++d) ((states[d] = rows(states[d], H)), ...);
+  }
 };
 
 inline BatchPart batch_part(const Geometry& g, int64_t parts, int64_t part) {

@@ -278,13 +278,9 @@ void forward_layers(const Cell& cell, const Tensor& x, const Tensor& h0, const T
       const int64_t sb = g.sb;  // rows of the layout per batch row
       run_batch_parts(m, g, parts, [&](Team::Member& one, int64_t part, const BatchPart& bp) {
         ForwardOperands<T> part_ops = ops;
-        for (int64_t d = 0; d < D; ++d) {
-          part_ops.h0[d] = bp.rows(ops.h0[d], H);
-          part_ops.c0[d] = bp.rows(ops.c0[d], H);
-          part_ops.hn[d] = bp.rows(ops.hn[d], H);
-          part_ops.cn[d] = bp.rows(ops.cn[d], H);
+        bp.state_rows(H, part_ops.h0, part_ops.c0, part_ops.hn, part_ops.cn);
+        for (int64_t d = 0; d < D; ++d)
           if (ops.w_packed[d]) part_ops.w_packed[d] = ops.w_packed[d] + part * D * KH * H;
-        }
         StepProjection<T> part_step = step;
         if (per_step) {
           part_step.X = bp.rows(step.X, sb * step.I);
@@ -386,14 +382,8 @@ void backward_layers(const Cell& cell, const Tensor& grad_out, const Tensor& gra
       const int64_t sb = g.sb;
       run_batch_parts(m, g, workers, [&](Team::Member& one, int64_t, const BatchPart& bp) {
         BackwardOperands<T> part_ops = ops;
-        for (int64_t d = 0; d < D; ++d) {
-          part_ops.h0[d] = bp.rows(ops.h0[d], H);
-          part_ops.c0[d] = bp.rows(ops.c0[d], H);
-          part_ops.dhn[d] = bp.rows(ops.dhn[d], H);
-          part_ops.dcn[d] = bp.rows(ops.dcn[d], H);
-          part_ops.dh0[d] = bp.rows(ops.dh0[d], H);
-          part_ops.dc0[d] = bp.rows(ops.dc0[d], H);
-        }
+        bp.state_rows(H, part_ops.h0, part_ops.c0, part_ops.dhn, part_ops.dcn, part_ops.dh0,
+                      part_ops.dc0);
         const GateGradients<T> part_grads{bp.rows(gate_grads.dG, sb * DKH),
                                           bp.rows(gate_grads.dGh, sb * DKH)};
         recurrence_backward_team<T>(one, bp.g, blk, cell, bp.rows(dOut, sb * DH),
