@@ -124,8 +124,9 @@ LSTM_UNI_TRAIN_LIMIT = 1 << 18  # 262 k
 # two layers (B 32 T 128 H 256) 1.07x (1.26x interleaved; 0.87-0.89x before the split); in the
 # two grids before the split (38e9be1, ef2a0d9) these points read 1.01-1.39x. At batch 8 (H 256
 # and 512, no split: 4 rows per worker) they lost up to 0.90x (0.90-1.87x), and a team of one
-# (H 64) at B 128 T 16 lost (0.88-0.93x): both stay with nn.LSTM. (Held out of this fit: the
-# preset's one-direction points, see benchmarks/cpu_grid.py HELDOUT.)
+# (H 64) at B 128 T 16 lost (0.88-0.93x): both stay with nn.LSTM. Held out of this fit, the
+# preset's one-direction points (benchmarks/cpu_grid.py HELDOUT, four of them added for it)
+# read 1.01-1.13x under it (cpu-grid-heldout-lstm-team-clause, 4fc4002).
 LSTM_UNI_TRAIN_TEAM_BATCH = 16
 # Inference with both directions is also fused where every layer projects its input step by
 # step inside the recurrence (csrc/layer_gemms.h, projects_per_step: batch >= 16, I <= 2H)
