@@ -148,7 +148,7 @@ def main() -> None:
             row["faults"][c] = {
                 "train": statistics.median(run["train_faults_per_step"] for run in runs[c]),
                 "infer": statistics.median(run["infer_faults_per_call"] for run in runs[c])}
-        for c in contenders[1:] if contenders[0] == "nn" else contenders:
+        for c in contenders:
             if c != "nn":
                 row["ratio_vs_nn"][c] = {
                     mode: row["median_ms"]["nn"][mode] / row["median_ms"][c][mode]

@@ -246,7 +246,7 @@ inline std::vector<Tensor> empty_tensors(const std::vector<std::vector<int64_t>>
       out.push_back(empty_buffer(shape, options, /*result=*/true));
     return out;
   }
-  const Tensor flat = at::empty({total}, options);
+  const Tensor flat = empty_buffer({total}, options, /*result=*/true);
   for (size_t i = 0; i < shapes.size(); ++i) {
     Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(flat.storage()),
                                                         flat.key_set(), flat.dtype());

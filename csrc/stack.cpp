@@ -452,8 +452,8 @@ ForwardResults run_forward(c10::string_view cell, const Tensor& x_,
   // A bf16 call's fp32 output is a working copy (the result is its bf16 conversion).
   r.out = g.round_bf16 ? scratch_tensor(kScratchWideOutput, out_shape(g, batch_first), options)
                        : empty_buffer(out_shape(g, batch_first), options, /*result=*/true);
-  r.hn = at::empty({num_layers * a.D, g.B, g.H}, options);
-  r.cn = at::empty({lstm ? num_layers * a.D : 0, g.B, g.H}, options);
+  r.hn = empty_buffer({num_layers * a.D, g.B, g.H}, options, /*result=*/true);
+  r.cn = empty_buffer({lstm ? num_layers * a.D : 0, g.B, g.H}, options, /*result=*/true);
   if (keep) {
     const int64_t kept = gated ? num_layers : 0;
     r.mid = scratch_tensor(kScratchKeptOutputs, {num_layers - 1, rows, g.DH()}, options);

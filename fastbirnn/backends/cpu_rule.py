@@ -187,7 +187,7 @@ def prefer_cpp(s: CallShape) -> bool:
     if s.isa == "avx2" and _avx2_declines(s, team, per_worker):
         return False
     if s.cell != "rnn":
-        return _prefer_gated(s, per_worker)
+        return _prefer_gated(s, team, per_worker)
     if s.dtype == torch.float64:
         if not s.training:
             return s.hidden <= FP64_INFER_MAX_HIDDEN
@@ -214,7 +214,7 @@ def _lstm_layers_step(s: CallShape) -> bool:
                <= LSTM_STEP_INFER_WEIGHT_LIMIT for i in inputs)
 
 
-def _prefer_gated(s: CallShape, per_worker: float) -> bool:
+def _prefer_gated(s: CallShape, team: int, per_worker: float) -> bool:
     if per_worker <= GATED_SMALL_LIMIT:
         return True
     if s.seq < SHORT:
@@ -234,7 +234,7 @@ def _prefer_gated(s: CallShape, per_worker: float) -> bool:
     if s.dtype == torch.float32 and s.training and per_worker <= LSTM_UNI_TRAIN_LIMIT:
         return True
     if (s.dtype == torch.float32 and s.training and not s.bidirectional
-            and s.batch >= LSTM_UNI_TRAIN_TEAM_BATCH and workers(s) > 1):
+            and s.batch >= LSTM_UNI_TRAIN_TEAM_BATCH and team > 1):
         return True
     return s.training and s.batch == 1 and (s.bidirectional or s.seq < LSTM_LONG_SEQ)
 
